@@ -1,0 +1,49 @@
+"""Connecting to (or starting) the Ray cluster the same way from jobs, tests and benchmarks.
+
+On this kind of machine Ray picks a non-loopback address unless told otherwise, and token authentication is on by
+default for local clusters (platform notes §2). ``init_ray`` binds a local cluster to loopback and leaves an existing
+cluster (``ray job submit``, ``RAY_ADDRESS``) alone. Not here: placement of actors (each role does its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Environment every process of a local cluster needs: loopback for Ray and vLLM, offline model hubs.
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes Ray's node IP 127.0.0.1 (platform notes §2)
+    "VLLM_HOST_IP": "127.0.0.1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_local_env() -> None:
+    """Set the loopback/offline variables in this process (children inherit them) without overriding the user's."""
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def init_ray(address: str = "", num_cpus: int = 0) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS`` if given, else start a loopback-only local cluster.
+
+    Idempotent: does nothing when Ray is already initialised in this process.
+    """
+    if ray.is_initialized():
+        return
+    apply_local_env()
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    runtime_env = {"env_vars": {k: os.environ[k] for k in LOCAL_ENV}}
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    kwargs = {"num_cpus": num_cpus} if num_cpus else {}
+    ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    log.info("started a local Ray cluster on loopback: %s", ray.cluster_resources())

@@ -1,0 +1,387 @@
+"""Typed configuration: a tree of frozen dataclasses, YAML presets and dotted ``key=value`` overrides.
+
+Every ToRL choice is a field whose default reproduces ToRL (``reference/torl-behaviour.md``, cited per field as
+"ToRL:"), so ``Config()`` *is* ToRL's setup; presets in ``configs/`` only set fields. Unknown keys and type
+mismatches fail before anything starts, naming the key and suggesting close matches.
+
+Not here: what a field means at run time (see the module that reads it), and Ray resources beyond counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # Hugging Face checkpoint directory (ToRL: Qwen/Qwen2.5-Math-1.5B). Required.
+    tokenizer_path: str = ""  # defaults to `path`
+    dtype: str = "float32"  # engine and learner dtype; "bfloat16" on GPUs (ToRL: bf16)
+    max_model_len: int = 4096  # context window the engine allocates (ToRL: Qwen2.5-Math's 4096)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    template: Literal["tir_base_0309", "tir_base_0307", "chat"] = "tir_base_0309"  # ToRL: data.template_type
+    max_prompt_tokens: int = 400  # ToRL: data.max_prompt_length; rows longer than this minus 10 are dropped
+    filter_margin: int = 10  # ToRL drops prompts longer than max_prompt_tokens - 10 (rl_dataset.py)
+
+
+@dataclass(frozen=True)
+class ToolConfig:
+    enabled: bool = True  # False = plain text generation (ToRL's C=0 ablation)
+    max_calls: int = 1  # c, ToRL: rollout.num_llm_calls_available=1 in scripts/torl_1.5b.sh
+    stop: str = "```output"  # the stop string that marks a tool request (ToRL: vllm_rollout_spmd.py)
+    truncate_chars: int = 256  # observations this long or longer are cut to head + "..." + tail (ToRL)
+    truncate_keep: int = 128  # characters kept at each end when truncating (ToRL)
+    error_last_line: bool = True  # a failed run's observation is its last stderr line (ToRL)
+    # ToRL quirk: code that ran fine but printed nothing is reported as a fake timeout error. Off = empty output.
+    compat_fake_timeout: bool = False
+    # ToRL quirk: stdout containing "Error" anywhere is trimmed to its last line, and a crash after printing counts
+    # as success with stdout shown. Off = judge success by the exit status only.
+    compat_error_substring: bool = False
+    session: Literal["stateless", "persistent"] = "stateless"  # persistent keeps variables across calls (beyond ToRL)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    num_workers: int = 2  # sandbox actors in the pool
+    concurrency_per_worker: int = 4  # snippets one worker runs at once (each in its own forked child)
+    max_queue: int = 256  # bounded queue per pool; callers wait (backpressure) when it is full
+    timeout_s: float = 10.0  # wall-clock limit per snippet (ToRL: Sandbox Fusion's 10 s)
+    memory_mb: int = 1024  # RLIMIT_AS of the snippet process
+    cpu_s: int = 0  # RLIMIT_CPU; 0 = timeout_s rounded up
+    max_output_bytes: int = 65536  # stdout/stderr each capped before they are returned
+    max_processes: int = 16  # RLIMIT_NPROC (enforced when the child can drop to an unprivileged uid)
+    max_open_files: int = 64  # RLIMIT_NOFILE
+    preload: tuple[str, ...] = ("sympy", "numpy", "math", "fractions", "itertools")  # imported once in the zygote
+    isolate_network: bool = True  # new network namespace per snippet (no network)
+    drop_privileges: bool = True  # setuid to nobody in the snippet process where possible
+    num_cpus: float = 0.25  # Ray CPU resource per worker actor
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    gpu_memory_utilization: float = 0.85  # ToRL: 0.85
+    tensor_parallel_size: int = 1  # ToRL: 1
+    enable_prefix_caching: bool = True  # ToRL: on
+    block_size: int = 32  # KV block; 32 lets continuations hit the prefix cache on CPU (platform notes §10)
+    enforce_eager: bool = True  # ToRL: on
+    max_num_seqs: int = 1024  # ToRL: 1024
+    max_num_batched_tokens: int = 8192  # ToRL: 8192
+    cpu_kvcache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU machines
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    n: int = 16  # samples per prompt (ToRL: rollout.n=16)
+    temperature: float = 1.0  # ToRL: 1.0
+    top_p: float = 1.0  # ToRL: 1.0
+    top_k: int = -1  # ToRL: -1 (off)
+    max_response_tokens: int = 3072  # model + observation tokens after the prompt (ToRL: response_length=3072)
+    mode: Literal["async", "sync"] = "async"  # sync = ToRL's batch-synchronous loop, kept to measure the gain
+    num_generators: int = 1  # generator actors (vLLM engines)
+    num_cpus: float = 1.0  # Ray CPU resource per generator actor
+    num_gpus: float = 0.0  # Ray GPU resource per generator actor (= tensor_parallel_size on GPU clusters)
+    seed: int = 1  # base sampling seed; each trajectory derives its own
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    correct: float = 1.0  # ToRL: +1
+    wrong: float = -1.0  # ToRL: -1 (no boxed answer is wrong)
+    exec_error_penalty: float = 0.0  # ToRL option (off): subtract 0.5 when attempted code failed
+    grade_timeout_s: float = 5.0  # per answer check; a check that runs over counts as wrong
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    norm_adv_by_std: bool = True  # GRPO (r - mean) / (std + eps); False = Dr.GRPO
+    adv_eps: float = 1e-6  # ToRL/veRL: 1e-6
+    clip_low: float = 0.2  # PPO clip (ToRL: 0.2)
+    clip_high: float = 0.2  # DAPO's clip-higher uses e.g. 0.28
+    loss_agg: Literal["token-mean", "seq-mean-token-sum-norm", "seq-mean-token-mean"] = "token-mean"  # ToRL
+    kl_coef: float = 0.0  # ToRL: 0 (no reference model is built when 0)
+    kl_type: Literal["low_var_kl", "k1", "k2"] = "low_var_kl"  # ToRL/veRL: low_var_kl
+    entropy_coef: float = 0.0  # ToRL: 0
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal before training
+    max_response_tokens_norm: int = 0  # Dr.GRPO's constant divisor; 0 = rollout.max_response_tokens
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6  # ToRL: 1e-6 constant
+    betas: tuple[float, float] = (0.9, 0.999)  # ToRL: AdamW defaults
+    weight_decay: float = 0.01  # ToRL: 0.01
+    grad_clip: float = 1.0  # ToRL: 1.0
+    warmup_steps: int = 0  # ToRL: none
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_workers: int = 1  # learner actors (one per GPU on GPU clusters)
+    num_cpus: float = 1.0  # Ray CPU resource per learner actor
+    num_gpus: float = 0.0  # Ray GPU resource per learner actor
+    mini_batch_prompts: int = 0  # prompts per optimizer step; 0 = whole rollout batch (ToRL: one step per batch)
+    epochs: int = 1  # passes over each rollout batch (ToRL: ppo_epochs=1)
+    micro_batch_tokens: int = 16384  # token budget per forward/backward (ToRL: ppo_max_token_len_per_gpu)
+    gradient_checkpointing: bool = False  # ToRL: on (GPU preset)
+    param_dtype: str = "float32"  # FSDP mixed precision param dtype; "bfloat16" on GPUs
+    cpu_offload: bool = False  # FSDP CPU offload (ToRL: param + optimizer offload)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto = nccl with GPUs, else gloo
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_files: tuple[str, ...] = ()  # parquet/jsonl/arrow dir or "synthetic:<split>" (required)
+    val_files: tuple[str, ...] = ()  # held-out set scored during training (ToRL: torl/test.parquet)
+    batch_size: int = 128  # prompts per step (ToRL: train_batch_size=128)
+    shuffle: bool = True  # ToRL: True
+    seed: int = 1  # ToRL: 1
+    skip_bad_rows: bool = False  # True = skip rows without a question or answer and report the count
+    val_limit: int = 0  # score at most this many validation problems (0 = all)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    total_steps: int = 0  # optimizer steps; 0 = total_epochs over the data
+    total_epochs: int = 300  # ToRL: 300 (effectively open-ended)
+    val_every: int = 4  # ToRL: test_freq=4
+    val_before_train: bool = True  # ToRL: True
+    save_every: int = 20  # ToRL: save_freq=20
+    keep_last: int = 2  # checkpoints kept
+    output_dir: str = "runs/default"  # checkpoints, metrics.jsonl, samples
+    resume: str = "auto"  # auto = last complete checkpoint in output_dir if any; never; or a checkpoint path
+    max_staleness: int = 0  # 0 = strictly on-policy (ToRL); 1 = roll out step t+1 while training step t
+    log_samples_every: int = 5  # W&B table of sampled trajectories every k steps (0 = never)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"  # online once `wandb login` was done
+    project: str = "torl"
+    entity: str = ""
+    name: str = ""  # run name; defaults to output_dir's name
+    dir: str = ""  # defaults to output_dir
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # "" = connect to RAY_ADDRESS if set (ray job submit), else start a local cluster
+    num_cpus: int = 0  # local cluster CPUs; 0 = all
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    tool: ToolConfig = field(default_factory=ToolConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.tool.max_calls < 0:
+            raise ConfigError("tool.max_calls must be >= 0")
+        if self.rollout.n < 1:
+            raise ConfigError("rollout.n must be >= 1")
+        if self.data.batch_size < 1:
+            raise ConfigError("data.batch_size must be >= 1")
+        mini = self.learner.mini_batch_prompts
+        if mini and self.data.batch_size % mini:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} is not divisible by learner.mini_batch_prompts={mini}"
+            )
+        if self.trainer.max_staleness not in (0, 1):
+            raise ConfigError("trainer.max_staleness must be 0 (on-policy) or 1 (one step ahead)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: YAML file(s) + dotted overrides -> typed tree.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        last: ConfigError | None = None
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                last = exc
+        raise last or ConfigError(f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value, strict=True)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    ftypes = _field_types(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in ftypes:
+            raise _unknown_key(prefix + name, list(ftypes))
+        kwargs[name] = _coerce(value, ftypes[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. rollout.n=8)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # Keep digit-only strings for str fields: coercion turns ints back into strings where a string is declared.
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    parent = data.pop("defaults", None)  # a preset may extend another preset (path relative to itself)
+    if parent:
+        data = _merge(load_yaml(path.parent / parent), data)
+    return data
+
+
+def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from YAML presets (later files win) and dotted overrides such as ``rollout.n=8``."""
+    tree: dict[str, Any] = {}
+    for f in files:
+        tree = _merge(tree, load_yaml(f))
+    for item in overrides:
+        tree = _merge(tree, _parse_override(item))
+    return _build(Config, tree)
+
+
+def split_cli(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split command-line words into YAML files (``*.yaml``/``*.yml``) and ``key=value`` overrides."""
+    files, overrides = [], []
+    for arg in argv:
+        if "=" in arg:
+            overrides.append(arg)
+        elif arg.endswith((".yaml", ".yml")):
+            files.append(arg)
+        else:
+            raise ConfigError(f"argument {arg!r} is neither a .yaml preset nor a key=value override")
+    return files, overrides
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for W&B and for saving next to checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` re-exported so callers need not import dataclasses for frozen configs."""
+    return dataclasses.replace(cfg, **changes)
