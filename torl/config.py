@@ -30,6 +30,8 @@ class ModelConfig:
     tokenizer_path: str = ""  # defaults to `path`
     dtype: str = "float32"  # engine and learner dtype; "bfloat16" on GPUs (ToRL: bf16)
     max_model_len: int = 4096  # context window the engine allocates (ToRL: Qwen2.5-Math's 4096)
+    # A jobs/make_base_model.py recipe that builds `path` when it does not exist yet (the CPU default's small model).
+    recipe: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,8 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class WandbConfig:
-    mode: Literal["offline", "online", "disabled"] = "offline"  # online once `wandb login` was done
+    # auto = online when an API key is configured (`wandb login` or WANDB_API_KEY), else offline
+    mode: Literal["auto", "offline", "online", "disabled"] = "auto"
     project: str = "torl"
     entity: str = ""
     name: str = ""  # run name; defaults to output_dir's name
@@ -212,6 +215,12 @@ class Config:
         if mini and self.data.batch_size % mini:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} is not divisible by learner.mini_batch_prompts={mini}"
+            )
+        if self.prompt.max_prompt_tokens + self.rollout.max_response_tokens > self.model.max_model_len:
+            raise ConfigError(
+                f"context too short: prompt.max_prompt_tokens ({self.prompt.max_prompt_tokens}) + "
+                f"rollout.max_response_tokens ({self.rollout.max_response_tokens}) > model.max_model_len "
+                f"({self.model.max_model_len})"
             )
         if self.trainer.max_staleness not in (0, 1):
             raise ConfigError("trainer.max_staleness must be 0 (on-policy) or 1 (one step ahead)")

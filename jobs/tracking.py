@@ -1,0 +1,115 @@
+"""Driver-side run tracking: W&B (offline unless the user is logged in), a metrics.jsonl file, a console line.
+
+Only driver processes (jobs/) log; actors return flat slash-namespaced metric dicts. ``metrics.jsonl`` is always
+written so curves can be plotted without W&B (jobs/plot_run.py). Not here: computing metrics (torl/metrics.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from torl.config import WandbConfig
+from torl.types import Trajectory
+
+# Metric groups, in the order the console line shows them.
+CONSOLE_KEYS = [
+    ("reward/mean", "reward", "{:+.3f}"),
+    ("acc/mean", "acc", "{:.3f}"),
+    ("tool/code_ratio", "code", "{:.2f}"),
+    ("tool/exec_success", "exec_ok", "{:.2f}"),
+    ("val/acc/mean", "val_acc", "{:.3f}"),
+    ("time/step", "step_s", "{:.1f}"),
+]
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class Tracker:
+    """One run's sinks. ``log`` never raises for a W&B problem: a tracking failure must not end a long run."""
+
+    def __init__(self, cfg: WandbConfig, output_dir: str, config: dict[str, Any], job: str = "train") -> None:
+        self.out = Path(output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in finish)
+        self.run = None
+        mode = cfg.mode
+        if mode == "auto":
+            mode = "online" if _wandb_logged_in() else "offline"
+        self.mode = mode
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity or None,
+                name=cfg.name or self.out.name,
+                dir=cfg.dir or str(self.out),
+                mode=mode,
+                config=config,
+                job_type=job,
+                resume="allow",
+                id=self._run_id(),
+            )
+            # Dashboard sections: W&B groups panels by the prefix before the first slash.
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
+            print(f"[torl] W&B {mode} run: {self.run.dir}")
+
+    def _run_id(self) -> str:
+        """A stable id per output dir, so a resumed run appends to the same W&B run."""
+        path = self.out / "wandb_run_id"
+        if path.exists():
+            return path.read_text().strip()
+        import wandb
+
+        rid = wandb.util.generate_id()
+        path.write_text(rid)
+        return rid
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        if self.run is not None:
+            try:
+                self.run.log({"step": step, **clean})
+            except Exception as exc:  # noqa: BLE001 - tracking must never end the run
+                print(f"[torl] W&B log failed at step {step}: {exc}")
+
+    def log_samples(self, step: int, trajs: list[Trajectory], limit: int = 16) -> None:
+        """A table of sampled trajectories with their code and tool outputs."""
+        rows = [
+            [step, t.problem_id, t.text, t.answer, t.reward, len(t.tool_calls), " | ".join(c.status for c in t.tool_calls)]
+            for t in trajs[:limit]
+        ]
+        with open(self.out / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps(dict(zip(["step", "id", "response", "gold", "reward", "calls", "status"], r))) + "\n")
+        if self.run is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "id", "response", "gold", "reward", "calls", "status"], data=rows)
+            self.run.log({"step": step, "samples/trajectories": table})
+
+    def console(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        parts = [f"step {step}/{total}"]
+        for key, label, fmt in CONSOLE_KEYS:
+            if key in metrics:
+                parts.append(f"{label} {fmt.format(metrics[key])}")
+        print(" | ".join(parts), flush=True)
+
+    def finish(self) -> None:
+        self.jsonl.close()
+        if self.run is not None:
+            self.run.finish()
+            if self.mode == "offline":
+                print(f"[torl] W&B offline run saved; upload with: wandb sync {Path(self.run.dir).parent}")
