@@ -189,6 +189,26 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    model_name: str = ""  # name clients pass as `model`; "" = the checkpoint directory's name
+    host: str = "127.0.0.1"  # HTTP bind address of Serve's proxy (loopback unless exposed on purpose)
+    port: int = 8000
+    route_prefix: str = "/"
+    api_key: str = ""  # when set, requests need "Authorization: Bearer <api_key>"
+    max_tool_calls: int = 4  # server cap on a request's `max_tool_calls` (its default is tool.max_calls)
+    max_tokens: int = 0  # largest `max_tokens` a request may ask for; 0 = rollout.max_response_tokens
+    max_n: int = 4  # choices per request
+    max_request_bytes: int = 1_000_000  # larger bodies get a 413
+    request_timeout_s: float = 600.0  # a request still running after this is aborted with a 504
+    engine_replicas: int = 1  # engine deployment replicas (one vLLM engine each); requests share an engine
+    ingress_num_cpus: float = 0.1  # Ray CPU resource per HTTP ingress replica
+    ingress_min_replicas: int = 1  # ingress autoscaling range (min == max: fixed count)
+    ingress_max_replicas: int = 1
+    target_ongoing_requests: int = 64  # per ingress replica, drives autoscaling
+    max_ongoing_requests: int = 512  # per replica; beyond it Serve queues (continuous batching needs many in flight)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -203,6 +223,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         if self.tool.max_calls < 0:
