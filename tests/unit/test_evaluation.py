@@ -1,0 +1,158 @@
+"""Evaluation bookkeeping: records, the resumable JSONL store, pass@k, tables and ToRL's unweighted average."""
+
+import json
+
+import pytest
+
+from torl.evaluation import (
+    EvalRecord,
+    ResultStore,
+    check_run_meta,
+    default_ks,
+    finished_keys,
+    flat_metrics,
+    format_table,
+    pass_at_k,
+    summarize,
+)
+from torl.types import ToolCall, Trajectory
+
+
+def rec(bench: str, pid: str, correct: bool, sample: int = 0, calls: int = 0, source: str = "", n_tok: int = 5):
+    tool_calls = [
+        {"code": "print(2)", "observation": "2", "status": "ok", "exec_s": 0.1, "queue_s": 0.0} for _ in range(calls)
+    ]
+    return EvalRecord(
+        benchmark=bench,
+        problem_id=pid,
+        sample=sample,
+        source=source or bench,
+        question="1+1?",
+        prompt="User: 1+1?\nAssistant:\n",
+        response="\\boxed{2}" if correct else "\\boxed{3}",
+        extracted="2" if correct else "3",
+        gold="2",
+        correct=correct,
+        reward=1.0 if correct else -1.0,
+        finish_reason="eos",
+        response_ids=list(range(n_tok)),
+        loss_mask=[1] * n_tok,
+        tool_calls=tool_calls,
+    )
+
+
+def test_record_roundtrip_through_trajectory():
+    traj = Trajectory(
+        problem_id="7",
+        group=0,
+        prompt_ids=[1],
+        response_ids=[5, 6, 7],
+        logprobs=[0.0] * 3,
+        loss_mask=[1, 0, 1],
+        versions=[0, -1, 0],
+        tool_calls=[ToolCall("print(1)", "1", "ok", 0.2, 0.0)],
+        finish_reason="length",
+        text="```python\nprint(1)\n```\n```output\n1\n```\n",
+        answer="1",
+        reward=-1.0,
+        correct=False,
+    )
+    r = EvalRecord.from_trajectory(traj, benchmark="b", sample=0, source="s", question="q", prompt="p", extracted=None)
+    back = EvalRecord.from_dict(json.loads(json.dumps(r.__dict__))).to_trajectory()
+    assert back.response_ids == traj.response_ids and back.loss_mask == traj.loss_mask
+    assert back.tool_calls == traj.tool_calls
+    assert (back.finish_reason, back.text, back.correct, back.reward) == ("length", traj.text, False, -1.0)
+
+
+def test_from_dict_rejects_foreign_lines():
+    with pytest.raises(ValueError, match="lacks"):
+        EvalRecord.from_dict({"step": 3, "acc": 0.5})
+
+
+def test_store_append_load_and_torn_line(tmp_path):
+    store = ResultStore(tmp_path / "r.jsonl")
+    assert store.load() == []
+    store.append([rec("a", "1", True), rec("a", "2", False)])
+    store.append([])
+    with open(store.path, "a") as f:
+        f.write('{"benchmark": "a", "problem_id": "3", "sam')  # killed mid-write
+    loaded = store.load()
+    assert [r.problem_id for r in loaded] == ["1", "2"]
+    assert store.path.read_text().endswith("\n")  # torn tail cut, so the next append starts a clean line
+    store.append([rec("a", "3", True)])
+    assert [r.problem_id for r in store.load()] == ["1", "2", "3"]
+
+
+def test_store_reports_corruption_in_the_middle(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text("not json\n" + json.dumps(rec("a", "1", True).__dict__) + "\n")
+    with pytest.raises(ValueError, match="r.jsonl:1"):
+        ResultStore(path).load()
+
+
+def test_finished_keys_need_all_samples():
+    records = [rec("a", "1", True, s) for s in range(4)] + [rec("a", "2", True, s) for s in range(2)]
+    assert finished_keys(records, n=4) == {("a", "1")}
+    assert finished_keys(records, n=1) == {("a", "1"), ("a", "2")}
+
+
+def test_run_meta_written_then_checked(tmp_path):
+    meta = {"checkpoint": "/m", "greedy": True, "n": 1}
+    check_run_meta(tmp_path / "meta.json", meta)
+    check_run_meta(tmp_path / "meta.json", dict(meta))  # same setup resumes
+    with pytest.raises(ValueError, match="greedy: True -> False"):
+        check_run_meta(tmp_path / "meta.json", {**meta, "greedy": False})
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"),
+    [(1, 1, 1, 1.0), (1, 0, 1, 0.0), (4, 2, 1, 0.5), (4, 2, 2, 1 - 1 / 6), (4, 3, 2, 1.0), (10, 0, 5, 0.0)],
+)
+def test_pass_at_k(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_rejects_bad_k():
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+def test_default_ks():
+    assert default_ks(1) == (1,)
+    assert default_ks(8) == (1, 2, 4, 8)
+    assert default_ks(6) == (1, 2, 4, 6)
+
+
+def test_summarize_greedy_average_is_unweighted_over_torl_benchmarks():
+    records = [rec("aime24", str(i), i < 1) for i in range(4)]  # 25 %
+    records += [rec("math500", str(i), i < 3, calls=1) for i in range(4)]  # 75 %
+    records += [rec("synthetic:test", str(i), True) for i in range(2)]  # 100 %, not a ToRL benchmark
+    s = summarize(records, ["aime24", "math500", "synthetic:test"], ks=(1,))
+    rows = s["benchmarks"]
+    assert rows["aime24"]["acc"] == 0.25 and rows["aime24"]["pass@1"] == 0.25 and rows["aime24"]["problems"] == 4
+    assert rows["math500"]["tool/code_ratio"] == 1.0 and "acc/without_code" not in rows["math500"]
+    assert s["average"] == {"acc": 0.5, "over": ["aime24", "math500"]}  # not weighted by problem count
+    assert s["average_all"]["acc"] == pytest.approx((0.25 + 0.75 + 1.0) / 3)
+    table = format_table(s)
+    assert "aime24" in table and "25.0%" in table and "average" in table and "pass@1" in table
+    flat = flat_metrics(s)
+    assert flat["eval/average/acc"] == 0.5 and flat["eval/math500/acc"] == 0.75
+
+
+def test_summarize_sampling_pass_and_mean_at_k_and_sources():
+    records = [rec("torl_val", "x", s < 1, sample=s, source="aime24") for s in range(4)]  # 1 of 4 correct
+    records += [rec("torl_val", "y", False, sample=s, source="math500") for s in range(4)]
+    records.append(rec("torl_val", "y", True, sample=3, source="math500"))  # a rerun's record replaces sample 3
+    s = summarize(records, ["torl_val"], ks=default_ks(4))
+    row = s["benchmarks"]["torl_val"]
+    assert row["acc"] == row["mean@4"] == pytest.approx(0.25)
+    assert row["pass@1"] == pytest.approx(0.25) and row["pass@4"] == 1.0
+    assert s["benchmarks"]["torl_val[aime24]"]["acc"] == 0.25
+    assert s["benchmarks"]["torl_val[math500]"]["acc"] == 0.25
+    assert "average" not in s  # torl_val itself is not one of the five
+    assert s["average_all"]["over"] == ["torl_val"]
+
+
+def test_benchmark_without_records_is_left_out():
+    s = summarize([rec("aime24", "1", True)], ["aime24", "amc23"])
+    assert list(s["benchmarks"]) == ["aime24"]
