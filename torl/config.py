@@ -209,6 +209,28 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    # ToRL's Table 1 benchmarks; also "torl_val", any parquet/jsonl path, or "synthetic:test".
+    benchmarks: tuple[str, ...] = ("aime24", "aime25", "math500", "olympiadbench", "amc23")
+    greedy: bool = True  # ToRL: validation decodes greedily (temperature 0, n=1) through the same tool loop
+    n: int = 1  # samples per problem when greedy=false (temperature/top_p/top_k from rollout.*) for pass@k, mean@k
+    pass_k: tuple[int, ...] = ()  # k values reported as pass@k; () = 1, 2, 4, ... up to n
+    limit: int = 0  # evaluate only the first N problems of each benchmark (0 = all)
+    max_prompt_tokens: int = 1024  # ToRL: data.val_max_prompt_length; longer prompts are skipped and counted
+    chunk_size: int = 4  # problems per generate call; calls stream through the engine, none waits on a batch
+    max_in_flight: int = 8  # generate calls outstanding at once per generator (bounds memory and lost work)
+    output_dir: str = ""  # "" = runs/eval/<checkpoint directory name>
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or (self.greedy and self.n != 1):
+            raise ConfigError("eval.n must be >= 1, and 1 when eval.greedy=true (greedy samples are identical)")
+        if self.chunk_size < 1 or self.max_in_flight < 1:
+            raise ConfigError("eval.chunk_size and eval.max_in_flight must be >= 1")
+        if any(k < 1 or k > self.n for k in self.pass_k):
+            raise ConfigError(f"eval.pass_k values must lie in 1..eval.n={self.n}, got {list(self.pass_k)}")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -223,6 +245,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
