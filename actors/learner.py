@@ -1,0 +1,408 @@
+"""Learner actors: GRPO updates of a Hugging Face causal LM sharded with FSDP2 over a torch.distributed group.
+
+``Learner`` is one rank (a plain class, usable in-process); ``LearnerActor = ray.remote(Learner)``. ``LearnerGroup``
+is the driver-side handle: a placement group, N learner actors that form a process group (gloo on CPU, NCCL on GPU)
+and shard the model per decoder layer + root with ``fully_shard`` (FSDP1 crashes on CPU, platform notes §3). With one
+worker the model is not wrapped (plain PyTorch), but a one-rank process group still exists so the state-dict and
+checkpoint code is the same. Every rank receives the whole batch and computes the same deterministic plan
+(``torl.batching``), then trains on its shard; losses are normalised by global counts (``torl.grpo``) so any
+sharding gives the full-batch gradient.
+
+Not here: the GRPO formulas (``torl/grpo.py``), the checkpoint layout (``torl/checkpoint.py``), weight loading in
+the generators (``actors/generator.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from torl import checkpoint as ckpt
+from torl.batching import pack, plan_micro_batches
+from torl.config import Config
+from torl.grpo import aggregation_weights, group_advantages, policy_loss, token_logprobs, zero_variance_groups
+from torl.types import Trajectory
+
+log = logging.getLogger(__name__)
+
+# Files copied next to the weights so a checkpoint is a complete HF model directory (copied, not re-saved: a
+# re-save through AutoTokenizer can change the pre-tokenizer, platform notes §4).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_METRIC_KEYS = ("loss", "pg_loss", "tokens", "clip_frac", "approx_kl", "ratio", "entropy", "kl_ref")
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class Learner:
+    """One learner rank. Call ``setup`` (on every rank, concurrently) before anything else."""
+
+    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1) -> None:
+        if not Path(model_path, "config.json").is_file():
+            raise FileNotFoundError(f"learner: no Hugging Face model at {model_path!r} (config.json missing)")
+        self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
+        torch.set_num_threads(max(1, int(cfg.learner.num_cpus)))  # one intra-op thread per reserved CPU
+        use_cuda = torch.cuda.is_available() and cfg.learner.num_gpus > 0
+        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        backend = cfg.learner.backend
+        self.backend = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
+        self.hf_config = AutoConfig.from_pretrained(model_path)
+        self.tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
+        self.optimizer_steps = 0
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def master_address(self) -> tuple[str, int]:
+        """Rank 0's address and a free port for the process-group rendezvous."""
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(
+            self.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank, world_size=self.world_size
+        )
+        self.model = self._build_model(trainable=True)
+        # The reference model costs a full copy: build it only when its KL term counts (ToRL: kl_coef 0).
+        self.ref_model = self._build_model(trainable=False) if self.cfg.algo.kl_coef > 0 else None
+        o = self.cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, foreach=False
+        )
+        warmup = o.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+        )
+        log.info("learner rank %d/%d ready (%s, %s)", self.rank, self.world_size, self.backend, self.device)
+
+    def _build_model(self, trainable: bool) -> torch.nn.Module:
+        lc = self.cfg.learner
+        # Master weights stay fp32; param_dtype is the compute dtype under FSDP mixed precision.
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.device)
+        model.config.use_cache = False
+        if trainable and lc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train(trainable)
+        model.requires_grad_(trainable)
+        if self.world_size > 1 or lc.cpu_offload or lc.param_dtype != "float32":
+            self._shard(model)
+        return model
+
+    def _shard(self, model: torch.nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        lc = self.cfg.learner
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        kwargs: dict[str, Any] = {
+            "mesh": mesh,
+            "mp_policy": MixedPrecisionPolicy(param_dtype=_dtype(lc.param_dtype), reduce_dtype=torch.float32),
+            "offload_policy": CPUOffloadPolicy() if lc.cpu_offload else OffloadPolicy(),
+        }
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            raise ValueError(f"{type(model).__name__}: expected decoder layers at model.model.layers to shard")
+        for layer in layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def train_step(self, trajs: list[Trajectory]) -> dict[str, float]:
+        """Advantages, optional zero-variance filtering, then epochs x mini-batches optimizer steps on ``trajs``."""
+        t0 = time.perf_counter()
+        if not trajs:
+            raise ValueError("train_step got an empty batch")
+        for t in trajs:
+            t.check()
+        algo, lc = self.cfg.algo, self.cfg.learner
+        rewards, groups = [t.reward for t in trajs], [t.group for t in trajs]
+        adv = group_advantages(rewards, groups, algo.norm_adv_by_std, algo.adv_eps)
+        zero = zero_variance_groups(rewards, groups)
+        # Groups with equal rewards have zero advantage; DAPO drops them instead of diluting the token mean.
+        keep = [i for i, g in enumerate(groups) if not (algo.dynamic_sampling and g in zero)]
+        order = list(dict.fromkeys(groups[i] for i in keep))  # prompts in batch order
+        per = lc.mini_batch_prompts or max(len(order), 1)
+        minis = [set(order[k : k + per]) for k in range(0, len(order), per)]
+        sums: dict[str, float] = defaultdict(float)
+        steps = 0
+        for _ in range(lc.epochs):
+            for mini in minis:
+                idx = [i for i in keep if groups[i] in mini]
+                out = self._optimizer_step([trajs[i] for i in idx], [adv[i] for i in idx])
+                if out is not None:
+                    steps += 1
+                    for k, v in out.items():
+                        sums[k] += v
+        n_groups = len(set(groups))
+        metrics = {f"learner/{k}": v / max(steps, 1) for k, v in sums.items()}
+        metrics.update(
+            {
+                "learner/optimizer_steps": float(steps),
+                "learner/zero_var_group_share": len(zero) / n_groups,
+                "learner/trained_seqs": float(len(keep)),
+                "learner/adv_abs_mean": sum(abs(a) for a in adv) / len(adv),
+                "learner/lr": self.scheduler.get_last_lr()[0],
+                "time/train": time.perf_counter() - t0,
+            }
+        )
+        return metrics
+
+    def _optimizer_step(self, batch: list[Trajectory], adv: list[float]) -> dict[str, float] | None:
+        algo, lc = self.cfg.algo, self.cfg.learner
+        total_tokens = sum(sum(t.loss_mask) for t in batch)
+        total_seqs = sum(1 for t in batch if any(t.loss_mask))
+        if total_tokens == 0:  # identical on every rank, so all ranks skip together
+            return None
+        norm_const = algo.max_response_tokens_norm or self.cfg.rollout.max_response_tokens
+        lengths = [len(t.prompt_ids) + len(t.response_ids) for t in batch]
+        plan = plan_micro_batches(lengths, self.world_size, lc.micro_batch_tokens)[self.rank]
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = defaultdict(float)
+        for mb in plan:
+            sub = [batch[i] for i in mb]
+            loss, m = self._micro_step(sub, [adv[i] for i in mb], total_tokens, total_seqs, norm_const)
+            # FSDP averages gradients over ranks; scaling by world size turns that into the sum of shard gradients.
+            (loss * self.world_size).backward()
+            for k, v in m.items():
+                sums[k] += v
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer_steps += 1
+        vec = torch.tensor([sums[k] for k in _METRIC_KEYS], dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(vec)
+        red = dict(zip(_METRIC_KEYS, vec.tolist(), strict=True))
+        tok = max(red["tokens"], 1.0)
+        out = {"loss": red["loss"], "pg_loss": red["pg_loss"], "grad_norm": float(grad_norm), "tokens": red["tokens"]}
+        out.update({k: red[k] / tok for k in ("clip_frac", "approx_kl", "ratio", "entropy")})
+        if self.ref_model is not None:
+            out["kl_ref"] = red["kl_ref"] / tok
+        return out
+
+    def _forward_logprobs(
+        self, model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep).logits[0]  # [N, V]
+        return token_logprobs(logits, ids[0, keep + 1])  # [N], [N]
+
+    def _micro_step(
+        self, sub: list[Trajectory], adv: list[float], total_tokens: int, total_seqs: int, norm_const: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        algo = self.cfg.algo
+        if not sub:
+            # Empty micro-batch: FSDP still needs this rank in the collectives, so run a zero-weight pass.
+            out = self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
+            return out.logits.sum() * 0.0, {}
+        ids, pos = pack([t.prompt_ids + t.response_ids for t in sub])  # [1, L], [1, L]
+        keep_parts, offset = [], 0
+        for t in sub:
+            p, r = len(t.prompt_ids), len(t.response_ids)
+            keep_parts.append(torch.arange(offset + p - 1, offset + p + r - 1))  # positions predicting the response
+            offset += p + r
+        keep = torch.cat(keep_parts)  # [N]
+        ids, pos, keep = ids.to(self.device), pos.to(self.device), keep.to(self.device)
+        flat = lambda rows, dtype: torch.tensor([x for r in rows for x in r], dtype=dtype, device=self.device)  # noqa: E731
+        mask = flat([t.loss_mask for t in sub], torch.float32)  # [N]
+        old = flat([t.logprobs for t in sub], torch.float32)  # [N]
+        advs = flat([[a] * len(t.response_ids) for t, a in zip(sub, adv, strict=True)], torch.float32)  # [N]
+        seq_index = flat([[j] * len(t.response_ids) for j, t in enumerate(sub)], torch.long)  # [N]
+        weights = aggregation_weights(mask, seq_index, algo.loss_agg, total_tokens, total_seqs, norm_const)  # [N]
+        logp, entropy = self._forward_logprobs(self.model, ids, pos, keep)  # [N], [N]
+        ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref, _ = self._forward_logprobs(self.ref_model, ids, pos, keep)  # [N]
+        loss, m = policy_loss(
+            logp,
+            old,
+            advs,
+            mask,
+            weights,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            entropy=entropy,
+            entropy_coef=algo.entropy_coef,
+            ref_logprobs=ref,
+            kl_coef=algo.kl_coef,
+            kl_type=algo.kl_type,
+        )
+        m["loss"] = float(loss.detach())
+        return loss, m
+
+    @torch.no_grad()
+    def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Per-token log-probs of each (prompt_ids, response_ids) under the current policy (fp32, temperature 1).
+
+        A collective under FSDP: call it on every rank with the same input."""
+        ids, pos = pack([p + r for p, r in sequences])  # [1, L], [1, L]
+        keep, offset = [], 0
+        for p, r in sequences:
+            keep.append(torch.arange(offset + len(p) - 1, offset + len(p) + len(r) - 1))
+            offset += len(p) + len(r)
+        logp, _ = self._forward_logprobs(self.model, ids.to(self.device), pos.to(self.device), torch.cat(keep))
+        out, start = [], 0
+        for _, r in sequences:
+            out.append(logp[start : start + len(r)].tolist())
+            start += len(r)
+        return out
+
+    # ---- weights and checkpoints -------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The unsharded CPU state dict on rank 0 (tied ``lm_head.weight`` included), None elsewhere. Collective."""
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        sd = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+        if self.tied and "lm_head.weight" not in sd:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        return sd
+
+    def rng_state(self) -> dict[str, Any]:
+        return ckpt.get_rng_state()
+
+    def save(self, path: str, extra: dict[str, Any], rng_states: list[dict[str, Any]]) -> None:
+        """Write a complete checkpoint to ``path`` atomically (rank 0 writes; every rank joins the gathers)."""
+        model_sd = self.full_state_dict()
+        optim_sd = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.rank != 0:
+            return
+        assert model_sd is not None
+        if self.tied:  # HF convention: tied weights are stored once (safetensors also refuses shared tensors)
+            model_sd = {k: v for k, v in model_sd.items() if k != "lm_head.weight"}
+        src = Path(self.cfg.model.tokenizer_path or self.model_path)
+
+        def write(tmp: Path) -> None:
+            self.hf_config.save_pretrained(tmp)
+            save_file(
+                {k: v.contiguous() for k, v in model_sd.items()}, tmp / ckpt.MODEL_FILE, metadata={"format": "pt"}
+            )
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+            torch.save(optim_sd, tmp / ckpt.OPTIMIZER_FILE)
+            torch.save(self.scheduler.state_dict(), tmp / ckpt.SCHEDULER_FILE)
+            torch.save(rng_states, tmp / ckpt.RNG_FILE)
+            ckpt.write_trainer_state(tmp, extra)
+
+        ckpt.write_atomic(path, write)
+        log.info("saved checkpoint %s", path)
+
+    def load(self, path: str) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler and this rank's RNG state from ``path``; returns the extra state."""
+        if not ckpt.is_complete(path):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {ckpt.MARKER} marker)")
+        sd = load_file(str(Path(path) / ckpt.MODEL_FILE))
+        if self.tied and "lm_head.weight" not in sd:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True))
+        optim_sd = torch.load(Path(path) / ckpt.OPTIMIZER_FILE, weights_only=False)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(torch.load(Path(path) / ckpt.SCHEDULER_FILE, weights_only=False))
+        rng = torch.load(Path(path) / ckpt.RNG_FILE, weights_only=False)
+        ckpt.set_rng_state(rng[self.rank % len(rng)])
+        return ckpt.read_trainer_state(path)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+LearnerActor = ray.remote(Learner)
+
+
+class LearnerGroup:
+    """Driver-side handle on N learner actors in one placement group (see the module docstring)."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        lc = self.cfg_learner = cfg.learner
+        self.cfg = cfg
+        if lc.num_workers < 1:
+            raise ValueError(f"learner.num_workers must be >= 1, got {lc.num_workers}")
+        bundle: dict[str, float] = {"CPU": lc.num_cpus}
+        if lc.num_gpus:
+            bundle["GPU"] = lc.num_gpus
+        self.pg = placement_group([dict(bundle) for _ in range(lc.num_workers)], strategy="PACK")
+        ray.get(self.pg.ready())
+        self.actors = [
+            LearnerActor.options(
+                num_cpus=lc.num_cpus,
+                num_gpus=lc.num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(cfg, model_path, i, lc.num_workers)
+            for i in range(lc.num_workers)
+        ]
+        addr, port = ray.get(self.actors[0].master_address.remote())
+        ray.get([a.setup.remote(addr, port) for a in self.actors])
+
+    def train_step(self, trajs: list[Trajectory]) -> dict[str, float]:
+        ref = ray.put(trajs)  # one copy in the object store, read by every rank
+        return ray.get([a.train_step.remote(ref) for a in self.actors])[0]
+
+    def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        return ray.get([a.logprobs.remote(sequences) for a in self.actors])[0]
+
+    def state_dict_ref(self) -> ray.ObjectRef:
+        """ObjectRef to the full CPU state dict (rank 0's result); waits until every rank left the gather."""
+        refs = [a.full_state_dict.remote() for a in self.actors]
+        ray.get(refs[1:])
+        ray.wait(refs[:1])
+        return refs[0]
+
+    def save(self, step_dir: str | Path, extra: dict[str, Any]) -> Path:
+        """Atomic checkpoint at ``step_dir``, then keep only the last ``trainer.keep_last`` beside it."""
+        rng = ray.get([a.rng_state.remote() for a in self.actors])
+        ray.get([a.save.remote(str(step_dir), extra, rng) for a in self.actors])
+        ckpt.prune_checkpoints(Path(step_dir).parent, self.cfg.trainer.keep_last)
+        return Path(step_dir)
+
+    def load(self, step_dir: str | Path) -> dict[str, Any]:
+        return ray.get([a.load.remote(str(step_dir)) for a in self.actors])[0]
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([a.shutdown.remote() for a in self.actors], timeout=60)
+        finally:
+            for a in self.actors:
+                ray.kill(a)
+            remove_placement_group(self.pg)

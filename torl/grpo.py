@@ -1,0 +1,168 @@
+"""GRPO math as pure functions: group advantages, per-token log-probs, the clipped policy loss and its aggregation.
+
+Tensors are flat over the response tokens of the sequences in one micro-batch (``[N]``, packed without padding),
+so the same code serves any packing. Loss aggregation is expressed as per-token weights normalised by GLOBAL counts
+(all micro-batches of all ranks of one optimizer step): summing the micro-batch losses, or the shard gradients,
+gives exactly the full-batch loss and gradient.
+
+Not here: models, optimizers, distribution (``actors/learner.py``), how sequences are split (``torl/batching.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+LossAgg = Literal["token-mean", "seq-mean-token-sum-norm", "seq-mean-token-mean"]
+KLType = Literal["low_var_kl", "k1", "k2"]
+LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+KL_TYPES: tuple[str, ...] = ("low_var_kl", "k1", "k2")
+
+
+def _groups(rewards: Sequence[float], group_ids: Sequence[int]) -> dict[int, list[float]]:
+    if len(rewards) != len(group_ids):
+        raise ValueError(f"{len(rewards)} rewards but {len(group_ids)} group ids")
+    by_group: dict[int, list[float]] = defaultdict(list)
+    for r, g in zip(rewards, group_ids, strict=True):
+        by_group[g].append(float(r))
+    return by_group
+
+
+def group_advantages(
+    rewards: Sequence[float], group_ids: Sequence[int], norm_by_std: bool = True, eps: float = 1e-6
+) -> list[float]:
+    """Outcome advantage of each sample relative to the other samples of its prompt (GRPO).
+
+    ``(r - mean) / (std + eps)`` with the unbiased std, as ToRL/veRL ``compute_grpo_outcome_advantage``;
+    ``norm_by_std=False`` gives Dr.GRPO's ``r - mean``. A group of one sample keeps its raw reward (veRL sets mean 0,
+    std 1 there). The value is broadcast over the response tokens by the caller.
+
+    >>> group_advantages([1, -1, 1, 1], [0, 0, 1, 1])
+    [0.7071..., -0.7071..., 0.0, 0.0]
+    """
+    by_group = _groups(rewards, group_ids)
+    stats: dict[int, tuple[float, float]] = {}
+    for g, rs in by_group.items():
+        if len(rs) == 1:
+            stats[g] = (0.0, 1.0)
+            continue
+        mean = sum(rs) / len(rs)
+        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (len(rs) - 1))
+        stats[g] = (mean, std)
+    out = []
+    for r, g in zip(rewards, group_ids, strict=True):
+        mean, std = stats[g]
+        out.append((float(r) - mean) / (std + eps) if norm_by_std else float(r) - mean)
+    return out
+
+
+def zero_variance_groups(rewards: Sequence[float], group_ids: Sequence[int]) -> set[int]:
+    """Groups whose rewards are all equal (they give zero advantage; DAPO's dynamic sampling drops them)."""
+    return {g for g, rs in _groups(rewards, group_ids).items() if max(rs) == min(rs)}
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` and the entropy of each position's distribution, in fp32 at temperature 1.
+
+    Temperature 1 and fp32 so that, on-policy, the ratio to vLLM's sampled logprobs is 1 (up to kernel noise).
+    """
+    logp_all = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N]
+    return logp, entropy
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLType) -> torch.Tensor:
+    """Per-token KL estimate of the policy to the reference (Schulman's k1/k2/k3; k3 = veRL's ``low_var_kl``)."""
+    if kind == "k1":
+        return logprobs - ref_logprobs  # [N]
+    if kind == "k2":
+        return 0.5 * (logprobs - ref_logprobs).square()  # [N]
+    if kind == "low_var_kl":
+        log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)  # [N]
+        return (log_ratio.exp() - log_ratio - 1.0).clamp(-10.0, 10.0)  # [N], veRL clamps k3 to +-10
+    raise ValueError(f"unknown kl_type {kind!r}; choose one of {KL_TYPES}")
+
+
+def aggregation_weights(
+    mask: torch.Tensor,
+    seq_index: torch.Tensor,
+    mode: LossAgg,
+    total_tokens: int,
+    total_seqs: int,
+    norm_const: float = 1.0,
+) -> torch.Tensor:
+    """Per-token weights w so that ``sum(w * loss_per_token)`` is the aggregated loss of the GLOBAL batch.
+
+    ``mask`` [N] is 1 on trained tokens; ``seq_index`` [N] numbers the sequences of this micro-batch (a sequence is
+    never split across micro-batches). ``total_tokens``/``total_seqs`` count trained tokens / sequences with at least
+    one trained token over the whole optimizer step.
+      - token-mean (ToRL): every trained token of the step weighs the same, 1 / total_tokens.
+      - seq-mean-token-mean: mean over the sequence's tokens, then mean over sequences.
+      - seq-mean-token-sum-norm (Dr.GRPO): token sum divided by a constant (the max response length), then mean over
+        sequences, so long and short responses are not re-weighted by their length.
+    """
+    mask = mask.float()  # [N]
+    if mode == "token-mean":
+        return mask / max(total_tokens, 1)  # [N]
+    if mode == "seq-mean-token-sum-norm":
+        return mask / (norm_const * max(total_seqs, 1))  # [N]
+    if mode == "seq-mean-token-mean":
+        per_seq = torch.zeros(int(seq_index.max()) + 1 if seq_index.numel() else 0, dtype=mask.dtype)  # [S]
+        per_seq.index_add_(0, seq_index, mask)
+        return mask / (per_seq.clamp(min=1.0)[seq_index] * max(total_seqs, 1))  # [N]
+    raise ValueError(f"unknown loss_agg {mode!r}; choose one of {LOSS_AGG_MODES}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_type: KLType = "low_var_kl",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate against the behaviour log-probs, plus optional entropy bonus and KL to a reference.
+
+    All inputs are flat ``[N]`` over response tokens; ``weights`` come from ``aggregation_weights`` (zero on masked
+    tokens: tool output gets no gradient, entropy or KL). Ratio clipping is asymmetric: ``[1 - clip_low,
+    1 + clip_high]`` (DAPO's clip-higher when clip_high > clip_low). Returns the loss (a micro-batch's share of the
+    global loss) and metric SUMS over trained tokens (``tokens`` is their count): the caller adds them over
+    micro-batches and ranks and divides by the total, which keeps metrics exact under any split.
+    """
+    maskf = mask.float()  # [N]
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # [N]; clamp as veRL: a stale token must not overflow
+    ratio = log_ratio.exp()  # [N]
+    pg_unclipped = -advantages * ratio  # [N]
+    pg_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [N]
+    pg = torch.maximum(pg_unclipped, pg_clipped)  # [N]
+    pg_loss = (pg * weights).sum()
+    loss = pg_loss
+    metrics = {
+        "tokens": float(maskf.sum()),
+        "pg_loss": float(pg_loss.detach()),
+        "clip_frac": float(((pg_clipped > pg_unclipped).float() * maskf).sum()),
+        "approx_kl": float((-log_ratio.detach() * maskf).sum()),  # k1 to the behaviour policy, as veRL's ppo_kl
+        "ratio": float((ratio.detach() * maskf).sum()),
+    }
+    if entropy is not None:
+        metrics["entropy"] = float((entropy.detach() * maskf).sum())
+        if entropy_coef:
+            loss = loss - entropy_coef * (entropy * weights).sum()
+    if ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ref_logprobs, kl_type)  # [N]
+        metrics["kl_ref"] = float((kl.detach() * maskf).sum())
+        if kl_coef:
+            loss = loss + kl_coef * (kl * weights).sum()
+    return loss, metrics
