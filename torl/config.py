@@ -108,6 +108,9 @@ class RewardConfig:
     wrong: float = -1.0  # ToRL: -1 (no boxed answer is wrong)
     exec_error_penalty: float = 0.0  # ToRL option (off): subtract 0.5 when attempted code failed
     grade_timeout_s: float = 5.0  # per answer check; a check that runs over counts as wrong
+    # ToRL quirk: its execution penalty also hit responses without any code (execution_pass stayed 0). Off = only
+    # responses whose attempted code failed are penalised (the paper's description).
+    compat_penalty_without_code: bool = False
 
 
 @dataclass(frozen=True)
