@@ -1,0 +1,315 @@
+"""Tool-integrated evaluation of a checkpoint on math benchmarks, through the same tool loop as training.
+
+    python jobs/eval.py --checkpoint DIR [--benchmarks aime24,math500,...] [--out DIR] [preset.yaml] [key=value ...]
+
+``DIR`` is a Hugging Face checkpoint (config.json) or a training output dir (its latest complete checkpoint is used).
+Benchmarks: aime24, aime25, math500, olympiadbench, amc23, torl_val (ToRL's 374-row validation file), any
+parquet/jsonl path, or synthetic:<split>. Greedy by default (ToRL validates greedily, torl-behaviour.md §1(e));
+``eval.greedy=false eval.n=8`` samples with rollout.temperature for pass@k / mean@k. Problems stream through the
+generators in small chunks with a bounded number in flight; each finished problem is graded and appended to
+``<out>/trajectories.jsonl`` at once, so an interrupted run resumes where it stopped. Outputs: trajectories.jsonl,
+results.json, results.txt (the table), run.json (the setup a resume must match) and W&B when enabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict  # noqa: E402
+from torl.evaluation import (  # noqa: E402
+    EvalRecord,
+    ResultStore,
+    check_run_meta,
+    default_ks,
+    finished_keys,
+    flat_metrics,
+    format_table,
+    summarize,
+)
+
+NAMED_BENCHMARKS = ("aime24", "aime25", "math500", "olympiadbench", "amc23", "torl_val")
+
+
+@dataclass
+class Item:
+    """One problem ready to generate: its benchmark, the problem, and the prompt as text and ids."""
+
+    benchmark: str
+    problem: object  # torl.data.Problem
+    prompt: str
+    prompt_ids: list[int]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.benchmark, self.problem.id)
+
+
+def parse_args(argv: list[str]) -> tuple[Config, str]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--checkpoint", default="", help="HF checkpoint dir or training output dir (else model.path)")
+    ap.add_argument("--benchmarks", default="", help="comma-separated names, paths or synthetic:<split>")
+    ap.add_argument("--out", default="", help="output directory (default runs/eval/<checkpoint name>)")
+    args, rest = ap.parse_known_args(argv)
+    files, overrides = split_cli(rest)
+    if args.benchmarks:
+        overrides.append(f"eval.benchmarks={args.benchmarks}")
+    if args.out:
+        overrides.append(f"eval.output_dir={args.out}")
+    cfg = load_config(files, overrides)
+    checkpoint = resolve_checkpoint(args.checkpoint or cfg.model.path)
+    cfg = replace(cfg, model=replace(cfg.model, path=checkpoint))
+    if not cfg.eval.benchmarks:
+        raise ConfigError("no benchmarks given (--benchmarks aime24,math500 or eval.benchmarks=...)")
+    for bench in cfg.eval.benchmarks:
+        if bench not in NAMED_BENCHMARKS and not bench.startswith("synthetic:") and not Path(bench).exists():
+            raise ConfigError(
+                f"unknown benchmark {bench!r}: use one of {', '.join(NAMED_BENCHMARKS)}, synthetic:<split>, "
+                "or the path of a parquet/jsonl file"
+            )
+    return cfg, checkpoint
+
+
+def resolve_checkpoint(path: str) -> str:
+    if not path:
+        raise ConfigError("--checkpoint DIR is required (a Hugging Face checkpoint directory)")
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (REPO / p).exists():
+        p = REPO / p
+    if not p.exists():
+        raise ConfigError(f"checkpoint {path!r} does not exist")
+    if not (p / "config.json").is_file():
+        from torl.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(p)
+        if latest is None or not (Path(latest) / "config.json").is_file():
+            raise ConfigError(f"{p}: neither a Hugging Face checkpoint (config.json) nor a run dir with checkpoints")
+        p = Path(latest)
+    return str(p.resolve())
+
+
+def load_items(cfg: Config, tokenizer) -> tuple[list[Item], dict[str, int]]:
+    """Template and tokenize every benchmark's problems; skip (and count) prompts that would not fit the context."""
+    from torl.data import load_benchmark, load_problems
+    from torl.prompts import build_prompt
+
+    max_prompt = min(cfg.eval.max_prompt_tokens, cfg.model.max_model_len - cfg.rollout.max_response_tokens)
+    items: list[Item] = []
+    skipped: dict[str, int] = {}
+    for bench in cfg.eval.benchmarks:
+        problems = load_benchmark(bench) if bench in NAMED_BENCHMARKS else load_problems(bench)
+        if cfg.eval.limit:
+            problems = problems[: cfg.eval.limit]
+        if not problems:
+            raise ConfigError(f"benchmark {bench!r} has no problems")
+        dup = [pid for pid, c in Counter(p.id for p in problems).items() if c > 1]
+        if dup:  # results are keyed by (benchmark, id): duplicate ids would overwrite each other on resume
+            raise ConfigError(f"benchmark {bench!r}: duplicate problem ids {dup[:5]}")
+        skipped[bench] = 0
+        for p in problems:
+            prompt = build_prompt(p.question, cfg.prompt.template, tokenizer)
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_prompt:  # ToRL's validation loader drops prompts over val_max_prompt_length too
+                skipped[bench] += 1
+                continue
+            items.append(Item(bench, p, prompt, ids))
+    return items, skipped
+
+
+def run_meta(cfg: Config) -> dict:
+    """The settings a resumed run must share with the first one for its table to be one evaluation."""
+    r = cfg.rollout
+    meta = {
+        "checkpoint": cfg.model.path,
+        "template": cfg.prompt.template,
+        "tool_enabled": cfg.tool.enabled,
+        "max_calls": cfg.tool.max_calls,
+        "session": cfg.tool.session,
+        "greedy": cfg.eval.greedy,
+        "n": cfg.eval.n,
+        "max_response_tokens": r.max_response_tokens,
+        "max_model_len": cfg.model.max_model_len,
+        "reward": to_dict(cfg.reward),
+    }
+    if not cfg.eval.greedy:
+        meta.update(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed)
+    return meta
+
+
+def to_records(chunk: list[Item], trajs: list, verdicts: list, n: int) -> list[EvalRecord]:
+    """Attach verdicts and turn a finished chunk's trajectories (``group`` = index in the chunk) into records."""
+    from torl.grading import extract_boxed
+
+    records, seen = [], Counter()
+    for t, (reward, correct) in zip(trajs, verdicts, strict=True):
+        t.reward, t.correct = reward, correct
+        it = chunk[t.group]
+        record = EvalRecord.from_trajectory(
+            t,
+            benchmark=it.benchmark,
+            sample=seen[t.group],
+            source=it.problem.source,
+            question=it.problem.question,
+            prompt=it.prompt,
+            extracted=extract_boxed(t.text),
+        )
+        records.append(record)
+        seen[t.group] += 1
+    if len(records) != n * len(chunk) or any(seen[g] != n for g in range(len(chunk))):
+        raise RuntimeError(f"generator returned {len(records)} trajectories for {len(chunk)} problems x n={n}")
+    return records
+
+
+def stream(cfg: Config, generators: list, grader, items: list[Item], store: ResultStore) -> dict[str, float]:
+    """Keep ``max_in_flight`` chunked generate calls per generator running; grade and store each as it finishes."""
+    import ray
+    from tqdm import tqdm
+
+    from torl.rollout import GenRequest
+
+    n, greedy, size = cfg.eval.n, cfg.eval.greedy, cfg.eval.chunk_size
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    limit = cfg.eval.max_in_flight * len(generators)
+    inflight: dict = {}
+    totals: Counter = Counter()
+    bar = tqdm(total=len(items), desc="eval", unit="problem", dynamic_ncols=True)
+    submitted = 0
+    while chunks or inflight:
+        while chunks and len(inflight) < limit:
+            chunk = chunks.pop(0)
+            reqs = [GenRequest(it.problem.id, g, it.prompt_ids, it.problem.answer, n) for g, it in enumerate(chunk)]
+            inflight[generators[submitted % len(generators)].generate.remote(reqs, greedy)] = chunk
+            submitted += 1
+        (ref,), _ = ray.wait(list(inflight), num_returns=1)
+        chunk = inflight.pop(ref)
+        trajs, metrics = ray.get(ref)
+        totals.update({k: v for k, v in metrics.items() if k.startswith(("time/", "rollout/tokens", "tool/calls"))})
+        verdicts = ray.get(
+            grader.grade.remote([(t.text, t.answer, t.used_code, t.used_code and not t.code_ok) for t in trajs])
+        )
+        records = to_records(chunk, trajs, verdicts, n)
+        store.append(records)
+        totals["correct"] += sum(r.correct for r in records)
+        totals["samples"] += len(records)
+        bar.update(len(chunk))
+        bar.set_postfix(acc=f"{totals['correct'] / totals['samples']:.3f}")
+    bar.close()
+    return dict(totals)
+
+
+def start_actors(cfg: Config, checkpoint: str):
+    import ray
+
+    from actors.cluster import init_ray
+    from actors.generator import GeneratorActor
+    from actors.grader import GraderActor
+    from actors.sandbox import SandboxPool
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    sandbox = SandboxPool.create(cfg.sandbox) if cfg.tool.enabled else None
+    generators = [
+        GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
+            cfg, checkpoint, sandbox
+        )
+        for _ in range(cfg.rollout.num_generators)
+    ]
+    grader = GraderActor.remote(cfg.reward)
+    ray.get([g.start.remote() for g in generators])
+    return sandbox, generators, grader
+
+
+def stop_actors(sandbox, generators: list, grader) -> None:
+    import ray
+
+    for actor in [*generators, grader]:
+        if actor is not None:
+            ray.kill(actor)
+    if sandbox is not None:
+        sandbox.shutdown()
+
+
+def log_wandb(cfg: Config, out: Path, summary: dict, records: list[EvalRecord]) -> None:
+    if cfg.wandb.mode == "disabled":
+        return
+    from jobs.tracking import Tracker
+
+    tracker = Tracker(cfg.wandb, str(out), to_dict(cfg), job="eval")
+    tracker.log(0, flat_metrics(summary))
+    if tracker.run is not None:
+        import wandb
+
+        cols = ["benchmark", "acc", "code_ratio", "exec_success", "acc_with_code", "acc_without_code", "problems"]
+        keys = ["acc", "tool/code_ratio", "tool/exec_success", "acc/with_code", "acc/without_code", "problems"]
+        rows = [[b] + [r.get(k) for k in keys] for b, r in summary["benchmarks"].items()]
+        sample = [[r.benchmark, r.problem_id, r.response, r.extracted, r.gold, r.correct] for r in records[:64]]
+        traj_cols = ["benchmark", "id", "response", "extracted", "gold", "correct"]
+        tables = {"eval/table": wandb.Table(columns=cols, data=rows)}
+        tables["eval/trajectories"] = wandb.Table(columns=traj_cols, data=sample)
+        tracker.run.log(tables)
+    tracker.finish()
+
+
+def main(argv: list[str]) -> dict:
+    cfg, checkpoint = parse_args(argv)
+    out = Path(cfg.eval.output_dir or REPO / "runs" / "eval" / Path(checkpoint).name)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or checkpoint)
+    items, skipped = load_items(cfg, tokenizer)
+    try:
+        check_run_meta(out / "run.json", run_meta(cfg))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    store = ResultStore(out / "trajectories.jsonl")
+    done = finished_keys(store.load(), cfg.eval.n)
+    todo = [it for it in items if it.key not in done]
+    print(
+        f"[torl] eval {checkpoint}: {len(items)} problems in {len(cfg.eval.benchmarks)} benchmarks, "
+        f"{len(items) - len(todo)} already done, {sum(skipped.values())} skipped as too long -> {out}"
+    )
+
+    t0, totals = time.perf_counter(), {}
+    if todo:
+        import ray
+
+        started_ray = not ray.is_initialized()
+        sandbox = generators = grader = None
+        try:
+            sandbox, generators, grader = start_actors(cfg, checkpoint)
+            totals = stream(cfg, generators, grader, todo, store)
+        finally:
+            stop_actors(sandbox, generators or [], grader)
+            if started_ray:
+                ray.shutdown()
+    wall = time.perf_counter() - t0
+
+    wanted = {it.key for it in items}
+    records = [r for r in store.load() if r.key in wanted]
+    ks = cfg.eval.pass_k or (default_ks(cfg.eval.n) if cfg.eval.n > 1 else ())
+    summary = summarize(records, list(cfg.eval.benchmarks), ks)
+    summary["checkpoint"] = checkpoint
+    summary["skipped_too_long"] = skipped
+    summary["setup"] = run_meta(cfg)
+    summary["run"] = {"generated_problems": len(todo), "wall_s": wall, **totals}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = format_table(summary)
+    (out / "results.txt").write_text(table + "\n")
+    print(table)
+    log_wandb(cfg, out, summary, records)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"[torl] error: {exc}", file=sys.stderr)
+        sys.exit(2)
