@@ -1,0 +1,189 @@
+"""Everything the training driver sets up before its loop: config, model, data, actors, resume state.
+
+All checks that can fail on user input (config, model path, data files, lengths) run before any actor starts, so
+a mistake costs a second and prints one clear line. ``Run`` also holds the few driver-side operations the loop
+calls (draw a batch, fan out a rollout, push weights, save), keeping jobs/train.py a readable loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict
+from torl.data import load_problems
+from torl.paths import resolve
+from torl.prompts import build_prompt
+from torl.sampler import EncodedProblem, PromptSampler, SamplerState, encode_problems
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PRESET = REPO / "configs" / "tiny_cpu.yaml"
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Anchor relative model/output paths at the checkout (``TORL_HOME``), so every actor sees the same files."""
+    model = replace(cfg.model, path=str(resolve(cfg.model.path)) if cfg.model.path else "")
+    trainer = replace(cfg.trainer, output_dir=str(resolve(cfg.trainer.output_dir)))
+    return replace(cfg, model=model, trainer=trainer)
+
+
+def ensure_model(cfg: Config) -> str:
+    """Return the model directory, building the project's base model first if the preset names a recipe."""
+    if not cfg.model.path:
+        raise ConfigError("model.path is required (a Hugging Face checkpoint directory)")
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file() and cfg.model.recipe:
+        print(f"[torl] building the base model {path} from {cfg.model.recipe} (once; cached afterwards)")
+        recipe = str(resolve(cfg.model.recipe)) if not Path(cfg.model.recipe).is_file() else cfg.model.recipe
+        subprocess.run([sys.executable, str(REPO / "jobs" / "make_base_model.py"), recipe, f"output_dir={path}"],
+                       check=True, cwd=REPO)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path {cfg.model.path!r}: no Hugging Face checkpoint (config.json) at {path}")
+    return str(path)
+
+
+def load_encoded(cfg: Config, specs: tuple[str, ...], tokenizer, limit: int = 0) -> tuple[list[EncodedProblem], int]:
+    problems = [p for spec in specs for p in load_problems(spec, skip_bad_rows=cfg.data.skip_bad_rows)]
+    if limit:
+        problems = problems[:limit]
+
+    def render(question: str) -> str:
+        return build_prompt(question, cfg.prompt.template, tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    max_len = cfg.prompt.max_prompt_tokens - cfg.prompt.filter_margin
+    return encode_problems(problems, render, encode, max_len)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    model_path: str
+    sampler: PromptSampler
+    val: list[EncodedProblem]
+    tracker: object
+    sandbox: object = None
+    generators: list = field(default_factory=list)
+    learner: object = None
+    grader: object = None
+    start_step: int = 0
+    total_steps: int = 0
+
+    def draw(self) -> tuple[list[EncodedProblem], SamplerState]:
+        """Next prompt batch, and the sampler state *before* it (what a checkpoint must restore to redo it)."""
+        before = copy.copy(self.sampler.state)
+        return self.sampler.next_batch(), before
+
+    def generate(self, batch: list[EncodedProblem], greedy: bool = False, n: int | None = None) -> list:
+        from torl.rollout import GenRequest
+
+        n = n or self.cfg.rollout.n
+        requests = [
+            GenRequest(problem_id=e.problem.id, group=i, prompt_ids=e.prompt_ids, answer=e.problem.answer, n=n)
+            for i, e in enumerate(batch)
+        ]
+        shards = [requests[i :: len(self.generators)] for i in range(len(self.generators))]
+        return [g.generate.remote(s, greedy) for g, s in zip(self.generators, shards, strict=True) if s]
+
+    def collect(self, refs: list) -> tuple[list, dict[str, float]]:
+        import ray
+
+        results = ray.get(refs)
+        trajs = [t for ts, _ in results for t in ts]
+        metrics: dict[str, float] = {}
+        for _, m in results:  # sum counters and times over generators, keep the rest from the first
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v if k.startswith(("time/", "rollout/tokens", "tool/calls")) else v
+        return trajs, metrics
+
+    def push_weights(self, version: int) -> None:
+        import ray
+
+        ref = self.learner.state_dict_ref()
+        ray.get([g.update_weights.remote(ref, version) for g in self.generators])
+
+    def save(self, step: int, resume_state: SamplerState) -> None:
+        extra = {"step": step, "sampler": {"epoch": resume_state.epoch, "position": resume_state.position}}
+        self.learner.save(str(Path(self.cfg.trainer.output_dir) / f"step_{step:06d}"), extra)
+
+    def close(self) -> None:
+        import ray
+
+        if self.learner is not None:
+            self.learner.shutdown()
+        for g in self.generators:
+            ray.kill(g)
+        if self.sandbox is not None:
+            self.sandbox.shutdown()
+        self.tracker.finish()
+
+
+def _resume(run: Run) -> None:
+    from torl.checkpoint import latest_checkpoint
+
+    cfg = run.cfg.trainer
+    if cfg.resume == "never":
+        return
+    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
+    if not ckpt:
+        return
+    extra = run.learner.load(str(ckpt))
+    run.start_step = int(extra["step"])
+    run.sampler.state = SamplerState(**extra["sampler"])
+    run.push_weights(run.start_step)
+    print(f"[torl] resumed from {ckpt} at step {run.start_step}")
+
+
+def prepare_run(argv: list[str], job: str = "train") -> Run:
+    files, overrides = split_cli(argv)
+    cfg = with_absolute_paths(load_config(files or [str(DEFAULT_PRESET)], overrides))
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files is required (e.g. data.train_files=[synthetic:train] or a parquet path)")
+    model_path = ensure_model(cfg)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
+    t0 = time.perf_counter()
+    train, dropped = load_encoded(cfg, cfg.data.train_files, tokenizer)
+    val, _ = load_encoded(cfg, cfg.data.val_files, tokenizer, limit=cfg.data.val_limit)
+    print(f"[torl] {len(train)} training prompts ({dropped} dropped as too long), {len(val)} validation prompts "
+          f"({time.perf_counter() - t0:.1f} s)")
+    sampler = PromptSampler(train, cfg.data.batch_size, cfg.data.seed, cfg.data.shuffle)
+    total = cfg.trainer.total_steps or cfg.trainer.total_epochs * sampler.steps_per_epoch
+
+    from actors.cluster import init_ray
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    from actors.generator import GeneratorActor
+    from actors.grader import GraderActor
+    from actors.learner import LearnerGroup
+    from actors.sandbox import SandboxPool
+    from jobs.tracking import Tracker
+
+    import ray
+
+    tracker = Tracker(cfg.wandb, cfg.trainer.output_dir, to_dict(cfg), job=job)
+    run = Run(cfg, model_path, sampler, val, tracker, total_steps=total)
+    try:
+        run.sandbox = SandboxPool.create(cfg.sandbox) if cfg.tool.enabled else None
+        run.generators = [
+            GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
+                cfg, model_path, run.sandbox
+            )
+            for _ in range(cfg.rollout.num_generators)
+        ]
+        run.grader = GraderActor.remote(cfg.reward)
+        run.learner = LearnerGroup(cfg, model_path)
+        ray.get([g.start.remote() for g in run.generators])
+        _resume(run)
+    except BaseException:
+        run.close()
+        raise
+    return run

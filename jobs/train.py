@@ -1,0 +1,133 @@
+"""Tool-integrated GRPO training (ToRL) on a Ray cluster.
+
+    python jobs/train.py [configs/preset.yaml ...] [key=value ...]          # embedded local cluster
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py key=value ...
+
+With no preset, configs/tiny_cpu.yaml is used: the project's small base model (built once, cached) trained on the
+synthetic tool tasks in minutes on a CPU. Each step: sample prompts -> roll out n trajectories each through the tool
+loop -> grade -> GRPO update -> push weights to the generators; validation and checkpoints every k steps.
+With trainer.max_staleness=1 the rollout of step t+1 runs while the learner trains step t.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jobs.setup_run import Run, prepare_run  # noqa: E402
+from torl.config import ConfigError  # noqa: E402
+from torl.metrics import rollout_metrics  # noqa: E402
+from torl.types import Trajectory  # noqa: E402
+
+
+def rollout(run: Run, batch, greedy: bool = False, n: int | None = None):
+    """Start generating ``batch`` on the generators (round-robin by prompt); returns the pending ObjectRefs."""
+    return run.generate(batch, greedy=greedy, n=n)
+
+
+def grade(run: Run, trajs: list[Trajectory]) -> None:
+    import ray
+
+    verdicts = ray.get(run.grader.grade.remote([(t.text, t.answer, t.used_code, t.used_code and not t.code_ok) for t in trajs]))
+    for t, (reward, correct) in zip(trajs, verdicts, strict=True):
+        t.reward, t.correct = reward, correct
+
+
+def validate(run: Run, step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    trajs, _ = run.collect(rollout(run, run.val, greedy=True, n=1))
+    grade(run, trajs)
+    metrics = rollout_metrics(trajs, prefix="val/")
+    metrics["time/validate"] = time.perf_counter() - t0
+    if run.cfg.trainer.log_samples_every:
+        run.tracker.log_samples(step, trajs, limit=8)
+    return metrics
+
+
+def train(run: Run) -> None:
+    cfg, tracker = run.cfg, run.tracker
+    step, total = run.start_step, run.total_steps
+    if cfg.trainer.val_before_train and step == 0 and run.val:
+        metrics = validate(run, 0)
+        tracker.log(0, metrics)
+        tracker.console(0, total, metrics)
+
+    batch, resume_state = run.draw()
+    pending = rollout(run, batch)
+    while step < total:
+        t_step = time.perf_counter()
+        trajs, metrics = run.collect(pending)  # waits only for what the pipelined rollout has not finished yet
+        metrics["time/wait_rollout"] = time.perf_counter() - t_step
+        version = step  # weights version the learner holds now
+        pending = None
+        if cfg.trainer.max_staleness == 1 and step + 1 < total:
+            batch, resume_state = run.draw()
+            pending = rollout(run, batch)  # overlaps with grading + training below
+
+        t0 = time.perf_counter()
+        grade(run, trajs)
+        metrics["time/grade"] = time.perf_counter() - t0
+        metrics.update(rollout_metrics(trajs))
+        metrics.update(staleness_metrics(trajs, version))
+
+        t0 = time.perf_counter()
+        metrics.update(run.learner.train_step(trajs))
+        metrics["time/train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        step += 1
+        run.push_weights(step)
+        metrics["time/sync"] = time.perf_counter() - t0
+
+        if pending is None and step < total:
+            batch, resume_state = run.draw()
+            pending = rollout(run, batch)
+        if run.val and cfg.trainer.val_every and step % cfg.trainer.val_every == 0:
+            metrics.update(validate(run, step))
+        if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
+            t0 = time.perf_counter()
+            run.save(step, resume_state)
+            metrics["time/save"] = time.perf_counter() - t0
+        if cfg.trainer.log_samples_every and step % cfg.trainer.log_samples_every == 0:
+            tracker.log_samples(step, trajs)
+        metrics["time/step"] = time.perf_counter() - t_step
+        metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / max(metrics["time/step"], 1e-9)
+        tracker.log(step, metrics)
+        tracker.console(step, total, metrics)
+    if pending is not None:
+        run.collect(pending)
+
+
+def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]:
+    """How many weight updates behind the learner each sampled token is (0 = on-policy)."""
+    lags = [version - v for t in trajs for v, m in zip(t.versions, t.loss_mask, strict=True) if m]
+    if not lags:
+        return {}
+    return {"staleness/mean": sum(lags) / len(lags), "staleness/max": float(max(lags))}
+
+
+def main(argv: list[str]) -> int:
+    try:
+        run = prepare_run(argv, job="train")
+    except ConfigError as exc:
+        print(f"[torl] config error: {exc}", file=sys.stderr)
+        return 2
+    # Ray job stop sends SIGTERM: turn it into KeyboardInterrupt so actors are shut down cleanly below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        train(run)
+        print(f"[torl] done: {run.total_steps} steps; checkpoints and metrics in {run.cfg.trainer.output_dir}")
+        return 0
+    except KeyboardInterrupt:
+        print("[torl] interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
