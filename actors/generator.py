@@ -1,0 +1,392 @@
+"""Generator actor: a vLLM ``AsyncLLM`` engine running one asyncio task per trajectory (``torl.rollout``'s loop).
+
+Each trajectory awaits the engine for a round, then awaits the sandbox pool for its tool call while the engine keeps
+decoding every other trajectory (continuous batching), then continues from the exact token ids so far. Weight updates
+are loaded in place (safetensors on /dev/shm + ``reload_weights``, platform notes §10) without restarting the engine.
+
+Not here: the loop's logic, budget, masks and metrics (``torl.rollout``), the TIR text protocol
+(``torl.tool_protocol``), sandboxing (``actors.sandbox``), grading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from torl.config import Config
+from torl.rollout import (
+    BatchStats,
+    GenRequest,
+    LoopSettings,
+    RoundOutput,
+    RoundRequest,
+    ToolLoop,
+    batch_metrics,
+    derive_seed,
+    run_async,
+    run_sync,
+    tool_warnings,
+)
+from torl.types import ExecResult, Trajectory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Submit:
+    """Weight-version bookkeeping of one engine call (see ``Generator._tag``)."""
+
+    committed: int  # version in effect when the call was submitted
+    target: int | None  # version being loaded at submission time (None = no update in progress)
+    seq: int  # update sequence number at submission
+
+
+class Generator:
+    """Owns one vLLM engine; ``generate`` runs the tool loop for a batch, ``update_weights`` swaps weights in place."""
+
+    def __init__(self, cfg: Config, model_path: str, sandbox: Any | None = None) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.cfg = cfg
+        self.model_path = model_path
+        self.sandbox = sandbox
+        tok_path = cfg.model.tokenizer_path or model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        self._tied = bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
+        self._engine = None
+        self._start_lock = asyncio.Lock()
+        self._update_lock = asyncio.Lock()
+        self._version = 0
+        self._target: int | None = None
+        self._seq = 0
+        self._weights_dir = tempfile.mkdtemp(prefix=f"torl-weights-{os.getpid()}-", dir=_shm_dir())
+
+    # -- engine ---------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Build the engine (15-25 s on CPU). Async because AsyncLLM needs the actor's running event loop."""
+        async with self._start_lock:
+            if self._engine is not None:
+                return
+            from vllm import AsyncEngineArgs
+            from vllm.platforms import current_platform
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            e = self.cfg.rollout.engine
+            if current_platform.is_cpu():
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(e.cpu_kvcache_gb)
+            args = AsyncEngineArgs(
+                model=self.model_path,
+                tokenizer=self.cfg.model.tokenizer_path or self.model_path,
+                dtype=self.cfg.model.dtype,
+                max_model_len=self.cfg.model.max_model_len,
+                enable_prefix_caching=e.enable_prefix_caching,
+                block_size=e.block_size,
+                tensor_parallel_size=e.tensor_parallel_size,
+                gpu_memory_utilization=e.gpu_memory_utilization,
+                enforce_eager=e.enforce_eager,
+                max_num_seqs=e.max_num_seqs,
+                max_num_batched_tokens=max(e.max_num_batched_tokens, self.cfg.model.max_model_len),
+                seed=e.seed,
+                disable_log_stats=True,
+            )
+            t0 = time.perf_counter()
+            self._engine = AsyncLLM.from_engine_args(args)
+            log.info("vLLM engine for %s ready in %.1f s", self.model_path, time.perf_counter() - t0)
+
+    def version(self) -> int:
+        return self._version
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+        shutil.rmtree(self._weights_dir, ignore_errors=True)
+
+    # -- one engine call ------------------------------------------------------------------------------------------
+    def _sampling(self, lp: ToolLoop, req: RoundRequest, greedy: bool, over: dict, stream: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        r = self.cfg.rollout
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY  # FINAL_ONLY is ~7 % faster
+        common = dict(max_tokens=req.max_tokens, stop=req.stop or None, logprobs=0, output_kind=kind)
+        if greedy:
+            return SamplingParams(temperature=0.0, **common)
+        seed = over.get("seed", r.seed)
+        return SamplingParams(
+            temperature=over.get("temperature", r.temperature),
+            top_p=over.get("top_p", r.top_p),
+            top_k=over.get("top_k", r.top_k),
+            # A continuation after a weight-update preemption must not replay the interrupted call's random stream.
+            seed=derive_seed(seed, lp.traj.problem_id, lp.sample, req.round + lp.preemptions * 1000),
+            **common,
+        )
+
+    def _tag(self, sub: _Submit, aborted: bool) -> tuple[int, bool]:
+        """(version that sampled the call's tokens, whether an abort was a weight-update preemption).
+
+        Updates pause with mode="abort", so a call that spans an update is cut there: all its tokens are from one
+        weight version, and the loop simply continues from the ids so far. Calls submitted during an update are held
+        by the paused engine and run on the new weights, unless the same update's abort sweep caught them first.
+        """
+        preempted = aborted and (self._seq != sub.seq or sub.target is not None)
+        if sub.target is None:
+            return sub.committed, preempted
+        if aborted and self._seq == sub.seq:
+            return sub.committed, preempted
+        return sub.target, preempted
+
+    async def _round(
+        self,
+        lp: ToolLoop,
+        req: RoundRequest,
+        greedy: bool = False,
+        over: dict | None = None,
+        events: asyncio.Queue | None = None,
+    ) -> RoundOutput:
+        from vllm.inputs import TokensPrompt
+
+        params = self._sampling(lp, req, greedy, over or {}, stream=events is not None)
+        sub = _Submit(self._version, self._target, self._seq)
+        ids: list[int] = []
+        lps: list[float] = []
+        text: list[str] = []
+        c = None
+        async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.ids), params, uuid.uuid4().hex):
+            c = out.outputs[0]
+            ids.extend(c.token_ids)
+            lps.extend(d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [], strict=True))
+            text.append(c.text)
+            if events is not None and c.text:
+                await events.put({"type": "text", "text": c.text})
+        assert c is not None, "engine returned no output"
+        version, preempted = self._tag(sub, c.finish_reason == "abort")
+        return RoundOutput(ids, lps, "".join(text), c.finish_reason or "abort", c.stop_reason, version, preempted)
+
+    async def _tool(self, lp: ToolLoop, code: str, session: str | None, events: asyncio.Queue | None = None):
+        if events is not None:
+            await events.put({"type": "tool_start", "code": code})
+        result: ExecResult = await self.sandbox.run(code, session=session)
+        if events is not None:
+            await events.put(
+                {
+                    "type": "tool_end",
+                    "code": code,
+                    "status": result.status,
+                    "stdout": result.stdout,
+                    "stderr": result.stderr,
+                    "exec_s": result.wall_s,
+                }
+            )
+        return result
+
+    # -- public API -----------------------------------------------------------------------------------------------
+    def _loops(self, requests: list[GenRequest], settings: LoopSettings) -> list[ToolLoop]:
+        loops = []
+        for r in requests:
+            if r.n < 1:
+                raise ValueError(f"GenRequest {r.problem_id}: n must be >= 1, got {r.n}")
+            for i in range(r.n):
+                traj = Trajectory(
+                    problem_id=r.problem_id, group=r.group, prompt_ids=list(r.prompt_ids), answer=r.answer
+                )
+                loops.append(ToolLoop(traj, i, settings, self._encode, self._decode))
+        return loops
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _check_tools(self, settings: LoopSettings) -> None:
+        if settings.tool.enabled and settings.tool.max_calls > 0 and self.sandbox is None:
+            raise ValueError(
+                "tool.enabled with tool.max_calls > 0 needs a sandbox pool; pass one or set tool.enabled=false"
+            )
+
+    async def generate(
+        self,
+        requests: list[GenRequest],
+        greedy: bool = False,
+        tools: bool | None = None,
+        max_calls: int | None = None,
+    ) -> tuple[list[Trajectory], dict[str, float]]:
+        """Sample ``n`` trajectories per request (greedy for evaluation); returns them in request order + metrics.
+
+        ``tools``/``max_calls`` override the config for this call (benchmarks, ablations).
+        """
+        await self.start()
+        settings = LoopSettings.from_config(self.cfg, max_calls=max_calls, tools=tools)
+        self._check_tools(settings)
+        loops = self._loops(requests, settings)
+        persistent = settings.tool.session == "persistent"
+        sessions = {id(lp): uuid.uuid4().hex if persistent else None for lp in loops}
+
+        async def gen(lp: ToolLoop, req: RoundRequest) -> RoundOutput:
+            return await self._round(lp, req, greedy)
+
+        async def tool(lp: ToolLoop, code: str) -> ExecResult:
+            return await self._tool(lp, code, sessions[id(lp)])
+
+        async def one(lp: ToolLoop) -> Trajectory:
+            try:
+                return await run_async(lp, gen, tool)
+            finally:
+                if persistent and lp.calls:
+                    await self.sandbox.close_session(sessions[id(lp)])
+
+        t0 = time.perf_counter()
+        if self.cfg.rollout.mode == "sync":
+            try:
+                trajs = await run_sync(loops, gen, tool)
+            finally:
+                if persistent:
+                    await asyncio.gather(
+                        *(
+                            self.sandbox.close_session(s)
+                            for lp, s in zip(loops, sessions.values(), strict=True)
+                            if lp.calls
+                        )
+                    )
+        else:
+            trajs = list(await asyncio.gather(*(one(lp) for lp in loops)))
+        metrics = batch_metrics(trajs, BatchStats(time.perf_counter() - t0, loops), settings.tool)
+        metrics["rollout/policy_version"] = float(self._version)
+        for msg in tool_warnings(metrics, settings.tool):
+            log.warning("TOOLS NOT FIRING: %s", msg)
+        return trajs, metrics
+
+    async def generate_stream(
+        self, prompt_ids: list[int], params: dict | None = None, max_calls: int | None = None
+    ) -> AsyncIterator[dict]:
+        """Run one trajectory and yield events as they happen (for serving).
+
+        Events: ``{"type": "text", "text"}`` (model text deltas, stop string held back), ``{"type": "tool_start",
+        "code"}``, ``{"type": "tool_end", "code", "status", "stdout", "stderr", "exec_s"}``, ``{"type":
+        "observation", "text"}`` (the exact inserted text), and last ``{"type": "done", "trajectory"}``.
+        ``params``: temperature, top_p, top_k, seed, max_tokens (response budget), greedy. From Ray call it with
+        ``.options(num_returns="streaming")``.
+        """
+        await self.start()
+        params = dict(params or {})
+        base = LoopSettings.from_config(self.cfg, max_calls=max_calls)
+        settings = LoopSettings(base.tool, base.max_model_len, int(params.get("max_tokens", base.max_response_tokens)))
+        self._check_tools(settings)
+        lp = ToolLoop(
+            Trajectory(problem_id=uuid.uuid4().hex, group=0, prompt_ids=list(prompt_ids)),
+            0,
+            settings,
+            self._encode,
+            self._decode,
+        )
+        session = uuid.uuid4().hex if settings.tool.session == "persistent" else None
+        events: asyncio.Queue = asyncio.Queue()
+        greedy = bool(params.get("greedy", False))
+
+        async def gen(lp_: ToolLoop, req: RoundRequest) -> RoundOutput:
+            return await self._round(lp_, req, greedy, params, events)
+
+        async def tool(lp_: ToolLoop, code: str) -> ExecResult:
+            result = await self._tool(lp_, code, session, events)
+            return result
+
+        async def drive() -> None:
+            try:
+                while (req := lp.next_request()) is not None:
+                    t0 = time.perf_counter()
+                    code = lp.on_round(await gen(lp, req), time.perf_counter() - t0)
+                    if code is not None:
+                        t0 = time.perf_counter()
+                        result = await tool(lp, code)
+                        before = len(lp.traj.response_ids)
+                        lp.on_tool_result(result, time.perf_counter() - t0)
+                        await events.put({"type": "observation", "text": self._decode(lp.traj.response_ids[before:])})
+                await events.put({"type": "done", "trajectory": lp.result()})
+            except Exception as exc:  # surfaced to the consumer, not lost in a task
+                await events.put({"type": "error", "error": repr(exc)})
+            finally:
+                if session is not None and lp.calls:
+                    await self.sandbox.close_session(session)
+
+        task = asyncio.create_task(drive())
+        try:
+            while True:
+                ev = await events.get()
+                if ev["type"] == "error":
+                    raise RuntimeError(f"generate_stream failed: {ev['error']}")
+                yield ev
+                if ev["type"] == "done":
+                    return
+        finally:
+            if not task.done():
+                task.cancel()  # the consumer went away: cancelling the engine iteration aborts the request
+
+    # -- weights --------------------------------------------------------------------------------------------------
+    async def update_weights(self, state_dict: Any, version: int) -> dict[str, float]:
+        """Load a full HF state dict (or an ObjectRef to one) into the running engine and tag later tokens ``version``.
+
+        In-flight calls are cut (pause mode "abort", KV and prefix cache cleared) and continue on the new weights, so
+        no token is sampled from stale KV and each token's recorded version is exact.
+        """
+        if isinstance(state_dict, ray.ObjectRef):
+            state_dict = await state_dict
+        await self.start()
+        t0 = time.perf_counter()
+        async with self._update_lock:
+            self._seq += 1
+            self._target = version
+            path = None
+            try:
+                await self._engine.pause_generation(mode="abort", clear_cache=True)
+                t1 = time.perf_counter()
+                path = await asyncio.to_thread(self._write_weights, state_dict)
+                t2 = time.perf_counter()
+                await self._engine.collective_rpc("reload_weights", kwargs={"weights_path": self._weights_dir})
+                await self._engine.reset_prefix_cache()
+                self._version = version
+                t3 = time.perf_counter()
+            finally:
+                self._target = None
+                await self._engine.resume_generation()
+                if path is not None:
+                    os.unlink(path)
+        log.info("weights v%d loaded in %.3f s", version, time.perf_counter() - t0)
+        return {
+            "time/weight_write": t2 - t1,
+            "time/weight_reload": t3 - t2,
+            "time/weight_sync": time.perf_counter() - t0,
+        }
+
+    def _write_weights(self, state_dict: dict) -> str:
+        import torch
+        from safetensors.torch import save_file
+
+        dtype = getattr(torch, self.cfg.model.dtype)
+        tensors = {
+            k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in state_dict.items()
+        }
+        if self._tied and "model.embed_tokens.weight" in tensors:
+            # Tied embeddings must be in the file, or vLLM keeps a stale lm_head silently (platform notes §5, §10).
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        path = os.path.join(self._weights_dir, "model.safetensors")
+        save_file(tensors, path)
+        return path
+
+
+def _shm_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+GeneratorActor = ray.remote(Generator)

@@ -1,0 +1,351 @@
+"""The per-trajectory tool loop as a pure state machine, its async and batch-synchronous drivers, and batch metrics.
+
+One ``ToolLoop`` holds a trajectory being built token by token: it says what to generate next (a ``RoundRequest``:
+the exact ids so far, the token budget left, the stop list), takes the engine's ``RoundOutput`` (sampled ids and their
+logprobs, kept as sampled: never decoded and re-tokenized, unlike ToRL), decides whether the round is a tool request,
+and splices in the tokenized observation with loss mask 0. ``run_async`` drives one loop against awaitable engine and
+sandbox callables (one asyncio task per trajectory); ``run_sync`` drives a whole batch round by round with barriers,
+as ToRL does, and exists only to measure what the async loop gains.
+
+Not here: the vLLM engine, Ray and the sandbox (``actors/generator.py`` passes them in as callables), the TIR text
+protocol itself (``torl.tool_protocol``), grading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from torl import tool_protocol
+from torl.config import Config, ToolConfig
+from torl.types import ExecResult, FinishReason, ToolCall, Trajectory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One prompt to sample ``n`` responses for (the n samples share ``group``)."""
+
+    problem_id: str
+    group: int
+    prompt_ids: list[int]
+    answer: str = ""
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the tool loop needs from the config, flattened (so unit tests build it in one line)."""
+
+    tool: ToolConfig
+    max_model_len: int
+    max_response_tokens: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, max_calls: int | None = None, tools: bool | None = None) -> LoopSettings:
+        tool = cfg.tool
+        if max_calls is not None or tools is not None:
+            tool = dataclasses.replace(
+                tool,
+                max_calls=tool.max_calls if max_calls is None else max_calls,
+                enabled=tool.enabled if tools is None else tools,
+            )
+        return cls(tool, cfg.model.max_model_len, cfg.rollout.max_response_tokens)
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """Generate from exactly ``ids`` (prompt + response so far), at most ``max_tokens``, stopping at ``stop``."""
+
+    ids: list[int]
+    max_tokens: int
+    stop: list[str]
+    round: int  # 0-based generation round of this trajectory (a seed ingredient)
+
+
+@dataclass
+class RoundOutput:
+    """What one engine call sampled. ``token_ids`` include the stop string's tokens (vLLM keeps them)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str  # this round's text without the stop string (vLLM's include_stop_str_in_output=False)
+    finish_reason: str  # vLLM's: "stop" (EOS or stop string), "length", "abort"
+    stop_reason: str | int | None  # the matched stop string; None for EOS
+    version: int  # policy version that sampled these tokens
+    preempted: bool = False  # aborted by a weight update: continue from here instead of finishing
+
+
+def derive_seed(base: int, problem_id: str, sample: int, round_: int) -> int:
+    """A 31-bit seed that depends only on its inputs, so a rerun samples the same trajectories.
+
+    A fresh seed per round: re-using one seed each round would replay the same random stream after every tool call.
+    """
+    digest = hashlib.blake2b(f"{base}|{problem_id}|{sample}|{round_}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def observation_insert(round_text: str, tail: str, body: str, stop: str) -> str:
+    """The text to append after the sampled stop string so the context reads as ToRL's observation frame.
+
+    ToRL drops the stop string from the text and re-inserts ``[\\n]```output\\n{body}\\n```\\n``
+    (torl-behaviour §1(b) step 5). We keep the sampled stop-string tokens (they are trained), so we insert only what
+    follows ``stop`` in that frame, minus any characters the stop string's last token already carried past it
+    (``tail``, e.g. a token "output\\n" leaves tail "\\n"). The optional newline ToRL adds *before* ```output cannot
+    be inserted without altering sampled ids, so the model's own text stands there.
+    """
+    full = tool_protocol.observation_text(body, round_text.endswith("\n"))
+    at = full.find(stop)
+    after = full[at + len(stop) :] if at >= 0 else full
+    if tail and after.startswith(tail):
+        return after[len(tail) :]
+    return after
+
+
+class ToolLoop:
+    """State of one trajectory: generate, maybe execute, append, repeat (veRL's agent-loop states, made explicit).
+
+    ``tokenize`` maps observation text to ids (no special tokens); ``decode`` maps ids to text (for the tail past the
+    stop string and the final decoded response).
+    """
+
+    def __init__(
+        self,
+        traj: Trajectory,
+        sample: int,
+        settings: LoopSettings,
+        tokenize: Callable[[str], list[int]],
+        decode: Callable[[list[int]], str],
+    ) -> None:
+        self.traj = traj
+        self.sample = sample
+        self.s = settings
+        self._tokenize = tokenize
+        self._decode = decode
+        self.rounds = 0
+        self.calls = 0  # executed tool calls (c counts these)
+        self.requests = 0  # rounds that ended at the tool stop string
+        self.unexecuted = 0  # ... of which had no complete python block (nothing ran; ToRL quirk iii, fixed)
+        self.preemptions = 0
+        self.done = False
+        self.pending_code: str | None = None
+        self._round_text = ""
+        self._tail = ""
+        if self._left() <= 0:
+            raise ValueError(
+                f"prompt of {traj.problem_id} has {len(traj.prompt_ids)} tokens: no room to generate within "
+                f"max_model_len={settings.max_model_len}"
+            )
+
+    # -- budget ---------------------------------------------------------------------------------------------------
+    def _left(self) -> int:
+        """Tokens the response may still grow by: within the context window and the response cap (obs included)."""
+        used = len(self.traj.response_ids)
+        return min(self.s.max_model_len - len(self.traj.prompt_ids) - used, self.s.max_response_tokens - used)
+
+    def _stops(self) -> list[str]:
+        t = self.s.tool
+        # After c executed calls the stop list is cleared: a later ```output is ordinary text (ToRL's last round).
+        return [t.stop] if t.enabled and self.calls < t.max_calls else []
+
+    # -- transitions ----------------------------------------------------------------------------------------------
+    def next_request(self) -> RoundRequest | None:
+        if self.done:
+            return None
+        left = self._left()
+        if left <= 0:
+            self._finish("length")
+            return None
+        return RoundRequest(self.traj.prompt_ids + self.traj.response_ids, left, self._stops(), self.rounds)
+
+    def on_round(self, out: RoundOutput, gen_s: float = 0.0) -> str | None:
+        """Append the sampled tokens; return the code to execute if this round is a tool request, else None."""
+        assert not self.done and self.pending_code is None, "on_round called out of order"
+        if len(out.token_ids) != len(out.logprobs):
+            raise AssertionError(f"engine returned {len(out.token_ids)} ids but {len(out.logprobs)} logprobs")
+        t = self.traj
+        t.response_ids.extend(out.token_ids)
+        t.logprobs.extend(out.logprobs)
+        t.loss_mask.extend([1] * len(out.token_ids))
+        t.versions.extend([out.version] * len(out.token_ids))
+        t.gen_s += gen_s
+        # Text since the last tool call: a preempted round continues the same round (code may span the break).
+        self._round_text += out.text
+        if out.preempted:
+            self.preemptions += 1
+            return None
+        self.rounds += 1
+        stops = self._stops()
+        if out.finish_reason == "abort":
+            self._finish("abort")
+        elif out.finish_reason == "length":
+            self._finish("length")
+        elif stops and tool_protocol.is_tool_request(out.finish_reason, out.stop_reason, stops[0]):
+            self.requests += 1
+            code = tool_protocol.last_code_block(self._round_text)
+            if code is None:
+                # ToRL quirk (iii): a stop without a complete block executes nothing; generation continues with the
+                # stop-string tokens kept (ToRL loses that text).
+                self.unexecuted += 1
+                self._round_text = ""
+                return None
+            self._tail = self._tail_after_stop(out.token_ids, stops[0])
+            self.pending_code = code
+            return code
+        else:
+            self._finish("eos")
+        return None
+
+    def _tail_after_stop(self, ids: list[int], stop: str) -> str:
+        """Characters the last sampled tokens carry past the stop string (vLLM cuts text, not tokens)."""
+        for k in (4, 16, len(ids)):
+            text = self._decode(ids[-k:])
+            at = text.rfind(stop)
+            if at >= 0:
+                return text[at + len(stop) :]
+        return ""
+
+    def on_tool_result(self, result: ExecResult, wait_s: float) -> None:
+        """Splice the observation for ``result`` into the context (mask 0), truncated to the budget if needed."""
+        assert self.pending_code is not None, "on_tool_result without a pending call"
+        body = tool_protocol.format_observation(result, self.s.tool)
+        text = observation_insert(self._round_text, self._tail, body, self.s.tool.stop)
+        ids = self._tokenize(text)
+        left = self._left()
+        overflow = len(ids) > left
+        if overflow:
+            ids = ids[: max(left, 0)]
+        t = self.traj
+        t.response_ids.extend(ids)
+        t.logprobs.extend([0.0] * len(ids))
+        t.loss_mask.extend([0] * len(ids))
+        t.versions.extend([-1] * len(ids))
+        t.tool_calls.append(ToolCall(self.pending_code, body, result.status, result.wall_s, result.queue_s))
+        t.tool_s += wait_s
+        self.calls += 1
+        self.pending_code = None
+        self._round_text = ""
+        self._tail = ""
+        if overflow or self._left() <= 0:
+            self._finish("length")
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.done = True
+        self.traj.finish_reason = reason
+
+    def result(self) -> Trajectory:
+        """The finished trajectory, with its decoded text; per-token alignment checked."""
+        assert self.done, "trajectory not finished"
+        self.traj.text = self._decode(self.traj.response_ids)
+        self.traj.check()
+        return self.traj
+
+    @property
+    def stop_missed(self) -> bool:
+        """The model wrote the stop string but no stop fired while calls were still allowed (tools silently dead)."""
+        t = self.s.tool
+        return t.enabled and self.requests == 0 and self.calls < t.max_calls and t.stop in self.traj.text
+
+
+GenerateFn = Callable[[ToolLoop, RoundRequest], Awaitable[RoundOutput]]
+ToolFn = Callable[[ToolLoop, str], Awaitable[ExecResult]]
+
+
+async def run_async(loop: ToolLoop, generate: GenerateFn, run_tool: ToolFn) -> Trajectory:
+    """Drive one trajectory to the end; awaiting the tool yields the engine to every other trajectory."""
+    while (req := loop.next_request()) is not None:
+        t0 = time.perf_counter()
+        out = await generate(loop, req)
+        code = loop.on_round(out, time.perf_counter() - t0)
+        if code is not None:
+            t0 = time.perf_counter()
+            result = await run_tool(loop, code)
+            loop.on_tool_result(result, time.perf_counter() - t0)
+    return loop.result()
+
+
+async def run_sync(loops: Sequence[ToolLoop], generate: GenerateFn, run_tool: ToolFn) -> list[Trajectory]:
+    """ToRL's batch-synchronous rollout: every live trajectory generates a round, then all tools run, then repeat.
+
+    Kept only to measure the async loop's gain (``rollout.mode=sync``): the slowest generation and the slowest tool
+    call of each round hold up the whole batch.
+    """
+    while live := [(lp, req) for lp in loops if (req := lp.next_request()) is not None]:
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(generate(lp, req) for lp, req in live))
+        gen_s = time.perf_counter() - t0
+        calls = [(lp, code) for (lp, _), out in zip(live, outs, strict=True) if (code := lp.on_round(out, gen_s))]
+        if calls:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(run_tool(lp, code) for lp, code in calls))
+            wait_s = time.perf_counter() - t0
+            for (lp, _), res in zip(calls, results, strict=True):
+                lp.on_tool_result(res, wait_s)
+    return [lp.result() for lp in loops]
+
+
+@dataclass
+class BatchStats:
+    """Counters of one ``generate`` call that trajectories alone do not carry."""
+
+    wall_s: float
+    loops: Sequence[ToolLoop] = field(default_factory=list)
+
+
+def batch_metrics(trajs: Sequence[Trajectory], stats: BatchStats, tool: ToolConfig) -> dict[str, float]:
+    """Flat, slash-namespaced metrics of one batch of trajectories (the driver logs them to W&B)."""
+    n = max(len(trajs), 1)
+    sampled = sum(sum(t.loss_mask) for t in trajs)
+    inserted = sum(len(t.loss_mask) - sum(t.loss_mask) for t in trajs)
+    calls = [c for t in trajs for c in t.tool_calls]
+    wall = max(stats.wall_s, 1e-9)
+    m = {
+        "rollout/trajectories": float(len(trajs)),
+        "rollout/tokens": float(sampled),
+        "rollout/obs_tokens": float(inserted),
+        "rollout/tokens_per_s": sampled / wall,
+        "rollout/rounds_mean": sum(lp.rounds for lp in stats.loops) / n,
+        "rollout/preempted": float(sum(lp.preemptions for lp in stats.loops)),
+        "time/rollout": stats.wall_s,
+        "time/generate": sum(t.gen_s for t in trajs) / n,  # mean per trajectory: waiting on the engine
+        "time/tool_wait": sum(t.tool_s for t in trajs) / n,  # mean per trajectory: waiting on tools
+        "time/tool_exec": sum(c.exec_s for c in calls) / max(len(calls), 1),
+        "time/tool_queue": sum(c.queue_s for c in calls) / max(len(calls), 1),
+        "tool/calls": float(len(calls)),
+        "tool/calls_per_response": len(calls) / n,
+        "tool/code_ratio": sum(1 for t in trajs if t.tool_calls) / n,
+        "tool/exec_success": sum(1 for c in calls if c.status == "ok") / max(len(calls), 1),
+        "tool/timeouts": float(sum(1 for c in calls if c.status == "timeout")),
+        "tool/sandbox_errors": float(sum(1 for c in calls if c.status == "sandbox_error")),
+        "tool/requests": float(sum(lp.requests for lp in stats.loops)),
+        "tool/unexecuted_requests": float(sum(lp.unexecuted for lp in stats.loops)),
+        "tool/stop_missed": float(sum(1 for lp in stats.loops if lp.stop_missed)),
+        "response/length_mean": sum(len(t.response_ids) for t in trajs) / n,
+        "response/cutoff_rate": sum(1 for t in trajs if t.finish_reason == "length") / n,
+        "response/eos_rate": sum(1 for t in trajs if t.finish_reason == "eos") / n,
+    }
+    return m
+
+
+def tool_warnings(metrics: dict[str, float], tool: ToolConfig) -> list[str]:
+    """Loud messages for tools that silently never fire (the most reported failure in peers: veRL #3257, #2986)."""
+    if not tool.enabled or metrics.get("rollout/trajectories", 0) == 0:
+        return []
+    out = []
+    if metrics["tool/calls"] == 0 and metrics["tool/unexecuted_requests"] > 0:
+        out.append(
+            f"tools enabled but none of {int(metrics['tool/requests'])} tool requests executed: the rounds stopped at "
+            f"{tool.stop!r} without a complete ```python block before it"
+        )
+    if metrics["tool/stop_missed"] > 0:
+        out.append(
+            f"{int(metrics['tool/stop_missed'])} responses contain {tool.stop!r} but the stop string never fired "
+            "(check tool.stop against what the model writes, e.g. spacing or tokenization)"
+        )
+    return out
