@@ -158,7 +158,6 @@ class GenerationPlan:
     temperature: float
     top_p: float
     top_k: int
-    stop: tuple[str, ...]  # the client's stop strings (the tool stop string is the generator's business)
     seed: int | None
     n: int
     max_tool_calls: int
@@ -168,14 +167,15 @@ class GenerationPlan:
 
     def sampling(self, prompt_tokens: int, limits: ServeLimits) -> dict[str, Any]:
         """Sampling overrides for the generator; ``max_tokens`` resolved against the prompt length."""
-        return {
+        out: dict[str, Any] = {
             "max_tokens": check_context(prompt_tokens, self.max_tokens, limits),
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
-            "stop": list(self.stop),
-            "seed": self.seed,
         }
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
 
 _ERROR_TYPES = {
@@ -266,16 +266,15 @@ def _plan(req: _Request, limits: ServeLimits, echo: bool = False) -> GenerationP
         raise APIError(400, "'logprobs' and 'logit_bias' are not supported.", param="logprobs")
     if req.top_k is not None and (req.top_k == 0 or req.top_k < -1):
         raise APIError(400, f"'top_k' must be -1 (off) or >= 1, got {req.top_k}.", param="top_k")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if len(stop) > 4 or any(not s for s in stop):
-        raise APIError(400, "'stop' takes up to 4 non-empty strings.", param="stop")
+    if req.stop:
+        # The tool loop owns the stop list (its code terminator); client stop strings are not wired through it yet.
+        raise APIError(400, "'stop' is not supported by this server.", param="stop")
     include_usage = bool((req.stream_options or {}).get("include_usage", False))
     return GenerationPlan(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's defaults
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=-1 if req.top_k is None else req.top_k,
-        stop=stop,
         seed=req.seed,
         n=req.n,
         max_tool_calls=limits.default_tool_calls if req.max_tool_calls is None else req.max_tool_calls,

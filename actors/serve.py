@@ -1,0 +1,307 @@
+"""Ray Serve application: the trained model behind an OpenAI-compatible HTTP API, with the interpreter in the loop.
+
+Two deployments. ``Engine`` owns one ``Generator`` (vLLM AsyncLLM, continuous batching) and the ``SandboxPool`` it
+runs code in; every request becomes one tool-loop trajectory on that shared engine. ``OpenAIServer`` is the FastAPI
+ingress: auth, validation and response shapes (``torl.openai_api``), prompt templates (``torl.prompts``) and
+tokenization; it streams engine events back as server-sent events. Replica counts and autoscaling are Serve options
+(``configs/serve.yaml`` or ``ServeConfig``).
+
+Not here: the tool loop (``actors/generator.py``, ``torl.rollout``), request validation rules (``torl.openai_api``),
+process start-up (``jobs/serve.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from actors.cluster import LOCAL_ENV
+from torl import openai_api as api
+from torl.config import Config, load_config
+from torl.prompts import TIR_INSTRUCTION, build_prompt
+from torl.tool_protocol import format_observation
+from torl.types import ExecResult, ToolCall, Trajectory
+
+log = logging.getLogger(__name__)
+
+app = FastAPI(title="torl", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(api.APIError)
+async def _api_error(_: Request, exc: api.APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown routes and wrong methods in OpenAI's shape too (FastAPI's default is {"detail": ...}).
+    return JSONResponse(api.error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error")
+    return JSONResponse(api.error_body(f"Internal error: {type(exc).__name__}", type="server_error"), status_code=500)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engine: one generator + sandbox pool; events are plain dicts so they cross the Serve handle cheaply.
+
+
+class Engine:
+    """Runs tool-loop trajectories for single prompts on one shared vLLM engine."""
+
+    async def __init__(self, cfg: Config, model_path: str) -> None:
+        # Async so the engine is built inside the replica's event loop before Serve routes any request to it.
+        from actors.generator import Generator
+        from actors.sandbox import SandboxPool
+
+        self.tool_cfg = cfg.tool
+        self.pool = SandboxPool.create(cfg.sandbox) if cfg.tool.enabled else None
+        self.gen = Generator(cfg, model_path, self.pool)
+        await self.gen.start()
+
+    async def stream(self, prompt_ids: list[int], sampling: dict[str, Any], max_calls: int) -> AsyncIterator[dict]:
+        """Yield ``{"kind": "text"|"tool"|"done", ...}`` events as the trajectory grows."""
+        last_tool: dict | None = None
+        async for ev in self.gen.generate_stream(prompt_ids, sampling, max_calls):
+            kind = ev["type"]
+            if kind == "text":
+                yield {"kind": "text", "text": ev["text"]}
+            elif kind == "tool_end":
+                last_tool = ev
+            elif kind == "observation":
+                yield {"kind": "tool", "text": ev["text"], "call": self._call(last_tool)}
+            elif kind == "done":
+                yield _done(ev["trajectory"])
+
+    async def complete(self, prompt_ids: list[int], sampling: dict[str, Any], max_calls: int) -> dict:
+        """Run one trajectory to the end and return only its ``done`` event (one handle round trip)."""
+        async for ev in self.gen.generate_stream(prompt_ids, sampling, max_calls):
+            if ev["type"] == "done":
+                return _done(ev["trajectory"])
+        raise RuntimeError("generator stream ended without a final event")
+
+    def _call(self, end: dict | None) -> dict:
+        """A streamed tool call: the body is formatted as the loop formats it (queue time only in the final event)."""
+        if end is None:
+            return asdict(ToolCall("", "", "sandbox_error", 0.0, 0.0))
+        result = ExecResult(end["status"], end["stdout"], end["stderr"], wall_s=end["exec_s"])
+        return asdict(
+            ToolCall(end["code"], format_observation(result, self.tool_cfg), end["status"], end["exec_s"], 0.0)
+        )
+
+
+def _done(traj: Trajectory) -> dict:
+    return {
+        "kind": "done",
+        "text": traj.text,
+        "finish_reason": traj.finish_reason,
+        "completion_tokens": len(traj.response_ids),
+        "tool_calls": [asdict(c) for c in traj.tool_calls],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTTP ingress
+
+
+@serve.ingress(app)
+class OpenAIServer:
+    """OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+
+    def __init__(self, engine: DeploymentHandle, cfg: Config, model_path: str, model_name: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.engine = engine
+        self.cfg = cfg
+        self.model_name = model_name
+        self.created = int(time.time())
+        self.tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
+        s = cfg.serve
+        self.limits = api.ServeLimits(
+            model_name=model_name,
+            max_model_len=cfg.model.max_model_len,
+            max_tokens=s.max_tokens or cfg.rollout.max_response_tokens,
+            default_tool_calls=min(cfg.tool.max_calls, s.max_tool_calls) if cfg.tool.enabled else 0,
+            max_tool_calls=s.max_tool_calls if cfg.tool.enabled else 0,
+            max_n=s.max_n,
+            max_request_bytes=s.max_request_bytes,
+        )
+
+    # -- routes ---------------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        api.check_api_key(request.headers.get("authorization"), self.cfg.serve.api_key)
+        return api.models_response(self.model_name, self.created, self.cfg.model.path)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        data = await self._body(request)
+        req, plan = api.parse_completion(data, self.limits)
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        ids = self.tok.encode(prompt)
+        return await self._respond(False, ids, plan, prompt)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        data = await self._body(request)
+        req, plan = api.parse_chat(data, self.limits)
+        ids = self._chat_prompt_ids(req)
+        return await self._respond(True, ids, plan, "")
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    async def _body(self, request: Request) -> dict:
+        api.check_api_key(request.headers.get("authorization"), self.cfg.serve.api_key)
+        return api.parse_body(await request.body(), self.limits)
+
+    def _chat_prompt_ids(self, req: api.ChatCompletionRequest) -> list[int]:
+        template = self.cfg.prompt.template
+        if template != "chat":
+            # Base model: ToRL's plain-text template around the one user question (no chat template).
+            return self.tok.encode(build_prompt(api.single_question(req), template))
+        turns = api.chat_turns(req)
+        if len(turns) == 1:
+            text = build_prompt(turns[0]["content"], "chat", self.tok)  # exactly the training prompt
+        else:
+            if turns[0]["role"] != "system":  # the TIR instruction as system message, as in training
+                turns = [{"role": "system", "content": TIR_INSTRUCTION}, *turns]
+            text = self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        # The chat template already wrote any special tokens the model needs.
+        return self.tok.encode(text, add_special_tokens=False)
+
+    async def _respond(self, chat: bool, ids: list[int], plan: api.GenerationPlan, prompt: str):
+        if not ids:
+            raise api.APIError(400, "The prompt is empty.", param="messages" if chat else "prompt")
+        sampling = plan.sampling(len(ids), self.limits)
+        req_id = api.new_id("chatcmpl" if chat else "cmpl")
+        if plan.stream:
+            events = self.engine.options(stream=True).stream.remote(ids, sampling, plan.max_tool_calls)
+            return StreamingResponse(self._sse(chat, req_id, events, len(ids), plan), media_type="text/event-stream")
+        calls = [self.engine.complete.remote(ids, _seeded(sampling, i), plan.max_tool_calls) for i in range(plan.n)]
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*calls), self.cfg.serve.request_timeout_s)
+        except TimeoutError as exc:
+            for call in calls:
+                call.cancel()
+            raise api.APIError(504, "The request timed out.", type="timeout_error", code="timeout") from exc
+        choices = [_choice(d) for d in done]
+        if chat:
+            return api.chat_response(req_id, self.model_name, choices, len(ids), plan)
+        return api.completion_response(req_id, self.model_name, choices, len(ids), plan, prompt)
+
+    async def _sse(self, chat: bool, req_id: str, events, prompt_tokens: int, plan: api.GenerationPlan):
+        """Server-sent events: model text and tool outputs as they happen, a closing chunk, then [DONE]."""
+        name = self.model_name
+        if chat:
+            yield api.sse(api.stream_chunk(True, req_id, name, text="", role=True))
+        try:
+            async for ev in events:
+                if ev["kind"] == "text":
+                    yield api.sse(api.stream_chunk(chat, req_id, name, text=ev["text"]))
+                elif ev["kind"] == "tool":
+                    torl = {"tool_call": api.tool_call_json(ToolCall(**ev["call"]))}
+                    yield api.sse(api.stream_chunk(chat, req_id, name, text=ev["text"], torl=torl))
+                else:
+                    choice = _choice(ev)
+                    torl = api.torl_extra(choice.answer, choice.tool_calls, plan.max_tool_calls)
+                    yield api.sse(api.stream_chunk(chat, req_id, name, finish_reason=choice.finish_reason, torl=torl))
+                    if plan.include_usage:
+                        yield api.sse(api.usage_chunk(chat, req_id, name, prompt_tokens, choice.completion_tokens))
+        except Exception as exc:  # headers are already sent: report the failure in-band, then end the stream
+            log.exception("stream %s failed", req_id)
+            yield api.sse(api.error_body(f"Generation failed: {type(exc).__name__}: {exc}", type="server_error"))
+        yield api.sse("[DONE]")
+
+
+def _seeded(sampling: dict[str, Any], i: int) -> dict[str, Any]:
+    """The i-th of n choices: with a client seed, a distinct derived seed per choice so they differ but repeat."""
+    if i == 0 or sampling.get("seed") is None:
+        return sampling
+    return {**sampling, "seed": sampling["seed"] + i}
+
+
+def _choice(done: dict) -> api.ChoiceResult:
+    return api.ChoiceResult(
+        text=done["text"],
+        finish_reason=api.openai_finish_reason(done["finish_reason"]),
+        completion_tokens=done["completion_tokens"],
+        tool_calls=[ToolCall(**c) for c in done["tool_calls"]],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Application builders
+
+
+def build_app(cfg: Config) -> serve.Application:
+    """The bound application for ``serve.run``; ``cfg.model.path`` is the checkpoint to serve."""
+    if not cfg.model.path or not Path(cfg.model.path).is_dir():
+        raise ValueError(f"model.path must be a checkpoint directory, got {cfg.model.path!r}")
+    s = cfg.serve
+    name = s.model_name or Path(cfg.model.path).resolve().name
+    engine_env = {
+        **LOCAL_ENV,
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.engine.cpu_kvcache_gb),
+    }
+    engine = serve.deployment(Engine).options(
+        name="Engine",
+        num_replicas=s.engine_replicas,
+        max_ongoing_requests=s.max_ongoing_requests,
+        ray_actor_options={
+            "num_cpus": cfg.rollout.num_cpus,
+            "num_gpus": cfg.rollout.num_gpus,
+            "runtime_env": {"env_vars": engine_env},
+        },
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+    )
+    scaling: dict[str, Any]
+    if s.ingress_min_replicas == s.ingress_max_replicas:
+        scaling = {"num_replicas": s.ingress_min_replicas}
+    else:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": s.ingress_min_replicas,
+                "max_replicas": s.ingress_max_replicas,
+                "target_ongoing_requests": s.target_ongoing_requests,
+            }
+        }
+    ingress = serve.deployment(OpenAIServer).options(
+        name="OpenAIServer",
+        max_ongoing_requests=s.max_ongoing_requests,
+        ray_actor_options={"num_cpus": s.ingress_num_cpus, "runtime_env": {"env_vars": dict(LOCAL_ENV)}},
+        **scaling,
+    )
+    return ingress.bind(engine.bind(cfg, cfg.model.path), cfg, cfg.model.path, name)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for ``serve run`` / ``serve deploy`` (``import_path: actors.serve:app_builder``).
+
+    ``args``: ``checkpoint`` (directory), optional ``config`` (list of YAML presets) and ``overrides``
+    (list of ``key=value``), exactly as on ``jobs/serve.py``'s command line.
+    """
+    unknown = set(args) - {"checkpoint", "config", "overrides"}
+    if unknown:
+        raise ValueError(f"unknown application args {sorted(unknown)}; expected checkpoint, config, overrides")
+    if not args.get("checkpoint"):
+        raise ValueError("application args need 'checkpoint': the model directory to serve")
+    files = args.get("config") or []
+    overrides = [*(args.get("overrides") or []), f"model.path={args['checkpoint']}"]
+    return build_app(load_config(files if isinstance(files, list) else [files], overrides))
