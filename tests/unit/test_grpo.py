@@ -1,0 +1,180 @@
+"""GRPO math invariants: advantages, aggregation under any split, masking, clipping, KL estimators."""
+
+import math
+
+import pytest
+import torch
+
+from torl.grpo import (
+    aggregation_weights,
+    group_advantages,
+    kl_penalty,
+    policy_loss,
+    token_logprobs,
+    zero_variance_groups,
+)
+
+MODES = ["token-mean", "seq-mean-token-sum-norm", "seq-mean-token-mean"]
+
+
+def test_group_advantages_unbiased_std():
+    adv = group_advantages([1.0, -1.0, -1.0, -1.0], [0, 0, 0, 0])
+    mean, std = -0.5, math.sqrt(3 / 3)  # unbiased: sum of squares 3 over n-1 = 3
+    assert adv == pytest.approx([(1 - mean) / (std + 1e-6)] + [(-1 - mean) / (std + 1e-6)] * 3)
+
+
+def test_equal_reward_groups_give_zero_advantage():
+    rewards, groups = [1, 1, 1, -1, -1, 1, 0.5, 0.5], [0, 0, 0, 1, 1, 1, 2, 2]
+    adv = group_advantages(rewards, groups)
+    assert adv[:3] == [0.0, 0.0, 0.0] and adv[6:] == [0.0, 0.0]
+    assert all(a != 0 for a in adv[3:6])
+    assert zero_variance_groups(rewards, groups) == {0, 2}
+
+
+def test_dr_grpo_no_std_and_singleton_group():
+    assert group_advantages([1, -1, -1, -1], [7, 7, 7, 7], norm_by_std=False) == [1.5, -0.5, -0.5, -0.5]
+    assert group_advantages([0.3], [0]) == pytest.approx([0.3])  # veRL: mean 0, std 1 for a group of one
+    with pytest.raises(ValueError):
+        group_advantages([1, 2], [0])
+
+
+def _batch(seed: int = 0, n_seqs: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    lens = [int(x) for x in torch.randint(1, 9, (n_seqs,), generator=g)]
+    seqs = []
+    for i, n in enumerate(lens):
+        mask = (torch.rand(n, generator=g) > 0.3).float()  # [n]
+        mask[0] = 1.0
+        seqs.append(
+            {
+                "logp": torch.randn(n, generator=g) * 0.3 - 2.0,  # [n]
+                "old": torch.randn(n, generator=g) * 0.3 - 2.0,  # [n]
+                "adv": torch.full((n,), float(torch.randn(1, generator=g))),  # [n]
+                "mask": mask,
+                "ent": torch.rand(n, generator=g),  # [n]
+                "ref": torch.randn(n, generator=g) * 0.3 - 2.0,  # [n]
+                "idx": i,
+            }
+        )
+    return seqs
+
+
+def _loss_and_grads(chunks, mode, total_tokens, total_seqs, **kw):
+    """Sum of per-chunk losses (each normalised by global counts) and gradients wrt every sequence's logprobs."""
+    leaves = {}
+    total = 0.0
+    for chunk in chunks:
+        logp = [s["logp"].clone().requires_grad_(True) for s in chunk]
+        for s, leaf in zip(chunk, logp, strict=True):
+            leaves[s["idx"]] = leaf
+        cat = lambda k, chunk=chunk: torch.cat([s[k] for s in chunk])  # noqa: E731
+        seq_index = torch.cat([torch.full((len(s["mask"]),), j) for j, s in enumerate(chunk)])
+        mask = cat("mask")
+        w = aggregation_weights(mask, seq_index, mode, total_tokens, total_seqs, norm_const=10.0)
+        ent = torch.cat(logp) * 0.1 + cat("ent")  # entropy that depends on the parameters too
+        loss, _ = policy_loss(
+            torch.cat(logp), cat("old"), cat("adv"), mask, w, entropy=ent, ref_logprobs=cat("ref"), **kw
+        )
+        loss.backward()
+        total += float(loss.detach())
+    return total, {i: leaf.grad for i, leaf in leaves.items()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n_chunks", [2, 8])
+def test_split_batch_equals_full_batch(mode, n_chunks):
+    seqs = _batch()
+    tokens = int(sum(s["mask"].sum() for s in seqs))
+    kw = dict(clip_low=0.2, clip_high=0.28, entropy_coef=0.01, kl_coef=0.1)
+    full_loss, full_grads = _loss_and_grads([seqs], mode, tokens, len(seqs), **kw)
+    size = len(seqs) // n_chunks
+    chunks = [seqs[i : i + size] for i in range(0, len(seqs), size)]
+    split_loss, split_grads = _loss_and_grads(chunks, mode, tokens, len(seqs), **kw)
+    assert split_loss == pytest.approx(full_loss, rel=1e-6, abs=1e-7)
+    for i in full_grads:
+        torch.testing.assert_close(split_grads[i], full_grads[i], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_tokens_get_zero_gradient(mode):
+    torch.manual_seed(0)
+    logits = torch.randn(12, 50, requires_grad=True)  # [N, V]
+    targets = torch.randint(0, 50, (12,))
+    mask = torch.tensor([1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1], dtype=torch.float32)
+    seq_index = torch.tensor([0] * 6 + [1] * 6)
+    logp, ent = token_logprobs(logits, targets)
+    w = aggregation_weights(mask, seq_index, mode, int(mask.sum()), 2, norm_const=8.0)
+    loss, metrics = policy_loss(
+        logp, logp.detach() - 0.1, torch.ones(12), mask, w, entropy=ent, entropy_coef=0.5,
+        ref_logprobs=logp.detach() + 0.2, kl_coef=0.3,
+    )  # fmt: skip
+    loss.backward()
+    assert logits.grad[mask == 0].abs().max() == 0
+    assert logits.grad[mask == 1].abs().sum(-1).min() > 0
+    assert metrics["tokens"] == 7
+
+
+def test_zero_advantage_gives_zero_policy_gradient():
+    logp = torch.randn(5, requires_grad=True)
+    mask = torch.ones(5)
+    w = aggregation_weights(mask, torch.zeros(5, dtype=torch.long), "token-mean", 5, 1)
+    loss, _ = policy_loss(logp, logp.detach(), torch.zeros(5), mask, w)
+    loss.backward()
+    assert loss.item() == 0 and logp.grad.abs().max() == 0
+
+
+def test_asymmetric_clip():
+    old = torch.zeros(4)
+    # ratios 0.7, 0.9, 1.25, 1.4 with positive advantage: only ratios above 1 + clip_high are clipped.
+    logp = torch.log(torch.tensor([0.7, 0.9, 1.25, 1.4])).requires_grad_(True)
+    mask = torch.ones(4)
+    w = aggregation_weights(mask, torch.zeros(4, dtype=torch.long), "token-mean", 4, 1)
+    loss, m = policy_loss(logp, old, torch.ones(4), mask, w, clip_low=0.2, clip_high=0.28)
+    loss.backward()
+    assert m["clip_frac"] == 1  # only the 1.4 token
+    assert logp.grad[3] == 0 and (logp.grad[:3] != 0).all()
+    # negative advantage: ratios below 1 - clip_low are clipped
+    logp.grad = None
+    loss, m = policy_loss(logp, old, -torch.ones(4), mask, w, clip_low=0.2, clip_high=0.28)
+    loss.backward()
+    assert m["clip_frac"] == 1 and logp.grad[0] == 0 and (logp.grad[1:] != 0).all()
+
+
+def test_on_policy_loss_is_minus_mean_advantage():
+    logp = torch.randn(6)
+    mask = torch.tensor([1, 1, 1, 0, 1, 1.0])
+    adv = torch.tensor([2.0, 2, 2, 2, -1, -1])
+    w = aggregation_weights(mask, torch.tensor([0, 0, 0, 0, 1, 1]), "token-mean", 5, 2)
+    loss, m = policy_loss(logp, logp, adv, mask, w)
+    assert loss.item() == pytest.approx(-(2 * 3 - 2) / 5)
+    assert m["ratio"] == pytest.approx(5) and m["approx_kl"] == 0 and m["clip_frac"] == 0
+
+
+def test_aggregation_weight_sums():
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1.0])
+    seq = torch.tensor([0, 0, 0, 1, 2, 2, 2])
+    assert aggregation_weights(mask, seq, "token-mean", 6, 3).sum().item() == pytest.approx(1.0)
+    w = aggregation_weights(mask, seq, "seq-mean-token-mean", 6, 3)
+    for s in range(3):
+        assert w[seq == s].sum().item() == pytest.approx(1 / 3)
+    w = aggregation_weights(mask, seq, "seq-mean-token-sum-norm", 6, 3, norm_const=4.0)
+    assert w.sum().item() == pytest.approx(6 / (4 * 3))
+    with pytest.raises(ValueError):
+        aggregation_weights(mask, seq, "sum", 6, 3)
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
+    assert kl_penalty(logp, ref, "k1").tolist() == pytest.approx([0.5, 0.0])
+    assert kl_penalty(logp, ref, "k2").tolist() == pytest.approx([0.125, 0.0])
+    assert kl_penalty(logp, ref, "low_var_kl").tolist() == pytest.approx([math.exp(-0.5) + 0.5 - 1, 0.0])
+    with pytest.raises(ValueError):
+        kl_penalty(logp, ref, "k9")
+
+
+def test_token_logprobs_fp32_and_entropy():
+    logits = torch.zeros(3, 8, dtype=torch.bfloat16)
+    logp, ent = token_logprobs(logits, torch.tensor([0, 3, 7]))
+    assert logp.dtype == torch.float32
+    assert logp.tolist() == pytest.approx([-math.log(8)] * 3)
+    assert ent.tolist() == pytest.approx([math.log(8)] * 3)
