@@ -61,6 +61,24 @@ def load_encoded(cfg: Config, specs: tuple[str, ...], tokenizer, limit: int = 0)
     return encode_problems(problems, render, encode, max_len)
 
 
+# Generator metrics that are counts add up over generators; wall times take the slowest; the rest are averaged.
+_SUMMED = ("rollout/trajectories", "rollout/tokens", "rollout/obs_tokens", "tool/calls", "tool/requests",
+           "tool/timeouts", "tool/sandbox_errors", "tool/unexecuted_requests", "tool/stop_missed", "rollout/preempted")
+
+
+def merge_generator_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for key in {k for m in parts for k in m}:
+        values = [m[key] for m in parts if key in m]
+        if key in _SUMMED or key == "rollout/tokens_per_s":
+            merged[key] = sum(values)
+        elif key == "time/rollout":
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged
+
+
 @dataclass
 class Run:
     cfg: Config
@@ -96,11 +114,7 @@ class Run:
 
         results = ray.get(refs)
         trajs = [t for ts, _ in results for t in ts]
-        metrics: dict[str, float] = {}
-        for _, m in results:  # sum counters and times over generators, keep the rest from the first
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v if k.startswith(("time/", "rollout/tokens", "tool/calls")) else v
-        return trajs, metrics
+        return trajs, merge_generator_metrics([m for _, m in results])
 
     def push_weights(self, version: int) -> None:
         import ray
