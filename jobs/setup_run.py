@@ -39,8 +39,11 @@ def ensure_model(cfg: Config) -> str:
     if not (path / "config.json").is_file() and cfg.model.recipe:
         print(f"[torl] building the base model {path} from {cfg.model.recipe} (once; cached afterwards)")
         recipe = str(resolve(cfg.model.recipe)) if not Path(cfg.model.recipe).is_file() else cfg.model.recipe
-        subprocess.run([sys.executable, str(REPO / "jobs" / "make_base_model.py"), recipe, f"output_dir={path}"],
-                       check=True, cwd=REPO)
+        subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "make_base_model.py"), recipe, f"output_dir={path}"],
+            check=True,
+            cwd=REPO,
+        )
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path {cfg.model.path!r}: no Hugging Face checkpoint (config.json) at {path}")
     return str(path)
@@ -62,8 +65,18 @@ def load_encoded(cfg: Config, specs: tuple[str, ...], tokenizer, limit: int = 0)
 
 
 # Generator metrics that are counts add up over generators; wall times take the slowest; the rest are averaged.
-_SUMMED = ("rollout/trajectories", "rollout/tokens", "rollout/obs_tokens", "tool/calls", "tool/requests",
-           "tool/timeouts", "tool/sandbox_errors", "tool/unexecuted_requests", "tool/stop_missed", "rollout/preempted")
+_SUMMED = (
+    "rollout/trajectories",
+    "rollout/tokens",
+    "rollout/obs_tokens",
+    "tool/calls",
+    "tool/requests",
+    "tool/timeouts",
+    "tool/sandbox_errors",
+    "tool/unexecuted_requests",
+    "tool/stop_missed",
+    "rollout/preempted",
+)
 
 
 def merge_generator_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -167,21 +180,23 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     t0 = time.perf_counter()
     train, dropped = load_encoded(cfg, cfg.data.train_files, tokenizer)
     val, _ = load_encoded(cfg, cfg.data.val_files, tokenizer, limit=cfg.data.val_limit)
-    print(f"[torl] {len(train)} training prompts ({dropped} dropped as too long), {len(val)} validation prompts "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"[torl] {len(train)} training prompts ({dropped} dropped as too long), {len(val)} validation prompts "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     sampler = PromptSampler(train, cfg.data.batch_size, cfg.data.seed, cfg.data.shuffle)
     total = cfg.trainer.total_steps or cfg.trainer.total_epochs * sampler.steps_per_epoch
 
     from actors.cluster import init_ray
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    import ray
+
     from actors.generator import GeneratorActor
     from actors.grader import GraderActor
     from actors.learner import LearnerGroup
     from actors.sandbox import SandboxPool
     from jobs.tracking import Tracker
-
-    import ray
 
     tracker = Tracker(cfg.wandb, cfg.trainer.output_dir, to_dict(cfg), job=job)
     run = Run(cfg, model_path, sampler, val, tracker, total_steps=total)

@@ -25,6 +25,7 @@ CONSOLE_KEYS = [
     ("val/acc/mean", "val_acc", "{:.3f}"),
     ("time/step", "step_s", "{:.1f}"),
 ]
+SAMPLE_COLUMNS = ["step", "id", "response", "gold", "reward", "calls", "status"]
 
 
 def _wandb_logged_in() -> bool:
@@ -88,16 +89,24 @@ class Tracker:
     def log_samples(self, step: int, trajs: list[Trajectory], limit: int = 16) -> None:
         """A table of sampled trajectories with their code and tool outputs."""
         rows = [
-            [step, t.problem_id, t.text, t.answer, t.reward, len(t.tool_calls), " | ".join(c.status for c in t.tool_calls)]
+            [
+                step,
+                t.problem_id,
+                t.text,
+                t.answer,
+                t.reward,
+                len(t.tool_calls),
+                "|".join(c.status for c in t.tool_calls),
+            ]
             for t in trajs[:limit]
         ]
         with open(self.out / "samples.jsonl", "a") as f:
             for r in rows:
-                f.write(json.dumps(dict(zip(["step", "id", "response", "gold", "reward", "calls", "status"], r))) + "\n")
+                f.write(json.dumps(dict(zip(SAMPLE_COLUMNS, r, strict=True))) + "\n")
         if self.run is not None:
             import wandb
 
-            table = wandb.Table(columns=["step", "id", "response", "gold", "reward", "calls", "status"], data=rows)
+            table = wandb.Table(columns=SAMPLE_COLUMNS, data=rows)
             self.run.log({"step": step, "samples/trajectories": table})
 
     def console(self, step: int, total: int, metrics: dict[str, float]) -> None:

@@ -33,7 +33,8 @@ def rollout(run: Run, batch, greedy: bool = False, n: int | None = None):
 def grade(run: Run, trajs: list[Trajectory]) -> None:
     import ray
 
-    verdicts = ray.get(run.grader.grade.remote([(t.text, t.answer, t.used_code, t.used_code and not t.code_ok) for t in trajs]))
+    items = [(t.text, t.answer, t.used_code, t.used_code and not t.code_ok) for t in trajs]
+    verdicts = ray.get(run.grader.grade.remote(items))
     for t, (reward, correct) in zip(trajs, verdicts, strict=True):
         t.reward, t.correct = reward, correct
 
