@@ -84,6 +84,8 @@ class Generator:
             e = self.cfg.rollout.engine
             if current_platform.is_cpu():
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(e.cpu_kvcache_gb)
+                if e.cpu_inprocess_worker:
+                    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             args = AsyncEngineArgs(
                 model=self.model_path,
                 tokenizer=self.cfg.model.tokenizer_path or self.model_path,
