@@ -1,0 +1,619 @@
+"""The zygote: a warm, clean Python process that forks one isolated child per snippet (platform notes §7, §10).
+
+Started by ``torl.sandbox.client.Zygote`` as ``python -E -s -c ...zygote.main(...)`` with a minimal environment (no
+RAY_*, no API keys, no VLLM vars), it preloads sympy/numpy once and then serves newline-delimited JSON requests on
+stdin, answering on stdout. Each snippet runs in a forked child that enters a new session, a new network namespace
+and a private /tmp, gets rlimits, drops to an unprivileged uid of its own, chdirs into a private scratch directory and
+``exec``s the code as ``__main__`` (a script, like ToRL's Sandbox Fusion: the last expression is not echoed). The
+zygote enforces the wall timeout and the output cap and kills whatever the snippet left behind: its process group,
+and, because the zygote is a child subreaper, any orphan that escaped into a new session.
+
+Persistent sessions keep one long-lived child per session id that runs successive snippets in the same globals.
+
+Standard library only (plus ``torl.sandbox.child``): the zygote must stay small, quick to fork, and free of Ray.
+Not here: request routing, Ray, the ExecResult record (see ``torl.sandbox.client`` and ``actors/sandbox.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from torl.sandbox.child import (
+    CLONE_NEWNET,
+    CLONE_NEWUSER,
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_PDEATHSIG,
+    SETUP_FAILED,
+    Limits,
+    hidden_prefixes,
+    libc,
+    session_child,
+    stateless_child,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers (unit-tested).
+
+
+class CappedBuffer:
+    """Collects bytes up to ``cap``; reports overflow so the caller can kill the writer instead of reading on."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+
+    def append(self, data: bytes) -> bool:
+        """Add ``data``; return True once more than ``cap`` bytes were offered (the excess is dropped)."""
+        room = self.cap - self.size
+        if len(data) > room:
+            data = data[: max(room, 0)]
+            self.truncated = True
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
+        return self.truncated
+
+    def text(self) -> str:
+        # Binary output must not break the JSON reply: undecodable bytes become U+FFFD.
+        return b"".join(self.parts).decode("utf-8", errors="replace")
+
+
+def classify(wait_status: int | None, timed_out: bool, over_output: bool, stderr: str = "") -> tuple[str, int | None]:
+    """Map how a snippet ended to ``(status, exit_code)``; a signal gives a negative exit code like ``subprocess``.
+
+    >>> classify(0, False, False)
+    ('ok', 0)
+    >>> classify(9, True, False)
+    ('timeout', -9)
+    """
+    code: int | None = None
+    if wait_status is not None:
+        code = os.waitstatus_to_exitcode(wait_status)
+    if timed_out:
+        return "timeout", code
+    if over_output:
+        return "killed", code
+    if code is None:
+        return "killed", None
+    if code < 0:
+        return "killed", code
+    if code == 125 and stderr.startswith(SETUP_FAILED):
+        return "sandbox_error", code
+    return ("ok" if code == 0 else "error"), code
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zygote side: the request loop.
+
+
+@dataclass
+class Job:
+    """One snippet being run (in a fresh child, or in a session's child)."""
+
+    rid: Any
+    pid: int
+    out: CappedBuffer
+    err: CappedBuffer
+    started: float
+    deadline: float
+    session: Session | None = None
+    out_fd: int = -1
+    err_fd: int = -1
+    scratch: str = ""
+    uid: int | None = None
+    wait_status: int | None = None
+    timed_out: bool = False
+    over_output: bool = False
+
+
+@dataclass
+class Session:
+    """A long-lived child holding one interpreter state (persistent-session mode)."""
+
+    sid: str
+    pid: int
+    ctrl_fd: int
+    done_fd: int
+    out_fd: int
+    err_fd: int
+    scratch: str
+    uid: int | None
+    last_used: float
+    job: Job | None = None
+    pending: bytes = b""
+
+
+class Zygote:
+    def __init__(self, limits: Limits, proto_in: int, proto_out: int) -> None:
+        self.limits = limits
+        self.proto_in, self.proto_out = proto_in, proto_out
+        self.sel = selectors.DefaultSelector()
+        self.jobs: dict[int, Job] = {}  # stateless jobs by child pid
+        self.sessions: dict[str, Session] = {}
+        self.inbuf = b""
+        self.free_slots: list[int] = []  # slot i = uid uid_base+i with scratch dir <root>/i, reused between jobs
+        self.num_slots = 0
+        self.root = os.path.realpath(os.path.join(limits.scratch_root, f"torl-sandbox-{os.getpid()}"))
+        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        os.chmod(self.root, 0o711)
+        self.privileged = limits.drop_privileges and os.geteuid() == 0
+        self.hidden = hidden_prefixes([sys.base_prefix, sys.prefix]) if self.privileged else []
+        self.net_mode = self._probe_network()
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of snippets become our children, so we can kill them
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.wake_r = wake_r
+        os.set_blocking(proto_in, False)
+        self.sel.register(proto_in, selectors.EVENT_READ, ("proto", None))
+        self.sel.register(wake_r, selectors.EVENT_READ, ("wake", None))
+
+    def _probe_network(self) -> str:
+        """Find how children can lose the network: a new netns (root) or a user+net namespace (unprivileged)."""
+        if not self.limits.isolate_network:
+            return "none"
+        for mode, flags in (("netns", CLONE_NEWNET), ("userns", CLONE_NEWUSER | CLONE_NEWNET)):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if libc.unshare(flags) == 0 else 1)
+            _, status = os.waitpid(pid, 0)
+            if status == 0:
+                return mode
+        raise RuntimeError(
+            "isolate_network is on but this host allows neither unshare(CLONE_NEWNET) nor a user "
+            "namespace; set sandbox.isolate_network=false to run snippets with network access"
+        )
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def reply(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg) + "\n").encode()
+        os.set_blocking(self.proto_out, True)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.proto_out, view) :]
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        op, rid = msg.get("op"), msg.get("id")
+        if op == "run":
+            timeout = float(msg.get("timeout") or self.limits.timeout_s)
+            if msg.get("session"):
+                self.run_in_session(rid, str(msg["session"]), msg["code"], timeout)
+            else:
+                self.run_stateless(rid, msg["code"], timeout)
+        elif op == "close":
+            sess = self.sessions.get(str(msg.get("session")))
+            if sess is not None:
+                self.end_session(sess)
+            self.reply({"id": rid, "status": "ok"})
+        elif op == "ping":
+            self.reply(
+                {
+                    "id": rid,
+                    "status": "ok",
+                    "pid": os.getpid(),
+                    "net_mode": self.net_mode,
+                    "privileged": self.privileged,
+                    "jobs": len(self.jobs),
+                    "sessions": len(self.sessions),
+                }
+            )
+        else:
+            self.reply({"id": rid, "status": "sandbox_error", "stderr": f"unknown op {op!r}"})
+
+    def _new_child_io(self) -> tuple[str, int | None, tuple[int, int], tuple[int, int]]:
+        # Slots (uid + scratch dir) are reused: creating and deleting a directory per snippet cost ~5 ms on a busy
+        # ext4 disk, emptying an already empty one costs one scandir.
+        if self.free_slots:
+            slot = self.free_slots.pop()
+        else:
+            slot = self.num_slots
+            self.num_slots += 1
+            os.mkdir(os.path.join(self.root, str(slot)), 0o700)
+            if self.privileged:
+                os.chown(os.path.join(self.root, str(slot)), self.limits.uid_base + slot, self.limits.uid_base + slot)
+        uid = self.limits.uid_base + slot if self.privileged else None
+        return os.path.join(self.root, str(slot)), uid, os.pipe(), os.pipe()
+
+    def _watch(self, fd: int, kind: str, owner: Any) -> None:
+        os.set_blocking(fd, False)
+        self.sel.register(fd, selectors.EVENT_READ, (kind, owner))
+
+    def run_stateless(self, rid: Any, code: str, timeout: float) -> None:
+        scratch, uid, (out_r, out_w), (err_r, err_w) = self._new_child_io()
+        setup = (self.limits, scratch, uid, out_w, err_w, self.net_mode, self.hidden)
+        now = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            stateless_child(code, setup)
+        os.close(out_w)
+        os.close(err_w)
+        cap = self.limits.max_output_bytes
+        job = Job(
+            rid,
+            pid,
+            CappedBuffer(cap),
+            CappedBuffer(cap),
+            now,
+            now + timeout,
+            out_fd=out_r,
+            err_fd=err_r,
+            scratch=scratch,
+            uid=uid,
+        )
+        self.jobs[pid] = job
+        self._watch(out_r, "out", job)
+        self._watch(err_r, "err", job)
+
+    def run_in_session(self, rid: Any, sid: str, code: str, timeout: float) -> None:
+        sess = self.sessions.get(sid) or self.start_session(sid)
+        if sess.job is not None:
+            self.reply(
+                {"id": rid, "status": "sandbox_error", "stderr": f"session {sid!r} is already running a snippet"}
+            )
+            return
+        now = time.monotonic()
+        cap = self.limits.max_output_bytes
+        sess.job = Job(rid, sess.pid, CappedBuffer(cap), CappedBuffer(cap), now, now + timeout, session=sess)
+        sess.last_used = now
+        os.set_blocking(sess.ctrl_fd, True)
+        try:
+            os.write(sess.ctrl_fd, (json.dumps({"code": code}) + "\n").encode())
+        except OSError as exc:  # the session died between snippets; the reaper reports it
+            sess.job.err.append(f"[sandbox] session process is gone: {exc}\n".encode())
+
+    def start_session(self, sid: str) -> Session:
+        scratch, uid, (out_r, out_w), (err_r, err_w) = self._new_child_io()
+        ctrl_r, ctrl_w = os.pipe()
+        done_r, done_w = os.pipe()
+        setup = (self.limits, scratch, uid, out_w, err_w, self.net_mode, self.hidden)
+        pid = os.fork()
+        if pid == 0:
+            session_child(ctrl_r, done_w, setup)
+        for fd in (out_w, err_w, ctrl_r, done_w):
+            os.close(fd)
+        sess = Session(sid, pid, ctrl_w, done_r, out_r, err_r, scratch, uid, time.monotonic())
+        self.sessions[sid] = sess
+        self._watch(out_r, "out", sess)
+        self._watch(err_r, "err", sess)
+        self._watch(done_r, "done", sess)
+        return sess
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    def on_output(self, kind: str, owner: Job | Session, fd: int) -> None:
+        job = owner.job if isinstance(owner, Session) else owner
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(fd)
+            return
+        if job is None:  # output of a session between snippets (a stray thread): nobody asked for it
+            return
+        if (job.out if kind == "out" else job.err).append(data) and not job.over_output:
+            job.over_output = True  # a snippet printing gigabytes costs one cap's worth of reading, then dies
+            self.finish(job)
+
+    def on_done(self, sess: Session) -> None:
+        try:
+            data = os.read(sess.done_fd, 4096)
+        except BlockingIOError:
+            return
+        if not data:
+            self.sel.unregister(sess.done_fd)
+            return
+        sess.pending += data
+        while b"\n" in sess.pending:
+            line, sess.pending = sess.pending.split(b"\n", 1)
+            if sess.job is not None:
+                sess.job.wait_status = (json.loads(line)["exit"] & 0xFF) << 8  # as if the process exited with it
+                self.finish(sess.job)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            job = self.jobs.get(pid)
+            if job is not None:
+                job.wait_status = status
+                self.finish(job)
+                continue
+            for sess in list(self.sessions.values()):
+                if sess.pid == pid:
+                    if sess.job is not None:
+                        sess.job.wait_status = status
+                        self.finish(sess.job)
+                    self.end_session(sess)
+        self.kill_orphans()
+
+    def kill_orphans(self) -> None:
+        """Kill every child we did not fork ourselves: as subreaper we inherit what snippets left running."""
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children") as f:
+                kids = [int(p) for p in f.read().split()]
+        except OSError:
+            return
+        known = set(self.jobs) | {s.pid for s in self.sessions.values()}
+        for pid in kids:
+            if pid not in known:
+                _kill(pid)
+
+    def check_deadlines(self, now: float) -> float | None:
+        nearest = None
+        for job in [*self.jobs.values(), *(s.job for s in self.sessions.values() if s.job)]:
+            if now >= job.deadline:
+                job.timed_out = True
+                self.finish(job)
+            elif nearest is None or job.deadline < nearest:
+                nearest = job.deadline
+        idle = self.limits.session_idle_s
+        for sess in list(self.sessions.values()):
+            if sess.job is None and now - sess.last_used > idle:
+                self.end_session(sess)
+        return nearest
+
+    # -- completion --------------------------------------------------------------------------------------------
+
+    def _drain(self, fd: int, buf: CappedBuffer) -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except (BlockingIOError, OSError):
+                return
+            if not data or buf.append(data):
+                return
+
+    def finish(self, job: Job) -> None:
+        """Kill what the snippet left behind, collect its output and answer the request."""
+        sess = job.session
+        now = time.monotonic()
+        if sess is None:
+            _kill_group(job.pid)
+            self.jobs.pop(job.pid, None)
+            out_fd, err_fd = job.out_fd, job.err_fd
+        else:
+            sess.job = None
+            sess.last_used = now
+            out_fd, err_fd = sess.out_fd, sess.err_fd
+            if job.timed_out or job.over_output:
+                self.end_session(sess)
+            else:
+                for pid in _descendants(sess.pid):  # background processes must not outlive the snippet
+                    _kill(pid)
+        self._drain(out_fd, job.out)
+        self._drain(err_fd, job.err)
+        if sess is None:
+            for fd in (out_fd, err_fd):
+                self._close(fd)
+            self._cleanup_dir(job.scratch, job.uid)
+        if job.wait_status is None and (job.timed_out or job.over_output):
+            job.wait_status = signal.SIGKILL  # killed by us; the zombie is reaped later
+        stderr = job.err.text()
+        status, code = classify(job.wait_status, job.timed_out, job.over_output, stderr)
+        if job.over_output:
+            stderr += f"\n[sandbox] output exceeded {self.limits.max_output_bytes} bytes; the process was killed\n"
+        elif job.timed_out:
+            stderr += f"\n[sandbox] timed out after {job.deadline - job.started:.1f} s\n"
+        self.reply(
+            {
+                "id": job.rid,
+                "status": status,
+                "stdout": job.out.text(),
+                "stderr": stderr,
+                "exit_code": code,
+                "wall_s": now - job.started,
+                "truncated": job.out.truncated or job.err.truncated,
+            }
+        )
+        self.kill_orphans()
+
+    def end_session(self, sess: Session) -> None:
+        self.sessions.pop(sess.sid, None)
+        _kill_group(sess.pid)
+        for pid in _descendants(sess.pid):
+            _kill(pid)
+        if sess.job is not None:
+            job, sess.job = sess.job, None
+            job.session = None
+            job.wait_status = job.wait_status if job.wait_status is not None else signal.SIGKILL
+            job.out_fd, job.err_fd = sess.out_fd, sess.err_fd
+            self._drain(sess.out_fd, job.out)
+            self._drain(sess.err_fd, job.err)
+            status, code = classify(job.wait_status, job.timed_out, job.over_output)
+            self.reply(
+                {
+                    "id": job.rid,
+                    "status": status,
+                    "stdout": job.out.text(),
+                    "stderr": job.err.text() + "\n[sandbox] the session ended; its state is lost\n",
+                    "exit_code": code,
+                    "wall_s": time.monotonic() - job.started,
+                    "truncated": job.out.truncated,
+                }
+            )
+        for fd in (sess.out_fd, sess.err_fd, sess.done_fd, sess.ctrl_fd):
+            self._close(fd)
+        self._cleanup_dir(sess.scratch, sess.uid)
+
+    def _close(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _cleanup_dir(self, path: str, uid: int | None) -> None:
+        """Empty the slot's scratch directory (what the snippet wrote, even under /tmp) and free the slot."""
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            entries = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+        try:
+            os.chmod(path, 0o700)  # the snippet may have opened up its directory
+        except OSError:
+            pass
+        self.free_slots.append(int(os.path.basename(path)))
+
+    # -- loop --------------------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.reply(
+            {
+                "id": None,
+                "status": "ready",
+                "pid": os.getpid(),
+                "net_mode": self.net_mode,
+                "privileged": self.privileged,
+            }
+        )
+        while True:
+            nearest = self.check_deadlines(time.monotonic())
+            timeout = None if nearest is None else max(0.0, nearest - time.monotonic())
+            if self.sessions:
+                timeout = min(timeout if timeout is not None else 5.0, 5.0)  # idle expiry
+            for key, _ in self.sel.select(timeout):
+                kind, owner = key.data
+                if kind == "proto":
+                    if not self.read_requests():
+                        return
+                elif kind == "wake":
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    self.reap()
+                elif kind == "done":
+                    self.on_done(owner)
+                elif key.fd in self.sel.get_map():
+                    self.on_output(kind, owner, key.fd)
+
+    def read_requests(self) -> bool:
+        try:
+            data = os.read(self.proto_in, 1 << 20)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        self.inbuf += data
+        while b"\n" in self.inbuf:
+            line, self.inbuf = self.inbuf.split(b"\n", 1)
+            if line.strip():
+                try:
+                    self.handle(json.loads(line))
+                except Exception as exc:  # noqa: BLE001 - a bad request must not take the zygote down
+                    self.reply({"id": None, "status": "sandbox_error", "stderr": f"bad request: {exc!r}"})
+        return True
+
+    def shutdown(self) -> None:
+        for sess in list(self.sessions.values()):
+            self.end_session(sess)
+        for job in list(self.jobs.values()):
+            _kill_group(job.pid)
+        self.kill_orphans()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _descendants(root: int) -> list[int]:
+    """All live descendants of ``root`` (any thread may have forked), found via /proc/<pid>/task/*/children."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = [int(p) for p in f.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def _warm(preload: list[str]) -> None:
+    """Import the preloaded modules and run a little of sympy so its caches and lazy imports are paid once, here."""
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - a missing optional module only costs snippets speed
+            sys.stderr.write(f"[zygote] could not preload {name}: {exc!r}\n")
+    if "sympy" in sys.modules:
+        sympy = sys.modules["sympy"]
+        x = sympy.Symbol("x")
+        sympy.factorint(123456)
+        sympy.simplify(sympy.sin(x) ** 2 + sympy.cos(x) ** 2)
+        sympy.solve(x**2 - 2, x)
+        sympy.Rational(1, 3) + sympy.sqrt(2)
+    if "numpy" in sys.modules:
+        np = sys.modules["numpy"]
+        np.linalg.solve(np.eye(3), np.ones(3))
+
+
+def main(argv: list[str]) -> int:
+    limits = Limits.from_json(argv[1] if len(argv) > 1 else "")
+    # Keep the protocol on private fds; fd 0/1 become /dev/null and stderr so nothing stray corrupts the protocol.
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the worker that started us
+    _warm(limits.preload)
+    zygote = Zygote(limits, proto_in, proto_out)
+    try:
+        zygote.serve()
+    finally:
+        zygote.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
