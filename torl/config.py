@@ -61,17 +61,29 @@ class ToolConfig:
 class SandboxConfig:
     num_workers: int = 2  # sandbox actors in the pool
     concurrency_per_worker: int = 4  # snippets one worker runs at once (each in its own forked child)
-    max_queue: int = 256  # bounded queue per pool; callers wait (backpressure) when it is full
+    max_queue: int = 256  # bounded queue per pool client; callers wait (backpressure) when it is full
     timeout_s: float = 10.0  # wall-clock limit per snippet (ToRL: Sandbox Fusion's 10 s)
     memory_mb: int = 1024  # RLIMIT_AS of the snippet process
     cpu_s: int = 0  # RLIMIT_CPU; 0 = timeout_s rounded up
-    max_output_bytes: int = 65536  # stdout/stderr each capped before they are returned
+    max_output_bytes: int = 65536  # stdout/stderr each capped while read; a snippet writing more is killed
     max_processes: int = 16  # RLIMIT_NPROC (enforced when the child can drop to an unprivileged uid)
     max_open_files: int = 64  # RLIMIT_NOFILE
+    max_file_mb: int = 64  # RLIMIT_FSIZE: largest file a snippet can write
     preload: tuple[str, ...] = ("sympy", "numpy", "math", "fractions", "itertools")  # imported once in the zygote
     isolate_network: bool = True  # new network namespace per snippet (no network)
-    drop_privileges: bool = True  # setuid to nobody in the snippet process where possible
+    private_mounts: bool = True  # new mount namespace: /tmp, /var/tmp, /dev/shm are the snippet's scratch dir
+    drop_privileges: bool = True  # setuid to an unused uid (one per concurrent snippet) where possible
+    uid_base: int = 200000  # first uid snippets run as; worker k uses uid_base + 1000 k + slot
+    session_idle_s: float = 600.0  # persistent sessions idle this long are released
+    scratch_root: str = "/tmp"  # where each zygote makes its scratch directories
+    max_restarts: int = -1  # Ray restarts of a dead worker actor (-1 = always)
     num_cpus: float = 0.25  # Ray CPU resource per worker actor
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.concurrency_per_worker < 1 or self.max_queue < 1:
+            raise ConfigError("sandbox.num_workers, concurrency_per_worker and max_queue must be >= 1")
+        if self.timeout_s <= 0 or self.memory_mb < 64 or self.max_output_bytes < 1:
+            raise ConfigError("sandbox.timeout_s must be > 0, memory_mb >= 64, max_output_bytes >= 1")
 
 
 @dataclass(frozen=True)
