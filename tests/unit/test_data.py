@@ -1,0 +1,168 @@
+"""Data loading: every shared dataset with SOURCES.md's row counts, dedup, AIME25 cleanup, and bad-file errors."""
+
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from torl.data import BENCHMARKS, DataError, Problem, load_benchmark, load_problems, shared_data_dir
+
+# SOURCES.md row counts (raw rows, before dedup).
+RAW_ROWS = {
+    "torl/test.parquet": 374,
+    "aime24/test.jsonl": 30,
+    "aime25/test.jsonl": 30,
+    "amc23/test.jsonl": 40,
+    "math500/test.jsonl": 500,
+    "olympiadbench/test.jsonl": 675,
+    "train_limr": 1389,  # the DatasetDict directory loads its train split
+    "train_limr/train": 1389,
+    "train_limr/test": 272,
+}
+
+
+@pytest.mark.parametrize("spec, rows", sorted(RAW_ROWS.items()))
+def test_every_shared_dataset_loads_with_sources_row_counts(spec, rows):
+    problems = load_problems(spec, dedup=False)
+    assert len(problems) == rows
+    assert all(isinstance(p, Problem) and p.question and p.answer for p in problems)
+
+
+def test_math_hard_has_two_empty_answers():
+    # SOURCES.md: 8,523 rows, 2 with an empty ground truth.
+    with pytest.raises(DataError, match=r"train_math_hard/train.parquet row \d+: empty answer"):
+        load_problems("train_math_hard/train.parquet")
+    problems = load_problems("train_math_hard/train.parquet", skip_bad_rows=True, dedup=False)
+    assert len(problems) == 8523 - 2
+    assert {p.source for p in problems} == {"ToRL"}
+
+
+@pytest.mark.parametrize(
+    "name, count, sources",
+    [
+        ("aime24", 30, {"aime24"}),
+        ("aime25", 30, {"aime25"}),
+        ("amc23", 40, {"amc23"}),
+        ("math500", 500, {"math500"}),
+        ("olympiadbench", 675, {"olympiadbench"}),
+        ("torl_val", 194, {"aime24", "aime25", "math500"}),  # 30 + 30 + 134 after dropping ToRL's 4x AIME copies
+    ],
+)
+def test_load_benchmark(name, count, sources):
+    problems = load_benchmark(name)
+    assert len(problems) == count
+    assert {p.source for p in problems} == sources
+    assert len({p.id for p in problems}) == count
+
+
+def test_torl_parquet_uses_user_turn_and_ground_truth():
+    first = load_benchmark("torl_val")[0]
+    assert first.question.startswith("Every morning Aya goes for a $9$-kilometer-long walk")
+    assert "Please reason step by step" not in first.question  # the system message is ignored (ToRL)
+    assert first.answer == "204"
+
+
+def test_answer_formats_are_normalised_to_strings():
+    assert load_benchmark("amc23")[0].answer == "27"  # stored as 27.0
+    assert load_benchmark("aime25")[0].answer == "70"  # stored as an int
+    assert "025" in {p.answer for p in load_benchmark("aime24")}  # zero padding kept; grading compares numbers
+    assert load_benchmark("olympiadbench")[1].answer == "$\\frac{1}{2 n+2}$"  # final_answer[0], $ kept
+
+
+def test_aime25_corrupted_rows_get_clean_text():
+    raw = [json.loads(line) for line in (shared_data_dir() / "aime25/test.jsonl").open()]
+    assert ["\f" in r["problem"] for r in raw].count(True) == 2  # rows 18 and 27 in the file
+    problems = load_benchmark("aime25")
+    assert not any("\f" in p.question for p in problems)
+    assert "\\frac" in problems[18].question and "\\frac" in problems[27].question
+    assert problems[18].answer == str(raw[18]["answer"])
+    assert problems[0].question == raw[0]["problem"]  # clean rows keep their own text
+
+
+def test_limr_dedups_aime_copies_in_test_split():
+    problems = load_problems("train_limr/test")
+    assert len(problems) == 272 - 90  # 120 AIME rows are 30 problems x 4
+    assert {p.source for p in problems} == {"aime", "math", "pad"}
+
+
+def test_all_benchmarks_are_listed():
+    assert set(BENCHMARKS) == {"aime24", "aime25", "math500", "olympiadbench", "amc23", "torl_val"}
+    with pytest.raises(DataError, match="unknown benchmark 'gsm8k'"):
+        load_benchmark("gsm8k")
+
+
+def test_shared_data_dir_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORL_DATA_DIR", str(tmp_path))
+    assert shared_data_dir() == tmp_path
+    monkeypatch.setenv("TORL_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="TORL_DATA_DIR"):
+        shared_data_dir()
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_generic_jsonl_question_answer(tmp_path):
+    f = _write_jsonl(tmp_path / "mine.jsonl", [{"question": "1+1?", "answer": 2}, {"problem": "2+2?", "answer": "4"}])
+    problems = load_problems(f)
+    assert problems == [Problem("mine/0", "mine", "1+1?", "2"), Problem("mine/1", "mine", "2+2?", "4")]
+
+
+def test_generic_parquet(tmp_path):
+    f = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"problem": ["a?", "b?"], "answer": ["1", "2"], "id": ["x", "y"]}), f)
+    assert [p.id for p in load_problems(f)] == [f"{tmp_path.name}/x", f"{tmp_path.name}/y"]
+
+
+def test_missing_column_names_file_and_row(tmp_path):
+    f = _write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "solution": "s"}])
+    with pytest.raises(DataError, match=r"bad.jsonl row 0: no question field .* or answer field .*fields are"):
+        load_problems(f)
+
+
+def test_empty_answer_raises_or_is_skipped_with_count(tmp_path, caplog):
+    rows = [{"question": "q0", "answer": "1"}, {"question": "q1", "answer": ""}, {"question": "", "answer": "3"}]
+    f = _write_jsonl(tmp_path / "some.jsonl", rows)
+    with pytest.raises(DataError, match="some.jsonl row 1: empty answer"):
+        load_problems(f)
+    with caplog.at_level(logging.WARNING, logger="torl.data"):
+        problems = load_problems(f, skip_bad_rows=True)
+    assert [p.question for p in problems] == ["q0"]
+    assert "skipped 2 bad rows" in caplog.text
+
+
+def test_torl_schema_missing_ground_truth(tmp_path):
+    f = tmp_path / "t.parquet"
+    table = pa.table(
+        {
+            "data_source": ["x"],
+            "prompt": [[{"role": "system", "content": "s"}, {"role": "user", "content": "what?"}]],
+            "reward_model": [{"ground_truth": "", "style": "rule"}],
+        }
+    )
+    pq.write_table(table, f)
+    with pytest.raises(DataError, match="t.parquet row 0: empty answer"):
+        load_problems(f)
+
+
+def test_bad_json_line_and_missing_file(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"question": "q", "answer": "1"}\n{oops\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2: not valid JSON"):
+        load_problems(f)
+    with pytest.raises(DataError, match="data file not found"):
+        load_problems(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="unsupported data format"):
+        load_problems(_write_jsonl(tmp_path / "x.csv", []))
+
+
+def test_synthetic_spec_dispatches_to_tasks():
+    problems = load_problems("synthetic:test:5", seed=3)
+    assert len(problems) == 5 and all(p.question and p.answer for p in problems)
+    assert problems == load_problems("synthetic:test:5", seed=3)
+    with pytest.raises(DataError, match="bad synthetic spec"):
+        load_problems("synthetic:test:many")

@@ -1,0 +1,274 @@
+"""Loading math problems into one record, ``Problem(id, source, question, answer)``, from every format we meet.
+
+Formats: veRL/ToRL parquet (``prompt[1].content`` is the question, ToRL's template ignores the system message;
+``reward_model.ground_truth`` the answer; ``extra_info.id`` dedups ToRL's 4 copies of each AIME problem), the five
+benchmark jsonl files (``problem``/``question`` and ``answer``/``final_answer`` fields), LIMR's ``save_to_disk``
+arrow directory (read with pyarrow, no ``datasets``), generic jsonl/parquet with question/answer fields, and
+``synthetic:<split>`` from ``torl.tasks``. AIME25's corrupted rows (a form feed where ``\\f`` of ``\\frac`` was)
+are replaced by the clean text from ToRL's parquet.
+
+Not here: prompt templating (``torl/prompts.py``), tokenisation, length filtering and batching.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS: dict[str, str] = {
+    "aime24": "aime24/test.jsonl",
+    "aime25": "aime25/test.jsonl",
+    "math500": "math500/test.jsonl",
+    "olympiadbench": "olympiadbench/test.jsonl",
+    "amc23": "amc23/test.jsonl",
+    "torl_val": "torl/test.parquet",  # ToRL's validation set: AIME24 + AIME25 + MATH500 level 5, deduplicated
+}
+_QUESTION_FIELDS = ("problem", "question", "context")  # first present, non-empty one wins
+_ANSWER_FIELDS = ("answer", "final_answer", "ground_truth", "solution_answer")
+_ID_FIELDS = ("id", "unique_id", "idx", "uid")
+_GENERIC_STEMS = {"test", "train", "val", "validation", "dev", "data"}
+
+
+class DataError(ValueError):
+    """A data file the loader cannot use; the message names the file (and row)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str  # unique within a load: "<source>/<id in the file>" (row index when the file has no id)
+    source: str  # data_source / benchmark name, e.g. "aime24", "math500", "ToRL"
+    question: str
+    answer: str  # gold answer as stored (OlympiadBench keeps its "$...$"); graded by torl.grading
+
+
+def shared_data_dir() -> Path:
+    """The shared data directory: ``$TORL_DATA_DIR`` if set, else ``shared/data`` beside the repository."""
+    env = os.environ.get("TORL_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        how = "TORL_DATA_DIR points to" if env else "expected the shared data directory at"
+        raise DataError(f"{how} {path}, which does not exist; set TORL_DATA_DIR to the directory holding SOURCES.md")
+    return path
+
+
+def load_benchmark(name: str, skip_bad_rows: bool = False) -> list[Problem]:
+    """One of ``BENCHMARKS`` (aime24, aime25, math500, olympiadbench, amc23, torl_val) from ``shared_data_dir()``."""
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
+    return load_problems(shared_data_dir() / BENCHMARKS[name], skip_bad_rows=skip_bad_rows)
+
+
+def load_problems(spec: str | Path, skip_bad_rows: bool = False, dedup: bool = True, seed: int = 0) -> list[Problem]:
+    """Problems from a file, an arrow directory or ``synthetic:<split>[:n]``.
+
+    Relative paths that do not exist are also looked up under ``shared_data_dir()`` (so ``math500/test.jsonl`` works
+    anywhere). Rows without a question or answer raise ``DataError`` naming file and row, or are skipped and counted
+    when ``skip_bad_rows``. ``dedup`` drops repeated ids (ToRL's parquet repeats each AIME problem 4 times).
+    ``seed`` only matters for synthetic splits.
+    """
+    spec_str = str(spec)
+    if spec_str.startswith("synthetic:"):
+        return _load_synthetic(spec_str, seed)
+    path = _resolve(Path(spec_str))
+    rows = _read_rows(path)
+    problems: list[Problem] = []
+    bad = dupes = 0
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        try:
+            problem = _to_problem(row, index, path)
+        except DataError:
+            if not skip_bad_rows:
+                raise
+            bad += 1
+            continue
+        if dedup and problem.id in seen:
+            dupes += 1
+            continue
+        seen.add(problem.id)
+        problems.append(problem)
+    if bad:
+        log.warning("%s: skipped %d bad rows (no question or no answer)", path, bad)
+    if dupes:
+        log.info("%s: dropped %d repeated rows (same id)", path, dupes)
+    if path.name == "test.jsonl" and path.parent.name == "aime25":
+        problems = _clean_aime25(problems, path)
+    if not problems:
+        raise DataError(f"{path}: no usable problems")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def _resolve(path: Path) -> Path:
+    if path.exists():
+        return path
+    if not path.is_absolute():
+        try:
+            candidate = shared_data_dir() / path
+        except DataError:
+            candidate = None
+        if candidate is not None and candidate.exists():
+            return candidate
+    raise DataError(f"data file not found: {path}")
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.is_dir():
+        return _read_arrow_dir(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return list(_read_jsonl(path))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".arrow":
+        return _read_arrow_file(path)
+    raise DataError(f"{path}: unsupported data format (use .jsonl, .parquet, .arrow or a save_to_disk directory)")
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON: {exc}") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+            yield row
+
+
+def _read_arrow_file(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            table = ipc.open_stream(source).read_all()  # datasets' save_to_disk writes the streaming format
+        except pa.ArrowInvalid:
+            table = ipc.open_file(source).read_all()
+    return table.to_pylist()
+
+
+def _read_arrow_dir(path: Path) -> list[dict[str, Any]]:
+    """A ``datasets.save_to_disk`` directory: a split dir with ``*.arrow`` shards, or a DatasetDict (train split)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise DataError(f"{path}: DatasetDict without a train split ({splits}); point at a split directory")
+        path = path / "train"
+    shards = sorted(path.glob("*.arrow"))
+    if not shards:
+        raise DataError(f"{path}: directory holds no .arrow files")
+    return [row for shard in shards for row in _read_arrow_file(shard)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows -> Problem
+
+
+def _text(value: Any) -> str:
+    """A field value as answer/question text: lists of one item unwrapped, integral floats without ".0"."""
+    if isinstance(value, list | tuple):
+        value = ",".join(_text(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # AMC23 stores 27 as 27.0
+    if isinstance(value, bool) or value is None:
+        return ""
+    return str(value).strip()
+
+
+def _source_of(row: dict[str, Any], path: Path) -> str:
+    for key in ("data_source", "source"):
+        if isinstance(row.get(key), str) and row[key]:
+            return row[key]
+    stem = path.stem if path.is_file() else path.name
+    if stem in _GENERIC_STEMS or stem.startswith("data-"):
+        parent = path.parent
+        while parent.name in _GENERIC_STEMS and parent.parent != parent:
+            parent = parent.parent
+        return parent.name
+    return stem
+
+
+def _to_problem(row: dict[str, Any], index: int, path: Path) -> Problem:
+    where = f"{path} row {index}"
+    if "prompt" in row and "reward_model" in row:  # veRL/ToRL schema
+        prompt = row["prompt"]
+        # ToRL's tir_base_0309 uses prompt[1].content (the user turn) and ignores the system message.
+        user = [m for m in prompt or [] if isinstance(m, dict) and m.get("role") == "user"]
+        question = _text(user[-1].get("content")) if user else ""
+        answer = _text((row["reward_model"] or {}).get("ground_truth"))
+        raw_id = (row.get("extra_info") or {}).get("id")
+    else:
+        question = next((_text(row[k]) for k in _QUESTION_FIELDS if _text(row.get(k))), "")
+        answer = next((_text(row[k]) for k in _ANSWER_FIELDS if _text(row.get(k))), "")
+        raw_id = next((row[k] for k in _ID_FIELDS if row.get(k) is not None and row.get(k) != ""), None)
+        if not any(k in row for k in _QUESTION_FIELDS) or not any(k in row for k in _ANSWER_FIELDS):
+            raise DataError(
+                f"{where}: no question field ({'/'.join(_QUESTION_FIELDS)}) or answer field "
+                f"({'/'.join(_ANSWER_FIELDS)}); fields are {sorted(row)}"
+            )
+    if not question:
+        raise DataError(f"{where}: empty question")
+    if not answer:
+        raise DataError(f"{where}: empty answer")
+    source = _source_of(row, path)
+    return Problem(
+        id=f"{source}/{raw_id if raw_id is not None else index}", source=source, question=question, answer=answer
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Special cases
+
+
+def _clean_aime25(problems: list[Problem], path: Path) -> list[Problem]:
+    """Replace AIME25 texts that contain a form feed (rows 18 and 27: ``\\f`` of ``\\frac`` un-escaped) by ToRL's
+    clean text of the same problem; ToRL's AIME25 rows are in the same order with the same answers."""
+    if not any("\f" in p.question for p in problems):
+        return problems
+    torl_file = path.parent.parent / "torl" / "test.parquet"
+    if not torl_file.is_file():
+        log.warning("%s: corrupted rows kept (no %s to take clean text from)", path, torl_file)
+        return problems
+    clean = [p for p in load_problems(torl_file) if p.source == "aime25"]
+    if len(clean) != len(problems):
+        raise DataError(f"{path}: {len(problems)} rows but {torl_file} has {len(clean)} AIME25 problems")
+    out = []
+    for mine, theirs in zip(problems, clean, strict=True):
+        if "\f" in mine.question:
+            if _text(mine.answer) != _text(theirs.answer):
+                raise DataError(f"{path}: {mine.id} answer {mine.answer} != {theirs.answer} in {torl_file}")
+            mine = Problem(mine.id, mine.source, theirs.question, mine.answer)
+        out.append(mine)
+    return out
+
+
+def _load_synthetic(spec: str, seed: int) -> list[Problem]:
+    """``synthetic:<split>`` or ``synthetic:<split>:<n>`` from ``torl.tasks.make_split`` (imported lazily)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1]:
+        raise DataError(f"bad synthetic spec {spec!r}; use synthetic:<split> or synthetic:<split>:<n>")
+    try:
+        n = int(parts[2]) if len(parts) == 3 else None
+    except ValueError as exc:
+        raise DataError(f"bad synthetic spec {spec!r}: {parts[2]!r} is not a count") from exc
+    try:
+        from torl import tasks
+    except ImportError as exc:
+        raise DataError(f"{spec}: synthetic tasks need torl.tasks, which is not available ({exc})") from exc
+    return list(tasks.make_split(parts[1], n=n, seed=seed))
