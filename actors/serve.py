@@ -65,10 +65,13 @@ class Engine:
     async def __init__(self, cfg: Config, model_path: str) -> None:
         # Async so the engine is built inside the replica's event loop before Serve routes any request to it.
         from actors.generator import Generator
-        from actors.sandbox import SandboxPool
 
         self.tool_cfg = cfg.tool
-        self.pool = SandboxPool.create(cfg.sandbox) if cfg.tool.enabled else None
+        self.pool = None
+        if cfg.tool.enabled:
+            from actors.sandbox import SandboxPool
+
+            self.pool = SandboxPool.create(cfg.sandbox)
         self.gen = Generator(cfg, model_path, self.pool)
         await self.gen.start()
 
@@ -115,6 +118,23 @@ def _done(traj: Trajectory) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # HTTP ingress
+
+
+# Helpers used by the ingress sit above it: @serve.ingress serializes the class when it is defined.
+def _seeded(sampling: dict[str, Any], i: int) -> dict[str, Any]:
+    """The i-th of n choices: with a client seed, a distinct derived seed per choice so they differ but repeat."""
+    if i == 0 or sampling.get("seed") is None:
+        return sampling
+    return {**sampling, "seed": sampling["seed"] + i}
+
+
+def _choice(done: dict) -> api.ChoiceResult:
+    return api.ChoiceResult(
+        text=done["text"],
+        finish_reason=api.openai_finish_reason(done["finish_reason"]),
+        completion_tokens=done["completion_tokens"],
+        tool_calls=[ToolCall(**c) for c in done["tool_calls"]],
+    )
 
 
 @serve.ingress(app)
@@ -227,22 +247,6 @@ class OpenAIServer:
             log.exception("stream %s failed", req_id)
             yield api.sse(api.error_body(f"Generation failed: {type(exc).__name__}: {exc}", type="server_error"))
         yield api.sse("[DONE]")
-
-
-def _seeded(sampling: dict[str, Any], i: int) -> dict[str, Any]:
-    """The i-th of n choices: with a client seed, a distinct derived seed per choice so they differ but repeat."""
-    if i == 0 or sampling.get("seed") is None:
-        return sampling
-    return {**sampling, "seed": sampling["seed"] + i}
-
-
-def _choice(done: dict) -> api.ChoiceResult:
-    return api.ChoiceResult(
-        text=done["text"],
-        finish_reason=api.openai_finish_reason(done["finish_reason"]),
-        completion_tokens=done["completion_tokens"],
-        tool_calls=[ToolCall(**c) for c in done["tool_calls"]],
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
