@@ -1,0 +1,205 @@
+"""The generator actor against real vLLM (CPU), the real sandbox pool and Ray: one engine for the whole module.
+
+A random model almost never writes ```python blocks, so the module warm-starts the tiny checkpoint for a few hundred
+SGD steps (about 2 s) on two tool-use traces, each behind its own prompt; greedy decoding then replays them through
+the real tool loop: one trace calls the tool twice, the other stops on ```output without a complete block first.
+The traces are tokenized piece by piece exactly as the loop builds its context (sampled ids + separately tokenized
+observations), so what the model memorized is what it sees at rollout time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from torl.config import Config, EngineConfig, ModelConfig, PromptConfig, RolloutConfig, SandboxConfig, ToolConfig
+from torl.rollout import GenRequest
+
+STOP = "```output"
+TWO_CALLS = (
+    "Q: two calls\nA:",
+    [
+        "```python\nprint(6*7)\n```\n```output",
+        "\n42\n```\n",
+        "```python\nprint(1+1)\n```\n```output",
+        "\n2\n```\n",
+        "so \\boxed{42}",
+    ],
+)
+NO_BLOCK = (
+    "Q: no block\nA:",
+    ["```python\nx = 1\n```output", "\nfin\n```python\nprint(5)\n```\n```output", "\n5\n```\n", "ok"],
+)
+
+
+def _encode(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tmp_path_factory):
+    """(warm checkpoint dir, tokenizer, warm state dict, random state dict)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    random_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    seqs = []
+    for prompt, parts in (TWO_CALLS, NO_BLOCK):
+        ids = _encode(tok, prompt)
+        labels = [-100] * len(ids)
+        for part in parts:
+            ids += _encode(tok, part)
+        ids.append(eos)
+        seqs.append((torch.tensor([ids]), torch.tensor([labels + ids[len(labels) :]])))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(400):
+        loss = sum(model(x, labels=y).loss for x, y in seqs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, f"warm start did not memorize the traces (loss {loss.item():.3f})"
+    out = tmp_path_factory.mktemp("warm") / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, tok, {k: v.clone() for k, v in model.state_dict().items()}, random_sd
+
+
+def _config(path, **tool) -> Config:
+    return Config(
+        model=ModelConfig(path=str(path), max_model_len=512),
+        prompt=PromptConfig(max_prompt_tokens=64),
+        tool=ToolConfig(max_calls=2, **tool),
+        sandbox=SandboxConfig(num_workers=1, concurrency_per_worker=2, timeout_s=5.0),
+        rollout=RolloutConfig(n=2, max_response_tokens=200, engine=EngineConfig(max_num_seqs=32)),
+    )
+
+
+@pytest.fixture(scope="module")
+def sandbox(ray_cluster, models):
+    from actors.sandbox import SandboxPool
+
+    pool = SandboxPool.create(_config(models[0]).sandbox)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def generator(ray_cluster, models, sandbox):
+    from actors.generator import GeneratorActor
+
+    actor = GeneratorActor.options(num_cpus=1).remote(_config(models[0]), str(models[0]), sandbox)
+    ray_cluster.get(actor.start.remote())
+    yield actor
+    ray_cluster.get(actor.shutdown.remote())
+    ray_cluster.kill(actor)
+
+
+def _request(tok, trace, pid, n=1):
+    return GenRequest(problem_id=pid, group=0, prompt_ids=_encode(tok, trace[0]), answer="42", n=n)
+
+
+def _hf_logprobs(sd, model_dir, prompt_ids, response_ids) -> list[float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.load_state_dict(sd)
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response_ids)[:, None])[:, 0].tolist()
+
+
+def test_two_tool_calls_masks_budget_and_sampled_ids(ray_cluster, generator, models):
+    model_dir, tok, warm_sd, _ = models
+    trajs, m = ray_cluster.get(generator.generate.remote([_request(tok, TWO_CALLS, "two", n=2)], greedy=True))
+    for t in trajs:
+        t.check()
+        assert [c.code for c in t.tool_calls] == ["print(6*7)", "print(1+1)"]
+        assert [c.observation for c in t.tool_calls] == ["42", "2"] and t.finish_reason == "eos"
+        assert t.text.endswith("so \\boxed{42}<|im_end|>")
+        # Mask 0 exactly on the two separately tokenized observations; everything else was sampled.
+        obs = [_encode(tok, "\n42\n```\n"), _encode(tok, "\n2\n```\n")]
+        zeros = [i for i, m_ in enumerate(t.loss_mask) if m_ == 0]
+        assert len(zeros) == len(obs[0]) + len(obs[1])
+        assert [t.response_ids[i] for i in zeros] == obs[0] + obs[1]
+        assert all(t.versions[i] == -1 and t.logprobs[i] == 0.0 for i in zeros)
+        assert all(
+            t.logprobs[i] < 0 or math.isclose(t.logprobs[i], 0.0, abs_tol=1e-3)
+            for i, m_ in enumerate(t.loss_mask)
+            if m_
+        )
+        assert len(t.prompt_ids) + len(t.response_ids) <= 512 and len(t.response_ids) <= 200
+    # Ids returned are the ids sampled: an HF forward pass over them gives the engine's logprobs on sampled tokens.
+    t = trajs[0]
+    hf = _hf_logprobs(warm_sd, model_dir, t.prompt_ids, t.response_ids)
+    diffs = [abs(a - b) for a, b, m_ in zip(hf, t.logprobs, t.loss_mask, strict=True) if m_]
+    assert max(diffs) < 1e-4
+    assert m["tool/calls"] == 4 and m["tool/exec_success"] == 1.0 and m["tool/unexecuted_requests"] == 0
+
+
+def test_stop_without_block_executes_nothing_and_continues(ray_cluster, generator, models):
+    _, tok, _, _ = models
+    trajs, m = ray_cluster.get(generator.generate.remote([_request(tok, NO_BLOCK, "nb")], greedy=True))
+    (t,) = trajs
+    assert [c.code for c in t.tool_calls] == ["print(5)"]
+    assert t.text.startswith("```python\nx = 1\n```output\nfin\n")  # the stop-string tokens were kept
+    assert sum(1 for x in t.loss_mask if x == 0) == len(_encode(tok, "\n5\n```\n"))
+    assert m["tool/requests"] == 2 and m["tool/unexecuted_requests"] == 1
+
+
+def test_sampling_is_reproducible(ray_cluster, generator, models):
+    _, tok, _, _ = models
+    req = _request(tok, TWO_CALLS, "two", n=3)
+    a, _ = ray_cluster.get(generator.generate.remote([req]))
+    b, m = ray_cluster.get(generator.generate.remote([req]))
+    assert [t.response_ids for t in a] == [t.response_ids for t in b]  # seeds derive from config seed + ids
+    assert m["rollout/tokens"] > 0 and m["time/generate"] > 0
+
+
+def test_stream_events(ray_cluster, generator, models):
+    _, tok, _, _ = models
+    prompt = _encode(tok, TWO_CALLS[0])
+    gen = generator.generate_stream.options(num_returns="streaming").remote(prompt, {"greedy": True})
+    events = [ray_cluster.get(ref) for ref in gen]
+    kinds = [e["type"] for e in events]
+    assert kinds.count("tool_start") == kinds.count("tool_end") == kinds.count("observation") == 2
+    assert kinds[-1] == "done" and events[-1]["trajectory"].finish_reason == "eos"
+    assert [e["stdout"] for e in events if e["type"] == "tool_end"] == ["42\n", "2\n"]
+    # Text deltas + inserted observations spell the trajectory's decoded text (stop strings held back by vLLM).
+    streamed = "".join(e["text"] for e in events if e["type"] in ("text", "observation"))
+    assert streamed.replace(STOP, "") == events[-1]["trajectory"].text.replace(STOP, "").replace("<|im_end|>", "")
+
+
+def test_weight_update_parity_and_versions(ray_cluster, generator, models):
+    model_dir, tok, warm_sd, random_sd = models
+    ray_cluster.get(generator.update_weights.remote(random_sd, 1))
+    assert ray_cluster.get(generator.version.remote()) == 1
+    trajs, m = ray_cluster.get(generator.generate.remote([_request(tok, TWO_CALLS, "r")], greedy=True, tools=False))
+    t = trajs[0]
+    assert set(t.versions) == {1} and m["rollout/policy_version"] == 1
+    hf = _hf_logprobs(random_sd, model_dir, t.prompt_ids, t.response_ids)
+    assert max(abs(a - b) for a, b in zip(hf, t.logprobs, strict=True)) < 1e-4
+
+    # An update while trajectories are mid-generation: they are cut, continue on the new weights, and every token's
+    # recorded version is the one whose weights sampled it (checked against HF on each version).
+    import time
+
+    pending = generator.generate.remote([_request(tok, NO_BLOCK, "mid", n=16)], tools=False)
+    time.sleep(0.5)
+    ray_cluster.get(generator.update_weights.remote(warm_sd, 2))
+    trajs, m = ray_cluster.get(pending)
+    for t in trajs:
+        t.check()
+        assert t.versions == sorted(t.versions) and set(t.versions) <= {1, 2}
+        for sd, v in ((random_sd, 1), (warm_sd, 2)):
+            hf = _hf_logprobs(sd, model_dir, t.prompt_ids, t.response_ids)
+            diffs = [abs(a - b) for a, b, ver in zip(hf, t.logprobs, t.versions, strict=True) if ver == v]
+            assert not diffs or max(diffs) < 1e-4
+    assert m["rollout/preempted"] > 0, "the update landed after generation ended: nothing was preempted"
+    assert any(set(t.versions) == {1, 2} for t in trajs)
+    assert ray_cluster.get(generator.version.remote()) == 2
