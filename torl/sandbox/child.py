@@ -158,7 +158,7 @@ def enter_sandbox(
     """Isolate this freshly forked child; ``extra_fds`` end up as fds 3, 4, ...; returns the snippet's cwd/HOME."""
     os.setsid()  # own session and process group: the zygote kills the whole group
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
+    for sig in (signal.SIGCHLD, signal.SIGTERM):  # SIGPIPE stays ignored, as in any Python script
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if net_mode == "netns":
