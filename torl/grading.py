@@ -187,6 +187,9 @@ def _worker_main() -> None:
     _logging.disable(_logging.WARNING)  # math-verify warns on every call that timeouts are off; we know
     from math_verify import parse, verify
 
+    # Warm up sympy's lazily imported simplification code, so a real check's deadline does not pay for it.
+    for a, b in (("$\\frac{1}{2(n+1)}$", "$\\frac{1}{2n+2}$"), ("$(1,2]\\cup\\{3\\}$", "$\\{1, (2,3)\\}$")):
+        verify(parse(a, parsing_timeout=None), parse(b, parsing_timeout=None), timeout_seconds=None)
     out = sys.stdout
     out.write("ready\n")
     out.flush()
@@ -360,3 +363,22 @@ def score(
         if failed:
             reward -= cfg.exec_error_penalty
     return reward, correct
+
+
+def worker_stats() -> dict[str, int]:
+    """Counters of this process's math-verify helper: checks that timed out, helpers started."""
+    worker = _worker
+    return (
+        {"timeouts": worker.timeouts, "helper_starts": worker.started}
+        if worker
+        else {"timeouts": 0, "helper_starts": 0}
+    )
+
+
+def shutdown_helpers() -> None:
+    """Stop this process's math-verify helper processes (a later check starts new ones)."""
+    global _worker
+    with _worker_lock:
+        if _worker is not None:
+            _worker.close()
+        _worker = None
