@@ -66,7 +66,7 @@ def load_benchmark(name: str, skip_bad_rows: bool = False) -> list[Problem]:
 
 
 def load_problems(spec: str | Path, skip_bad_rows: bool = False, dedup: bool = True, seed: int = 0) -> list[Problem]:
-    """Problems from a file, an arrow directory or ``synthetic:<split>[:n]``.
+    """Problems from a file, an arrow directory, a ``BENCHMARKS`` name or ``synthetic:<split>[:n]``.
 
     Relative paths that do not exist are also looked up under ``shared_data_dir()`` (so ``math500/test.jsonl`` works
     anywhere). Rows without a question or answer raise ``DataError`` naming file and row, or are skipped and counted
@@ -76,6 +76,8 @@ def load_problems(spec: str | Path, skip_bad_rows: bool = False, dedup: bool = T
     spec_str = str(spec)
     if spec_str.startswith("synthetic:"):
         return _load_synthetic(spec_str, seed)
+    if spec_str in BENCHMARKS and not Path(spec_str).exists():  # a benchmark name, e.g. data.val_files=[torl_val]
+        return load_benchmark(spec_str, skip_bad_rows=skip_bad_rows)
     path = _resolve(Path(spec_str))
     rows = _read_rows(path)
     problems: list[Problem] = []

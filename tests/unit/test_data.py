@@ -55,6 +55,7 @@ def test_load_benchmark(name, count, sources):
     assert len(problems) == count
     assert {p.source for p in problems} == sources
     assert len({p.id for p in problems}) == count
+    assert load_problems(name) == problems  # a benchmark name is also a valid data spec (data.val_files)
 
 
 def test_torl_parquet_uses_user_turn_and_ground_truth():

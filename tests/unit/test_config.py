@@ -1,0 +1,116 @@
+"""Config loading: YAML presets, dotted overrides, clear errors, and defaults equal to ToRL's values."""
+
+from pathlib import Path
+
+import pytest
+
+from torl.config import Config, ConfigError, load_config, split_cli, to_dict
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_torl_values():
+    cfg = Config()
+    assert cfg.prompt.template == "tir_base_0309"
+    assert cfg.prompt.max_prompt_tokens == 400
+    assert cfg.tool.max_calls == 1 and cfg.tool.stop == "```output"
+    assert (cfg.tool.truncate_chars, cfg.tool.truncate_keep) == (256, 128)
+    assert cfg.tool.error_last_line is True
+    assert cfg.tool.compat_fake_timeout is False and cfg.tool.compat_error_substring is False  # bugs fixed by default
+    assert (cfg.reward.correct, cfg.reward.wrong, cfg.reward.exec_error_penalty) == (1.0, -1.0, 0.0)
+    assert cfg.reward.compat_penalty_without_code is False
+    assert cfg.rollout.n == 16 and cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0
+    assert cfg.rollout.top_k == -1 and cfg.rollout.max_response_tokens == 3072
+    assert cfg.data.batch_size == 128 and cfg.data.shuffle is True and cfg.data.seed == 1
+    assert cfg.optim.lr == 1e-6 and cfg.optim.weight_decay == 0.01 and cfg.optim.grad_clip == 1.0
+    assert cfg.algo.clip_low == 0.2 and cfg.algo.kl_coef == 0.0 and cfg.algo.loss_agg == "token-mean"
+    assert cfg.sandbox.timeout_s == 10.0
+    assert cfg.trainer.val_every == 4 and cfg.trainer.save_every == 20 and cfg.trainer.max_staleness == 0
+
+
+def test_yaml_then_overrides(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(
+        "rollout:\n  n: 4\n  temperature: 0.7\ntool:\n  max_calls: 2\ndata:\n  train_files: [a.parquet]\n"
+    )
+    cfg = load_config([str(preset)], ["rollout.n=8", "reward.exec_error_penalty=0.5", "data.val_files=[x,y]"])
+    assert cfg.rollout.n == 8  # the override wins over the file
+    assert cfg.rollout.temperature == 0.7 and cfg.tool.max_calls == 2
+    assert cfg.reward.exec_error_penalty == 0.5  # int/float coercion
+    assert cfg.data.train_files == ("a.parquet",) and cfg.data.val_files == ("x", "y")
+    assert cfg.prompt.template == "tir_base_0309"  # untouched fields keep defaults
+
+
+def test_later_files_win_and_presets_can_extend(tmp_path):
+    (tmp_path / "base.yaml").write_text("rollout:\n  n: 4\n  top_p: 0.9\n")
+    (tmp_path / "child.yaml").write_text("defaults: base.yaml\nrollout:\n  n: 2\n")
+    cfg = load_config([str(tmp_path / "child.yaml")])
+    assert cfg.rollout.n == 2 and cfg.rollout.top_p == 0.9
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("rollout.temprature=0.5", r"unknown config key 'rollout.temprature'; did you mean temperature"),
+        ("tool.max_call=2", r"unknown config key 'tool.max_call'; did you mean max_calls"),
+        ("rewrd.correct=1", r"unknown config key 'rewrd'; did you mean reward"),
+    ],
+)
+def test_unknown_key_suggests_close_match(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config([], [override])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("rollout.n=many", "rollout.n"),
+        ("tool.enabled=maybe", "tool.enabled"),
+        ("reward.grade_timeout_s=fast", "reward.grade_timeout_s"),
+        ("prompt.template=tir_base_0310", "prompt.template"),
+        ("rollout.n=1.5", "rollout.n"),
+        ("optim.betas=[0.9]", "optim.betas"),
+    ],
+)
+def test_wrong_type_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config([], [override])
+
+
+def test_yaml_section_must_be_a_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tool: 3\n")
+    with pytest.raises(ConfigError, match="tool: expected a mapping"):
+        load_config([str(bad)])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([str(tmp_path / "missing.yaml")])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="tool.max_calls"):
+        load_config([], ["tool.max_calls=-1"])
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_config([], ["data.batch_size=10", "learner.mini_batch_prompts=3"])
+
+
+def test_split_cli():
+    files, overrides = split_cli(["configs/a.yaml", "rollout.n=2", "b.yml"])
+    assert files == ["configs/a.yaml", "b.yml"] and overrides == ["rollout.n=2"]
+    with pytest.raises(ConfigError, match="neither a .yaml preset nor a key=value"):
+        split_cli(["rollout.n"])
+
+
+def test_torl_compat_preset_turns_quirks_on():
+    cfg = load_config([str(REPO / "configs/torl_compat.yaml")])
+    assert cfg.tool.compat_fake_timeout and cfg.tool.compat_error_substring
+    assert cfg.reward.compat_penalty_without_code
+    assert to_dict(cfg)["prompt"] == to_dict(Config())["prompt"]  # it changes nothing else
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_preset_loads(preset):
+    path = REPO / "configs" / preset
+    text = path.read_text()
+    if preset == "base_model.yaml" or "\napplications:" in "\n" + text:
+        pytest.skip("not a run config (model recipe or Ray Serve deployment file)")
+    load_config([str(path)])
