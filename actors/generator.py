@@ -223,11 +223,15 @@ class Generator:
         greedy: bool = False,
         tools: bool | None = None,
         max_calls: int | None = None,
+        mode: str | None = None,
     ) -> tuple[list[Trajectory], dict[str, float]]:
         """Sample ``n`` trajectories per request (greedy for evaluation); returns them in request order + metrics.
 
-        ``tools``/``max_calls`` override the config for this call (benchmarks, ablations).
+        ``tools``/``max_calls``/``mode`` ("async" or "sync") override the config for this call (benchmarks, ablations).
         """
+        mode = mode or self.cfg.rollout.mode
+        if mode not in ("async", "sync"):
+            raise ValueError(f"mode must be 'async' or 'sync', got {mode!r}")
         await self.start()
         settings = LoopSettings.from_config(self.cfg, max_calls=max_calls, tools=tools)
         self._check_tools(settings)
@@ -249,7 +253,7 @@ class Generator:
                     await self.sandbox.close_session(sessions[id(lp)])
 
         t0 = time.perf_counter()
-        if self.cfg.rollout.mode == "sync":
+        if mode == "sync":
             try:
                 trajs = await run_sync(loops, gen, tool)
             finally:
