@@ -26,6 +26,7 @@ from torl.sandbox.client import Zygote, sandbox_error
 from torl.types import ExecResult
 
 log = logging.getLogger(__name__)
+WORKER_BACKOFF_S = 2.0  # how long new requests avoid a worker that failed one (Ray restarts it meanwhile)
 
 
 class SandboxWorker:
@@ -68,6 +69,7 @@ class SandboxPool:
 
     def _reset_local(self) -> None:
         self._inflight = [0] * len(self.workers)
+        self._down_until = [0.0] * len(self.workers)  # a worker that just failed is avoided while Ray restarts it
         self._gate: asyncio.Semaphore | None = None
         self._gate_loop: asyncio.AbstractEventLoop | None = None
         self._waiting = 0
@@ -109,7 +111,8 @@ class SandboxPool:
     def _pick(self, session: str | None) -> int:
         if session is not None:  # sticky: every copy of the pool sends a session to the same worker
             return zlib.crc32(session.encode()) % len(self.workers)
-        return min(range(len(self.workers)), key=self._inflight.__getitem__)
+        now = time.monotonic()
+        return min(range(len(self.workers)), key=lambda i: (self._down_until[i] > now, self._inflight[i]))
 
     def _gate_here(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -134,6 +137,7 @@ class SandboxPool:
         except Exception as exc:  # noqa: BLE001 - a dead or restarting worker fails this request only
             log.warning("sandbox worker %d failed a request: %s", idx, exc)
             result = sandbox_error(f"worker {idx} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            self._down_until[idx] = time.monotonic() + WORKER_BACKOFF_S
         finally:
             self._inflight[idx] -= 1
             gate.release()
