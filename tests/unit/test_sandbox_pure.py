@@ -1,0 +1,107 @@
+"""Pure parts of the sandbox: output capping, status mapping, environment scrubbing, limits, reply parsing."""
+
+import json
+import os
+
+import pytest
+
+from torl.config import ConfigError, SandboxConfig
+from torl.sandbox.child import Limits, exit_code_of, hidden_prefixes, run_code, snippet_env
+from torl.sandbox.client import ZYGOTE_ENV, result_from_reply, zygote_command, zygote_limits
+from torl.sandbox.zygote import CappedBuffer, classify
+
+
+def test_capped_buffer_keeps_head_and_flags_overflow():
+    buf = CappedBuffer(5)
+    assert buf.append(b"abc") is False
+    assert buf.append(b"defg") is True
+    assert buf.text() == "abcde" and buf.truncated and buf.size == 5
+    assert buf.append(b"more") is True and buf.text() == "abcde"
+
+
+def test_capped_buffer_replaces_invalid_utf8():
+    buf = CappedBuffer(100)
+    buf.append(b"ok \xff\xfe end")
+    assert buf.text() == "ok \ufffd\ufffd end"
+
+
+@pytest.mark.parametrize(
+    ("wait_status", "timed_out", "over", "stderr", "want"),
+    [
+        (0, False, False, "", ("ok", 0)),
+        (1 << 8, False, False, "", ("error", 1)),
+        (11, False, False, "", ("killed", -11)),
+        (9, True, False, "", ("timeout", -9)),
+        (None, True, False, "", ("timeout", None)),
+        (9, False, True, "", ("killed", -9)),
+        (125 << 8, False, False, "[sandbox] setup failed\n...", ("sandbox_error", 125)),
+        (125 << 8, False, False, "user exit", ("error", 125)),
+    ],
+)
+def test_classify(wait_status, timed_out, over, stderr, want):
+    assert classify(wait_status, timed_out, over, stderr) == want
+
+
+def test_snippet_env_has_nothing_inherited():
+    env = snippet_env("/tmp")
+    assert env["HOME"] == "/tmp" and env["OMP_NUM_THREADS"] == "1"
+    assert not any(k.startswith(("RAY", "WANDB", "VLLM")) for k in env)
+
+
+def test_zygote_env_and_command_carry_no_secrets(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "secret-123")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    cfg = SandboxConfig()
+    cmd = zygote_command(cfg, rank=2)
+    assert "-E" in cmd and "-s" in cmd and "secret-123" not in " ".join(cmd)
+    assert not any(k.startswith(("RAY", "WANDB", "VLLM")) for k in ZYGOTE_ENV)
+    limits = json.loads(cmd[-1])
+    assert limits["uid_base"] == cfg.uid_base + 2000 and limits["preload"] == list(cfg.preload)
+
+
+def test_limits_round_trip_and_reject_unknown_keys():
+    limits = Limits.from_json(json.dumps(zygote_limits(SandboxConfig(timeout_s=3.0))))
+    assert limits.timeout_s == 3.0 and limits.isolate_network
+    with pytest.raises(ValueError, match="unknown zygote limit"):
+        Limits.from_json('{"timeout": 1}')
+
+
+def test_sandbox_config_validation():
+    with pytest.raises(ConfigError):
+        SandboxConfig(num_workers=0)
+    with pytest.raises(ConfigError):
+        SandboxConfig(timeout_s=0)
+
+
+def test_result_from_reply():
+    res = result_from_reply({"status": "ok", "stdout": "1\n", "exit_code": 0, "wall_s": 0.01}, queue_s=0.5)
+    assert res.ok and res.stdout == "1\n" and res.queue_s == 0.5 and not res.truncated
+    bad = result_from_reply({"status": "weird"})
+    assert bad.status == "sandbox_error" and "malformed" in bad.stderr
+
+
+def test_exit_code_of_matches_python():
+    assert exit_code_of(SystemExit()) == 0
+    assert exit_code_of(SystemExit(3)) == 3
+    assert exit_code_of(SystemExit(256 + 2)) == 2
+
+
+def test_hidden_prefixes(tmp_path):
+    locked = tmp_path / "home"
+    (locked / "py").mkdir(parents=True)
+    os.chmod(locked, 0o700)
+    (top, path), *_ = hidden_prefixes([str(locked / "py")])  # pytest's own tmp root may be 0700 too
+    assert path == str(locked / "py") and str(locked).startswith(top)
+    os.chmod(locked, 0o755)
+    assert all(top != str(locked) for top, _ in hidden_prefixes([str(locked / "py")]))
+    assert hidden_prefixes(["/usr/lib"]) == []
+
+
+def test_run_code_runs_as_script(capsys):
+    ns = {"__name__": "__main__", "__builtins__": __builtins__}
+    assert run_code("x = 2\nx + 1\nif __name__ == '__main__':\n    print(x)", ns) == 0
+    assert capsys.readouterr().out == "2\n" and ns["x"] == 2
+    assert run_code("raise SystemExit(4)", ns) == 4
+    assert run_code("1/0", ns) == 1
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError" in err and 'File "<snippet>", line 1' in err and "run_code" not in err
