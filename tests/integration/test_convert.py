@@ -73,6 +73,26 @@ def test_smollm2_converts_and_generates(smollm2_dir, monkeypatch):
     assert time.perf_counter() - start < 2.0
 
 
+def test_hf_dir_converts_to_bf16_and_back_is_cached(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = convert.convert_checkpoint(tiny_model_dir, tmp_path / "bf16", dtype="bfloat16")
+    assert convert.is_converted(out, convert.resolve_source(tiny_model_dir), "bfloat16")
+    assert not convert.is_converted(out, convert.resolve_source(tiny_model_dir), "float32")
+    src_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    new_model = AutoModelForCausalLM.from_pretrained(out)
+    assert new_model.dtype == torch.bfloat16
+    for name, tensor in src_model.state_dict().items():
+        assert torch.equal(tensor.to(torch.bfloat16), new_model.state_dict()[name]), name
+    text = "Assistant:\n```python\nprint(2**10)\n```\n"
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir).encode(text)
+    assert AutoTokenizer.from_pretrained(out).encode(text) == ids
+    # Asking for another dtype converts again, in place of the old one.
+    convert.convert_checkpoint(tiny_model_dir, out, dtype="float32")
+    assert json.loads((out / convert.STAMP).read_text())["dtype"] == "float32"
+
+
 def test_source_errors(tmp_path):
     with pytest.raises(convert.ConvertError, match="does not exist"):
         convert.resolve_source(tmp_path / "missing")
