@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -69,12 +70,6 @@ def parse_args(argv: list[str]) -> tuple[Config, str]:
     cfg = replace(cfg, model=replace(cfg.model, path=checkpoint))
     if not cfg.eval.benchmarks:
         raise ConfigError("no benchmarks given (--benchmarks aime24,math500 or eval.benchmarks=...)")
-    for bench in cfg.eval.benchmarks:
-        if bench not in NAMED_BENCHMARKS and not bench.startswith("synthetic:") and not Path(bench).exists():
-            raise ConfigError(
-                f"unknown benchmark {bench!r}: use one of {', '.join(NAMED_BENCHMARKS)}, synthetic:<split>, "
-                "or the path of a parquet/jsonl file"
-            )
     return cfg, checkpoint
 
 
@@ -98,14 +93,20 @@ def resolve_checkpoint(path: str) -> str:
 
 def load_items(cfg: Config, tokenizer) -> tuple[list[Item], dict[str, int]]:
     """Template and tokenize every benchmark's problems; skip (and count) prompts that would not fit the context."""
-    from torl.data import load_benchmark, load_problems
+    from torl.data import DataError, load_benchmark, load_problems
     from torl.prompts import build_prompt
 
     max_prompt = min(cfg.eval.max_prompt_tokens, cfg.model.max_model_len - cfg.rollout.max_response_tokens)
     items: list[Item] = []
     skipped: dict[str, int] = {}
     for bench in cfg.eval.benchmarks:
-        problems = load_benchmark(bench) if bench in NAMED_BENCHMARKS else load_problems(bench)
+        try:
+            problems = load_benchmark(bench) if bench in NAMED_BENCHMARKS else load_problems(bench)
+        except (DataError, FileNotFoundError) as exc:
+            raise ConfigError(
+                f"benchmark {bench!r}: {exc} (use one of {', '.join(NAMED_BENCHMARKS)}, synthetic:<split>[:n], "
+                "or the path of a parquet/jsonl file)"
+            ) from exc
         if cfg.eval.limit:
             problems = problems[: cfg.eval.limit]
         if not problems:
@@ -214,7 +215,9 @@ def start_actors(cfg: Config, checkpoint: str):
     from actors.sandbox import SandboxPool
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    sandbox = SandboxPool.create(cfg.sandbox) if cfg.tool.enabled else None
+    # A pool name of its own, so an evaluation can run beside a training job on the same cluster.
+    name = f"torl_eval_sandbox_{os.getpid()}_{time.time_ns()}"
+    sandbox = SandboxPool.create(cfg.sandbox, name=name) if cfg.tool.enabled else None
     generators = [
         GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
             cfg, checkpoint, sandbox
@@ -229,6 +232,10 @@ def start_actors(cfg: Config, checkpoint: str):
 def stop_actors(sandbox, generators: list, grader) -> None:
     import ray
 
+    try:  # let vLLM stop its engine process cleanly before the actor goes
+        ray.get([g.shutdown.remote() for g in generators] + ([grader.shutdown.remote()] if grader else []), timeout=60)
+    except Exception as exc:  # noqa: BLE001 - a stuck engine must not keep the job alive
+        print(f"[torl] generator shutdown: {exc}")
     for actor in [*generators, grader]:
         if actor is not None:
             ray.kill(actor)
