@@ -1,0 +1,98 @@
+"""Synthetic tasks and traces: seeded, disjoint splits, correct answers, ToRL's exact frames."""
+
+import random
+from collections import Counter
+from fractions import Fraction
+
+import pytest
+
+from torl import tasks
+from torl.prompts import build_prompt
+
+
+def _value(answer: str) -> Fraction:
+    return Fraction(answer)  # "12", "-3/4": plain integers or a/b only
+
+
+def test_make_split_is_deterministic_and_seed_dependent():
+    a, b = tasks.make_split("train", 50, seed=3), tasks.make_split("train", 50, seed=3)
+    assert a == b
+    assert [p.id for p in a] != [p.id for p in tasks.make_split("train", 50, seed=4)]
+
+
+def test_splits_are_disjoint_whatever_the_seeds():
+    test_ids = {p.id for s in (0, 1) for p in tasks.make_split("test", 200, seed=s)}
+    train_ids = {p.id for s in (0, 7) for p in tasks.make_split("train", 2000, seed=s)}
+    assert test_ids and not test_ids & train_ids
+
+
+def test_split_sizes_ids_unique_and_default_size():
+    probs = tasks.make_split("test", None, seed=0)
+    assert len(probs) == tasks.DEFAULT_SIZES["test"]
+    assert len({p.id for p in probs}) == len(probs)
+    assert all(p.source.startswith("synthetic/") for p in probs)
+
+
+def test_bad_split_and_size_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown synthetic split"):
+        tasks.make_split("validation", 5)
+    with pytest.raises(ValueError, match="n must be"):
+        tasks.make_split("train", -1)
+
+
+def test_answers_are_plain_integers_or_reduced_fractions_and_code_prints_them():
+    for t in tasks.make_tasks("train", 300, seed=5):
+        assert "/" not in t.answer or _value(t.answer).denominator != 1
+        assert str(_value(t.answer).numerator) in t.answer
+        ok, out = tasks.run_code(t.code)
+        assert ok and out == t.answer, (t.key, out)
+
+
+def test_mix_of_families_and_levels():
+    ts = tasks.make_tasks("train", 2000, seed=0)
+    fams = Counter(t.family for t in ts)
+    assert set(fams) == set(tasks.FAMILIES) and min(fams.values()) > 150
+    easy = sum(t.level == "easy" for t in ts) / len(ts)
+    assert 0.15 < easy < 0.4
+
+
+def test_trace_kinds_frames_and_independence_from_task_type():
+    rng = random.Random(0)
+    ts = tasks.make_tasks("train", 3000, seed=0, unique=False)
+    traces = [(t, *tasks.make_trace(t, rng)) for t in ts]
+    kinds = Counter(k for *_, k in traces)
+    code_share = (kinds["code"] + kinds["bug"]) / len(traces)
+    assert 0.35 < code_share < 0.45 and 0.02 < kinds["bug"] / len(traces) < 0.06
+    for level in ("easy", "hard"):  # same code rate on easy and hard items: the decision carries no task info
+        sub = [k for t, _, _, k in traces if t.level == level]
+        assert abs(sum(k != "text" for k in sub) / len(sub) - code_share) < 0.05
+    for t, prompt, response, kind in traces[:300]:
+        assert prompt == build_prompt(t.question, "tir_base_0309")
+        if kind == "text":
+            assert "```" not in response
+        else:
+            assert response.count("```python\n") == 1 and response.count("\n```\n```output\n") == 1
+            obs = response.split("```output\n", 1)[1].split("\n```\n", 1)[0]
+            if kind == "code":
+                assert obs == t.answer and response.endswith(f"\\boxed{{{t.answer}}}.")
+            else:
+                assert obs.split(":")[0] in ("NameError", "SyntaxError")
+        assert response.count("\\boxed{") == 1
+
+
+def test_text_answers_right_on_easy_mostly_wrong_on_hard():
+    rng = random.Random(1)
+    right = {"easy": [], "hard": []}
+    for t in tasks.make_tasks("train", 3000, seed=2, unique=False):
+        response, kind = tasks.make_response(t, rng, code_frac=0.0)
+        boxed = response.rsplit("\\boxed{", 1)[1].split("}")[0]
+        right[t.level].append(boxed == t.answer)
+    assert all(right["easy"])
+    assert 0.05 < sum(right["hard"]) / len(right["hard"]) < 0.2
+
+
+def test_run_code_reports_the_real_last_error_line():
+    assert tasks.run_code("print(6 * 7)") == (True, "42")
+    assert tasks.run_code("print(x)") == (False, "NameError: name 'x' is not defined")
+    ok, err = tasks.run_code("print 3)")
+    assert not ok and err.startswith("SyntaxError")
