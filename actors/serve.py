@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
@@ -71,9 +72,17 @@ class Engine:
         if cfg.tool.enabled:
             from actors.sandbox import SandboxPool
 
-            self.pool = SandboxPool.create(cfg.sandbox)
+            # A pool of its own per replica (unique name: a trainer on the same cluster owns "torl_sandbox").
+            name = f"torl_serve_sandbox_{uuid.uuid4().hex[:8]}"
+            self.pool = await asyncio.to_thread(SandboxPool.create, cfg.sandbox, name)
         self.gen = Generator(cfg, model_path, self.pool)
         await self.gen.start()
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: end the engine and the sandbox workers with it."""
+        await self.gen.shutdown()
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.shutdown)
 
     async def stream(self, prompt_ids: list[int], sampling: dict[str, Any], max_calls: int) -> AsyncIterator[dict]:
         """Yield ``{"kind": "text"|"tool"|"done", ...}`` events as the trajectory grows."""
@@ -85,7 +94,10 @@ class Engine:
             elif kind == "tool_end":
                 last_tool = ev
             elif kind == "observation":
-                yield {"kind": "tool", "text": ev["text"], "call": self._call(last_tool)}
+                # vLLM holds the stop string back from text deltas, but its sampled tokens stay in the response (and
+                # in the final text): put it back in front of the observation so the stream reads like the result.
+                text = self.tool_cfg.stop + ev["text"]
+                yield {"kind": "tool", "text": text, "call": self._call(last_tool)}
             elif kind == "done":
                 yield _done(ev["trajectory"])
 

@@ -242,3 +242,38 @@ def test_32_concurrent_requests_all_complete(server):
     for resp in results:
         check_mul(resp.choices[0].message.content, resp.choices[0].model_extra["torl"])
     assert time.perf_counter() - t0 < 120
+
+
+def test_sandbox_worker_crash_gives_tool_error_not_failed_server(server, ray_cluster):
+    """Kill the sandbox worker actor while it runs the 4 s snippet: that call reports a sandbox error."""
+    import concurrent.futures
+
+    ray = ray_cluster
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("torl_serve_sandbox_")]
+    assert named, "the serve app's sandbox workers were not found"
+    workers = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in named]
+    messages = [{"role": "user", "content": Q_SLEEP}]
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(
+            client(server).chat.completions.create, model=MODEL, messages=messages, temperature=0, max_tokens=120
+        )
+        deadline = time.monotonic() + 30
+        while not any(ray.get(w.load.remote())["running"] for w in workers):
+            assert time.monotonic() < deadline and not fut.done(), "the sleep snippet never started"
+            time.sleep(0.1)
+        for w in workers:
+            ray.kill(w, no_restart=False)  # a crash: Ray restarts the worker for later requests
+        resp = fut.result(timeout=60)
+    (call,) = resp.choices[0].model_extra["torl"]["tool_calls"]
+    assert call["status"] == "sandbox_error" and "time.sleep(4)" in call["code"]
+    for w in workers:  # wait until Ray has restarted the worker (requests sent meanwhile get sandbox errors too)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                ray.get(w.load.remote(), timeout=10)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                assert time.monotonic() < deadline, "sandbox worker did not come back"
+                time.sleep(0.5)
+    after = chat_mul(server).choices[0]  # the server and (restarted) sandbox keep serving
+    check_mul(after.message.content, after.model_extra["torl"])
