@@ -179,11 +179,27 @@ def wrap_math(answer: str) -> str:
 _WORKER_CODE = "from torl.grading import _worker_main; _worker_main()"
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this helper when its parent dies, so a check stuck in a huge computation cannot
+    outlive a killed grader actor (stdin EOF only ends the helper between checks)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except OSError:
+            pass
+        if os.getppid() == 1:  # the parent already died before prctl took effect
+            os._exit(0)
+
+
 def _worker_main() -> None:
     """Helper process loop: one JSON request per stdin line, "1"/"0" per stdout line. Runs math-verify without
     its signal-based timeouts (the parent enforces the deadline by killing this process)."""
     import logging as _logging
 
+    _die_with_parent()
     _logging.disable(_logging.WARNING)  # math-verify warns on every call that timeouts are off; we know
     from math_verify import parse, verify
 
