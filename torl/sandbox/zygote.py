@@ -145,6 +145,7 @@ class Zygote:
         self.free_slots: list[int] = []  # slot i = uid uid_base+i with scratch dir <root>/i, reused between jobs
         self.num_slots = 0
         self.root = os.path.realpath(os.path.join(limits.scratch_root, f"torl-sandbox-{os.getpid()}"))
+        _remove_stale_roots(limits.scratch_root)
         os.makedirs(self.root, mode=0o711, exist_ok=True)
         os.chmod(self.root, 0o711)
         self.privileged = limits.drop_privileges and os.geteuid() == 0
@@ -557,6 +558,23 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _remove_stale_roots(parent: str) -> None:
+    """Delete scratch roots of zygotes that were SIGKILLed (they could not clean up after themselves)."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith("torl-sandbox-")]
+    except OSError:
+        return
+    for name in names:
+        pid = name.removeprefix("torl-sandbox-")
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"torl.sandbox.zygote" in f.read():
+                    continue  # a live zygote owns it
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _descendants(root: int) -> list[int]:
