@@ -37,6 +37,8 @@ from torl.evaluation import (  # noqa: E402
     summarize,
 )
 
+# Generator metrics that add up over chunks (counts and seconds); rates and ratios are recomputed from records.
+SUMMED = ("rollout/tokens", "tool/calls")
 NAMED_BENCHMARKS = ("aime24", "aime25", "math500", "olympiadbench", "amc23", "torl_val")
 
 
@@ -192,7 +194,7 @@ def stream(cfg: Config, generators: list, grader, items: list[Item], store: Resu
         (ref,), _ = ray.wait(list(inflight), num_returns=1)
         chunk = inflight.pop(ref)
         trajs, metrics = ray.get(ref)
-        totals.update({k: v for k, v in metrics.items() if k.startswith(("time/", "rollout/tokens", "tool/calls"))})
+        totals.update({k: v for k, v in metrics.items() if k in SUMMED or k.startswith("time/")})
         verdicts = ray.get(
             grader.grade.remote([(t.text, t.answer, t.used_code, t.used_code and not t.code_ok) for t in trajs])
         )
@@ -306,6 +308,9 @@ def main(argv: list[str]) -> dict:
     summary["skipped_too_long"] = skipped
     summary["setup"] = run_meta(cfg)
     summary["run"] = {"generated_problems": len(todo), "wall_s": wall, **totals}
+    if todo and wall > 0:
+        summary["run"]["problems_per_s"] = len(todo) / wall
+        summary["run"]["tokens_per_s"] = totals.get("rollout/tokens", 0.0) / wall
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = format_table(summary)
     (out / "results.txt").write_text(table + "\n")
