@@ -1,0 +1,204 @@
+"""Serve benchmark: requests/s and p50/p99 latency through the OpenAI endpoint vs the bare vLLM engine, one run.
+
+The same greedy, no-tool requests (ToRL-templated questions, ``--max-tokens`` each) go (1) straight to a vLLM
+``AsyncLLM`` built exactly as the generator builds it, in this process, with no HTTP, Serve or tool loop, and then
+(2) to ``POST /v1/completions`` of the Serve app (``max_tool_calls: 0``) over loopback HTTP, at 1, 8 and 32
+concurrent clients. Greedy decoding makes both sides generate the same tokens (checked). Prints a table and the
+Serve overhead ratio (bare requests/s over Serve requests/s; target <= 1.3 at 32 clients).
+
+    python bench/serve.py [--model DIR] [--requests 64] [--max-tokens 64] [--clients 1,8,32]
+
+``--model`` defaults to the project's small base model (models/torl-tiny-base) if built, else a random Qwen2 of
+the same shape. The engines run one after the other, never at once (2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # as in a 1-CPU Ray actor (the Serve engine replica)
+
+
+def model_dir(arg: str, tmp: str) -> str:
+    if arg:
+        return arg
+    base = REPO / "models" / "torl-tiny-base"
+    if (base / "config.json").is_file():
+        return str(base)
+    from torl.modeling import ModelShape, build_random_checkpoint
+
+    # The base model recipe's shape (configs/base_model.yaml): hidden 128, 4 layers, head_dim 32.
+    shape = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512)
+    print("models/torl-tiny-base not built; using a random model of its shape")
+    return str(build_random_checkpoint(Path(tmp) / "model", shape=shape, seed=0, vocab_size=768))
+
+
+def prompts(tok, n: int) -> list[list[int]]:
+    from torl.prompts import build_prompt
+
+    questions = [f"What is {17 + 7 * i} times {23 + 3 * i}? Then add {i}." for i in range(n)]
+    return [tok.encode(build_prompt(q, "tir_base_0309")) for q in questions]
+
+
+def summary(latencies: list[float], wall: float) -> dict[str, float]:
+    lat = sorted(latencies)
+    return {
+        "rps": len(lat) / wall,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
+    }
+
+
+async def drive(one, work: list, clients: int) -> tuple[dict[str, float], list[int]]:
+    """``clients`` workers pull from ``work`` until it is empty; returns the latency summary and tokens per request."""
+    queue = list(enumerate(work))
+    latencies: list[float] = [0.0] * len(work)
+    tokens: list[int] = [0] * len(work)
+
+    async def worker() -> None:
+        while queue:
+            i, item = queue.pop()
+            t0 = time.perf_counter()
+            tokens[i] = await one(item)
+            latencies[i] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return summary(latencies, time.perf_counter() - t0), tokens
+
+
+async def bare_engine(cfg, path: str, work: list, levels: list[int], max_tokens: int) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from actors.generator import Generator
+
+    gen = Generator(cfg, path, None)
+    await gen.start()  # the engine exactly as the serve Engine deployment builds it
+    engine = gen._engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    counter = iter(range(10**9))
+
+    async def one(ids: list[int]) -> int:
+        final = None
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=ids), params, f"bench-{next(counter)}"):
+            final = out
+        return len(final.outputs[0].token_ids)
+
+    results = {}
+    try:
+        await drive(one, work[:8], 8)  # warm-up
+        for c in levels:
+            results[c] = await drive(one, work, c)
+    finally:
+        await gen.shutdown()
+    return results
+
+
+async def served(base: str, model: str, texts: list[str], levels: list[int], max_tokens: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+
+        async def one(text: str) -> int:
+            body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "max_tool_calls": 0}
+            r = await http.post("/v1/completions", json=body)
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+
+        await drive(one, texts[:8], 8)  # warm-up
+        return {c: await drive(one, texts, c) for c in levels}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="")
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--port", type=int, default=18765)
+    args = ap.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+
+    from transformers import AutoTokenizer
+
+    from torl.config import load_config
+
+    tmp = tempfile.mkdtemp(prefix="bench-serve-")
+    path = model_dir(args.model, tmp)
+    tok = AutoTokenizer.from_pretrained(path)
+    work = prompts(tok, args.requests)
+    texts = [tok.decode(ids) for ids in work]
+    assert [tok.encode(t) for t in texts] == work, "prompt text does not round-trip to the same ids"
+    cfg = load_config(
+        overrides=[
+            f"model.path={path}",
+            "model.max_model_len=1024",
+            "prompt.max_prompt_tokens=256",
+            "rollout.max_response_tokens=512",
+            f"serve.port={args.port}",
+            "serve.model_name=m",
+        ]
+    )
+
+    from actors.cluster import apply_local_env
+
+    apply_local_env()
+    t0 = time.time()
+    bare = asyncio.run(bare_engine(cfg, path, work, levels, args.max_tokens))
+    print(f"bare engine done in {time.time() - t0:.0f} s", flush=True)
+
+    from ray import serve
+
+    from actors.cluster import init_ray
+    from actors.serve import build_app
+
+    init_ray(num_cpus=4)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        serve.run(build_app(cfg), name="bench", route_prefix="/")
+        srv = asyncio.run(served(f"http://127.0.0.1:{args.port}", "m", texts, levels, args.max_tokens))
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+
+    print(f"\nmodel {path}; {args.requests} requests per level, greedy, max_tokens {args.max_tokens}, no tools")
+    print(f"{'clients':>7} | {'bare req/s':>10} {'p50 ms':>8} {'p99 ms':>8} | {'serve req/s':>11} {'p50 ms':>8} "
+          f"{'p99 ms':>8} | overhead (bare/serve req/s)")  # fmt: skip
+    report = {}
+    for c in levels:
+        (b, btok), (s, stok) = bare[c], srv[c]
+        same = btok == stok
+        ratio = b["rps"] / s["rps"]
+        report[c] = {
+            "bare": b,
+            "serve": s,
+            "overhead": ratio,
+            "same_tokens": same,
+            "tokens_mean": sum(btok) / len(btok),
+        }
+        note = "" if same else "  (token counts differ!)"
+        print(f"{c:>7} | {b['rps']:>10.1f} {b['p50_ms']:>8.0f} {b['p99_ms']:>8.0f} | {s['rps']:>11.1f} "
+              f"{s['p50_ms']:>8.0f} {s['p99_ms']:>8.0f} | {ratio:.2f}x{note}")  # fmt: skip
+    top = max(levels)
+    verdict = "meets" if report[top]["overhead"] <= 1.3 else "misses"
+    print(f"\nServe overhead at {top} clients: {report[top]['overhead']:.2f}x ({verdict} the <= 1.3x target)")
+    print(json.dumps({str(k): v for k, v in report.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
