@@ -285,20 +285,22 @@ def main(argv: list[str]) -> dict:
         f"{len(items) - len(todo)} already done, {sum(skipped.values())} skipped as too long -> {out}"
     )
 
-    t0, totals = time.perf_counter(), {}
+    totals: dict[str, float] = {}
     if todo:
         import ray
 
         started_ray = not ray.is_initialized()
         sandbox = generators = grader = None
         try:
+            t0 = time.perf_counter()
             sandbox, generators, grader = start_actors(cfg, checkpoint)
+            t1 = time.perf_counter()
             totals = stream(cfg, generators, grader, todo, store)
+            totals["startup_s"], totals["wall_s"] = t1 - t0, time.perf_counter() - t1
         finally:
             stop_actors(sandbox, generators or [], grader)
             if started_ray:
                 ray.shutdown()
-    wall = time.perf_counter() - t0
 
     wanted = {it.key for it in items}
     records = [r for r in store.load() if r.key in wanted]
@@ -307,10 +309,10 @@ def main(argv: list[str]) -> dict:
     summary["checkpoint"] = checkpoint
     summary["skipped_too_long"] = skipped
     summary["setup"] = run_meta(cfg)
-    summary["run"] = {"generated_problems": len(todo), "wall_s": wall, **totals}
-    if todo and wall > 0:
-        summary["run"]["problems_per_s"] = len(todo) / wall
-        summary["run"]["tokens_per_s"] = totals.get("rollout/tokens", 0.0) / wall
+    summary["run"] = {"generated_problems": len(todo), **totals}  # wall_s: streaming only, after startup_s
+    if totals.get("wall_s"):
+        summary["run"]["problems_per_s"] = len(todo) / totals["wall_s"]
+        summary["run"]["tokens_per_s"] = totals.get("rollout/tokens", 0.0) / totals["wall_s"]
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = format_table(summary)
     (out / "results.txt").write_text(table + "\n")
