@@ -4,11 +4,17 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+TEST_RECIPE = REPO / "configs" / "base_model_test.yaml"
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A random-init Qwen2 (hidden 64, 2 layers, head_dim 32, tied, fp32) + ToRL-ready tokenizer, loadable offline
-    by transformers (AutoTokenizer / AutoModelForCausalLM) and vLLM. Built once per session (~1 s)."""
-    from torl.modeling import build_random_checkpoint
+    """The seconds-to-build variant of the base-model recipe (configs/base_model_test.yaml): a Qwen2 with hidden 64,
+    2 layers, head_dim 32, tied embeddings, fp32, briefly trained on ToRL-format traces, and its tokenizer. Loads
+    offline in transformers (AutoTokenizer / AutoModelForCausalLM) and vLLM. Built once per session."""
+    from torl.pretrain import build_base_model, load_recipe
 
-    return build_random_checkpoint(tmp_path_factory.mktemp("tiny_model") / "model", seed=0)
+    out = tmp_path_factory.mktemp("tiny_model") / "model"
+    path, _ = build_base_model(load_recipe([str(TEST_RECIPE)], [f"output_dir={out}", "threads=1"]))
+    return path

@@ -209,9 +209,9 @@ def train(model, examples: list[Example], recipe: BaseModelRecipe, pad_id: int) 
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
         tokens += int(attn.sum())
-        losses.append(float(loss))
-        if step % 100 == 0 or step == recipe.steps - 1:
-            recent = sum(losses[-100:]) / len(losses[-100:])
+        losses.append(loss.item())
+        if step % 50 == 0 or step == recipe.steps - 1:
+            recent = sum(losses[-50:]) / len(losses[-50:])
             logger.info("step %d/%d loss %.4f (%.0f tok/s)", step, recipe.steps, recent, tokens / (time.time() - t0))
     model.eval()
     tail = losses[-50:] or [float("nan")]

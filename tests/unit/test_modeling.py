@@ -76,3 +76,59 @@ def test_build_model_is_deterministic_given_seed():
 
 def test_padded_vocab():
     assert padded_vocab(512) == 512 and padded_vocab(513) == 576
+
+
+# --- the pretraining recipe (torl.pretrain) ---------------------------------------------------------------------
+
+
+def test_encode_trace_matches_how_the_tool_loop_builds_ids(auto_tok):
+    import random
+
+    from torl import pretrain, tasks
+    from torl.rollout import observation_insert
+
+    rng = random.Random(0)
+    ts = tasks.make_tasks("train", 200, seed=0)
+    seen = set()
+    for t in ts:
+        prompt, response, kind = tasks.make_trace(t, rng, code_frac=0.5, bug_frac=0.3)
+        ex = pretrain.encode_trace(auto_tok, prompt, response, kind)
+        enc = lambda s: auto_tok(s, add_special_tokens=False).input_ids  # noqa: E731
+        if kind == "text":
+            want = enc(prompt) + enc(response) + [auto_tok.eos_token_id]
+            assert ex.mask == [0] * len(enc(prompt)) + [1] * (len(want) - len(enc(prompt)))
+        else:
+            round_text, rest = response.split("```output\n", 1)
+            body, after = rest.split("\n```\n", 1)
+            obs = observation_insert(round_text, "", body, "```output")
+            want = enc(prompt) + enc(round_text + "```output") + enc(obs) + enc(after) + [auto_tok.eos_token_id]
+            assert sum(1 for m in ex.mask if m == 0) == len(enc(prompt)) + len(enc(obs))
+        assert ex.ids == want
+        seen.add(kind)
+    assert seen == {"text", "code", "bug"}
+
+
+def test_recipe_overrides_fingerprint_and_unknown_keys():
+    from torl.config import ConfigError
+    from torl.pretrain import BaseModelRecipe, load_recipe
+
+    base = BaseModelRecipe()
+    assert load_recipe([], ["steps=7"]).steps == 7
+    assert load_recipe([], ["output_dir=/x", "eval_n=3"]).fingerprint() == base.fingerprint()
+    assert load_recipe([], ["seed=2"]).fingerprint() != base.fingerprint()
+    with pytest.raises(ConfigError, match="hiden"):
+        load_recipe([], ["hiden=32"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    from torl.pretrain import BaseModelRecipe, _lr_at
+
+    r = BaseModelRecipe(steps=100, warmup_steps=10, lr=1.0, min_lr_frac=0.1)
+    assert _lr_at(0, r) == pytest.approx(0.1) and _lr_at(9, r) == pytest.approx(1.0)
+    assert _lr_at(99, r) == pytest.approx(0.1, abs=0.01)
+
+
+def test_fixture_model_was_built_by_the_recipe(tiny_model_dir):
+    meta = json.loads((tiny_model_dir / "recipe.json").read_text())
+    assert meta["recipe"]["hidden"] == 64 and meta["final_loss"] < 6.0
+    assert set(meta["trace_kinds"]) == {"code", "bug", "text"}
