@@ -67,6 +67,11 @@ def _dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _flat(rows: list[list[Any]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Concatenate per-sequence lists into one flat tensor (the packed token order)."""
+    return torch.tensor([x for r in rows for x in r], dtype=dtype, device=device)
+
+
 class Learner:
     """One learner rank. Call ``setup`` (on every rank, concurrently) before anything else."""
 
@@ -240,11 +245,11 @@ class Learner:
             offset += p + r
         keep = torch.cat(keep_parts)  # [N]
         ids, pos, keep = ids.to(self.device), pos.to(self.device), keep.to(self.device)
-        flat = lambda rows, dtype: torch.tensor([x for r in rows for x in r], dtype=dtype, device=self.device)  # noqa: E731
-        mask = flat([t.loss_mask for t in sub], torch.float32)  # [N]
-        old = flat([t.logprobs for t in sub], torch.float32)  # [N]
-        advs = flat([[a] * len(t.response_ids) for t, a in zip(sub, adv, strict=True)], torch.float32)  # [N]
-        seq_index = flat([[j] * len(t.response_ids) for j, t in enumerate(sub)], torch.long)  # [N]
+        dev = self.device
+        mask = _flat([t.loss_mask for t in sub], torch.float32, dev)  # [N]
+        old = _flat([t.logprobs for t in sub], torch.float32, dev)  # [N]
+        advs = _flat([[a] * len(t.response_ids) for t, a in zip(sub, adv, strict=True)], torch.float32, dev)  # [N]
+        seq_index = _flat([[j] * len(t.response_ids) for j, t in enumerate(sub)], torch.long, dev)  # [N]
         weights = aggregation_weights(mask, seq_index, algo.loss_agg, total_tokens, total_seqs, norm_const)  # [N]
         logp, entropy = self._forward_logprobs(self.model, ids, pos, keep)  # [N], [N]
         ref = None

@@ -108,6 +108,19 @@ def test_fsdp_parity_with_plain_pytorch(group, tiny_model_dir):
     assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
 
 
+def test_uneven_shards_run_empty_micro_batches(group, tiny_model_dir):
+    """3 sequences over half the budget (40) on 2 ranks: one rank has 2 micro-batches, the other 1 + an empty one."""
+    ref_model = _hf(ray_get(group.state_dict_ref()), tiny_model_dir)
+    trajs = [t for t in _batch(11, ref_model, n_groups=6, n=4) if len(t.prompt_ids) + len(t.response_ids) > 20][:3]
+    assert len(trajs) == 3
+    for i, t in enumerate(trajs):  # one group with distinct rewards
+        t.group, t.reward = 0, float(i)
+    metrics = group.train_step(trajs)
+    loss, grad_norm = _reference_step(ref_model, trajs)
+    assert metrics["learner/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    assert metrics["learner/grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+
+
 def test_pushed_weights_reproduce_learner_logprobs(group, tiny_model_dir, tmp_path):
     sd = ray_get(group.state_dict_ref())
     # What a generator does with the pushed dict: write safetensors (tied copy dropped) and reload with HF.
