@@ -44,9 +44,31 @@ def ensure_model(cfg: Config) -> str:
             check=True,
             cwd=REPO,
         )
+    if not (path / "config.json").is_file() and cfg.model.convert_from:
+        print(f"[torl] converting {cfg.model.convert_from} into {path} (once; cached afterwards)")
+        script = str(REPO / "jobs" / "convert_model.py")
+        subprocess.run([sys.executable, script, cfg.model.convert_from, str(path)], check=True, cwd=REPO)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path {cfg.model.path!r}: no Hugging Face checkpoint (config.json) at {path}")
     return str(path)
+
+
+def check_resources(cfg: Config, available: dict[str, float]) -> None:
+    """Fail fast when the actors cannot all be placed: Ray would otherwise wait for resources forever."""
+    sandbox = cfg.sandbox.num_workers * cfg.sandbox.num_cpus if cfg.tool.enabled else 0.0
+    need = {
+        "CPU": cfg.rollout.num_generators * cfg.rollout.num_cpus
+        + cfg.learner.num_workers * cfg.learner.num_cpus
+        + sandbox,
+        "GPU": cfg.rollout.num_generators * cfg.rollout.num_gpus + cfg.learner.num_workers * cfg.learner.num_gpus,
+    }
+    for kind, amount in need.items():
+        if amount > available.get(kind, 0.0) + 1e-9:
+            raise ConfigError(
+                f"the actors need {amount:g} {kind} but the Ray cluster has {available.get(kind, 0.0):g}: lower "
+                f"rollout/learner/sandbox num_{kind.lower()}s or num_generators/num_workers"
+                + (", or give the local cluster more logical CPUs with ray.num_cpus=N" if kind == "CPU" else "")
+            )
 
 
 def load_encoded(cfg: Config, specs: tuple[str, ...], tokenizer, limit: int = 0) -> tuple[list[EncodedProblem], int]:
@@ -198,6 +220,7 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     from actors.sandbox import SandboxPool
     from jobs.tracking import Tracker
 
+    check_resources(cfg, ray.cluster_resources())
     tracker = Tracker(cfg.wandb, cfg.trainer.output_dir, to_dict(cfg), job=job)
     run = Run(cfg, model_path, sampler, val, tracker, total_steps=total)
     try:

@@ -32,6 +32,8 @@ class ModelConfig:
     max_model_len: int = 4096  # context window the engine allocates (ToRL: Qwen2.5-Math's 4096)
     # A jobs/make_base_model.py recipe that builds `path` when it does not exist yet (the CPU default's small model).
     recipe: str = ""
+    # Or convert `path` from this source when it does not exist (jobs/convert_model.py: "smollm2", a GGUF, an HF dir).
+    convert_from: str = ""
 
 
 @dataclass(frozen=True)
