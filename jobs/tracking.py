@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,7 @@ class Tracker:
         path = self.out / "wandb_run_id"
         if path.exists():
             return path.read_text().strip()
-        import wandb
-
-        rid = wandb.util.generate_id()
+        rid = uuid.uuid4().hex[:12]
         path.write_text(rid)
         return rid
 
