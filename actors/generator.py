@@ -69,6 +69,11 @@ class Generator:
         self._version = 0
         self._target: int | None = None
         self._seq = 0
+        # Engine-idle accounting: time inside a batch when no trajectory is in an engine call, i.e. every unfinished
+        # trajectory waits on a tool. Users of peers measure this by hand; here it is `time/engine_idle_tools`.
+        self._in_engine = 0
+        self._idle_since: float | None = None
+        self._idle_s = 0.0
         self._weights_dir = tempfile.mkdtemp(prefix=f"torl-weights-{os.getpid()}-", dir=_shm_dir())
 
     # -- engine ---------------------------------------------------------------------------------------------------
@@ -113,6 +118,21 @@ class Generator:
             self._engine.shutdown()
             self._engine = None
         shutil.rmtree(self._weights_dir, ignore_errors=True)
+
+    # -- engine-idle accounting -----------------------------------------------------------------------------------
+    def _engine_calls(self, delta: int) -> None:
+        now = time.perf_counter()
+        if self._idle_since is not None:
+            self._idle_s += now - self._idle_since
+            self._idle_since = None
+        self._in_engine += delta
+        if self._in_engine == 0:
+            self._idle_since = now
+
+    def _idle_total(self) -> float:
+        """Idle seconds so far, counting an idle span still open now."""
+        open_span = time.perf_counter() - self._idle_since if self._idle_since is not None else 0.0
+        return self._idle_s + open_span
 
     # -- one engine call ------------------------------------------------------------------------------------------
     def _sampling(self, lp: ToolLoop, req: RoundRequest, greedy: bool, over: dict, stream: bool):
@@ -164,13 +184,17 @@ class Generator:
         lps: list[float] = []
         text: list[str] = []
         c = None
-        async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.ids), params, uuid.uuid4().hex):
-            c = out.outputs[0]
-            ids.extend(c.token_ids)
-            lps.extend(d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [], strict=True))
-            text.append(c.text)
-            if events is not None and c.text:
-                await events.put({"type": "text", "text": c.text})
+        self._engine_calls(+1)
+        try:
+            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.ids), params, uuid.uuid4().hex):
+                c = out.outputs[0]
+                ids.extend(c.token_ids)
+                lps.extend(d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [], strict=True))
+                text.append(c.text)
+                if events is not None and c.text:
+                    await events.put({"type": "text", "text": c.text})
+        finally:
+            self._engine_calls(-1)
         assert c is not None, "engine returned no output"
         version, preempted = self._tag(sub, c.finish_reason == "abort")
         return RoundOutput(ids, lps, "".join(text), c.finish_reason or "abort", c.stop_reason, version, preempted)
@@ -253,6 +277,7 @@ class Generator:
                     await self.sandbox.close_session(sessions[id(lp)])
 
         t0 = time.perf_counter()
+        idle0 = self._idle_total()
         if mode == "sync":
             try:
                 trajs = await run_sync(loops, gen, tool)
@@ -269,6 +294,8 @@ class Generator:
             trajs = list(await asyncio.gather(*(one(lp) for lp in loops)))
         metrics = batch_metrics(trajs, BatchStats(time.perf_counter() - t0, loops), settings.tool)
         metrics["rollout/policy_version"] = float(self._version)
+        # Idle is only meaningful while a batch runs; before the first call the open span is the actor's start-up.
+        metrics["time/engine_idle_tools"] = self._idle_total() - idle0
         for msg in tool_warnings(metrics, settings.tool):
             log.warning("TOOLS NOT FIRING: %s", msg)
         return trajs, metrics
