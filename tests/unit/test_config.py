@@ -111,6 +111,6 @@ def test_torl_compat_preset_turns_quirks_on():
 def test_every_shipped_preset_loads(preset):
     path = REPO / "configs" / preset
     text = path.read_text()
-    if preset == "base_model.yaml" or "\napplications:" in "\n" + text:
+    if preset.startswith("base_model") or "\napplications:" in "\n" + text:
         pytest.skip("not a run config (model recipe or Ray Serve deployment file)")
     load_config([str(path)])
