@@ -99,13 +99,13 @@ class Engine:
                 text = self.tool_cfg.stop + ev["text"]
                 yield {"kind": "tool", "text": text, "call": self._call(last_tool)}
             elif kind == "done":
-                yield _done(ev["trajectory"])
+                yield _done(ev["trajectory"], self.gen.tokenizer.eos_token)
 
     async def complete(self, prompt_ids: list[int], sampling: dict[str, Any], max_calls: int) -> dict:
         """Run one trajectory to the end and return only its ``done`` event (one handle round trip)."""
         async for ev in self.gen.generate_stream(prompt_ids, sampling, max_calls):
             if ev["type"] == "done":
-                return _done(ev["trajectory"])
+                return _done(ev["trajectory"], self.gen.tokenizer.eos_token)
         raise RuntimeError("generator stream ended without a final event")
 
     def _call(self, end: dict | None) -> dict:
@@ -118,10 +118,15 @@ class Engine:
         )
 
 
-def _done(traj: Trajectory) -> dict:
+def _done(traj: Trajectory, eos: str | None) -> dict:
+    text = traj.text
+    if traj.finish_reason == "eos" and eos and text.endswith(eos):
+        # The trajectory text keeps special tokens (token-exact for training); a client gets text without EOS, as
+        # in the streamed deltas (vLLM skips special tokens there).
+        text = text[: -len(eos)]
     return {
         "kind": "done",
-        "text": traj.text,
+        "text": text,
         "finish_reason": traj.finish_reason,
         "completion_tokens": len(traj.response_ids),
         "tool_calls": [asdict(c) for c in traj.tool_calls],

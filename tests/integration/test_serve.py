@@ -105,6 +105,7 @@ def chat_mul(base: str, **kw):
 def check_mul(text: str, torl: dict) -> None:
     assert text.startswith("```python\nprint(6*7)\n```\n```output\n42\n```\n"), text
     assert torl["answer"] == "42", text
+    assert text.endswith("\\boxed{42}."), text  # EOS ended it, and its token text is not in the content
     (call,) = torl["tool_calls"]
     assert (call["code"], call["output"], call["status"]) == ("print(6*7)", "42", "ok")
     assert call["latency_s"] >= call["exec_s"] > 0
