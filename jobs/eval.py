@@ -127,11 +127,18 @@ def load_items(cfg: Config, tokenizer) -> tuple[list[Item], dict[str, int]]:
     return items, skipped
 
 
+def weights_fingerprint(checkpoint: str) -> str:
+    """Size and mtime of the weight files: a model rebuilt in the same directory must not resume old results."""
+    files = sorted(Path(checkpoint).glob("*.safetensors")) or sorted(Path(checkpoint).glob("*.bin"))
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
 def run_meta(cfg: Config) -> dict:
     """The settings a resumed run must share with the first one for its table to be one evaluation."""
     r = cfg.rollout
     meta = {
         "checkpoint": cfg.model.path,
+        "weights": weights_fingerprint(cfg.model.path),
         "template": cfg.prompt.template,
         "tool_enabled": cfg.tool.enabled,
         "max_calls": cfg.tool.max_calls,
