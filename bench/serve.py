@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -197,6 +198,7 @@ def main() -> int:
     verdict = "meets" if report[top]["overhead"] <= 1.3 else "misses"
     print(f"\nServe overhead at {top} clients: {report[top]['overhead']:.2f}x ({verdict} the <= 1.3x target)")
     print(json.dumps({str(k): v for k, v in report.items()}))
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
