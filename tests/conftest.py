@@ -1,8 +1,20 @@
 """Session fixtures shared by unit and integration tests: a tiny Qwen2 checkpoint built on disk in seconds."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One intra-op thread in the test process and the processes it starts: on this 2-core machine, with vLLM or the
+# sandbox busy on the other core, two torch threads ran ~7x slower than one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_RECIPE = REPO / "configs" / "base_model_test.yaml"
