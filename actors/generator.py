@@ -110,6 +110,11 @@ class Generator:
             self._engine = AsyncLLM.from_engine_args(args)
             log.info("vLLM engine for %s ready in %.1f s", self.model_path, time.perf_counter() - t0)
 
+    @property
+    def engine(self):
+        """The running vLLM ``AsyncLLM`` (None before ``start``), for benchmarks comparing against the bare engine."""
+        return self._engine
+
     def version(self) -> int:
         return self._version
 
@@ -136,12 +141,17 @@ class Generator:
 
     # -- one engine call ------------------------------------------------------------------------------------------
     def _sampling(self, lp: ToolLoop, req: RoundRequest, greedy: bool, over: dict, stream: bool):
+        """vLLM params for one round. ``over`` (serving only): sampling overrides, ``logprobs`` (default True) and
+        ``stop`` (client stop strings, applied alongside the loop's tool stop string)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         r = self.cfg.rollout
         kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY  # FINAL_ONLY is ~7 % faster
-        common = dict(max_tokens=req.max_tokens, stop=req.stop or None, logprobs=0, output_kind=kind)
+        stop = [*req.stop, *over.get("stop", ())]
+        # Logprobs cost per-token work in the engine's output processing; serving never returns them.
+        logprobs = 0 if over.get("logprobs", True) else None
+        common = dict(max_tokens=req.max_tokens, stop=stop or None, logprobs=logprobs, output_kind=kind)
         if greedy:
             return SamplingParams(temperature=0.0, **common)
         seed = over.get("seed", r.seed)
@@ -178,7 +188,10 @@ class Generator:
     ) -> RoundOutput:
         from vllm.inputs import TokensPrompt
 
-        params = self._sampling(lp, req, greedy, over or {}, stream=events is not None)
+        over = over or {}
+        stream = events is not None and over.get("stream", True)
+        params = self._sampling(lp, req, greedy, over, stream)
+        want_lps = params.logprobs is not None
         sub = _Submit(self._version, self._target, self._seq)
         ids: list[int] = []
         lps: list[float] = []
@@ -189,13 +202,16 @@ class Generator:
             async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.ids), params, uuid.uuid4().hex):
                 c = out.outputs[0]
                 ids.extend(c.token_ids)
-                lps.extend(d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [], strict=True))
+                if want_lps:
+                    lps.extend(d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [], strict=True))
                 text.append(c.text)
-                if events is not None and c.text:
+                if stream and c.text:
                     await events.put({"type": "text", "text": c.text})
         finally:
             self._engine_calls(-1)
         assert c is not None, "engine returned no output"
+        if not want_lps:
+            lps = [0.0] * len(ids)  # serving without logprobs: the trajectory is never trained on, keep it aligned
         version, preempted = self._tag(sub, c.finish_reason == "abort")
         return RoundOutput(ids, lps, "".join(text), c.finish_reason or "abort", c.stop_reason, version, preempted)
 
@@ -305,14 +321,21 @@ class Generator:
     ) -> AsyncIterator[dict]:
         """Run one trajectory and yield events as they happen (for serving).
 
-        Events: ``{"type": "text", "text"}`` (model text deltas, stop string held back), ``{"type": "tool_start",
+        Events: ``{"type": "text", "text"}`` (model text deltas, stop strings held back), ``{"type": "tool_start",
         "code"}``, ``{"type": "tool_end", "code", "status", "stdout", "stderr", "exec_s"}``, ``{"type":
-        "observation", "text"}`` (the exact inserted text), and last ``{"type": "done", "trajectory"}``.
-        ``params``: temperature, top_p, top_k, seed, max_tokens (response budget), greedy. From Ray call it with
-        ``.options(num_returns="streaming")``.
+        "observation", "text"}`` (the exact inserted text), and last ``{"type": "done", "trajectory", "text"}``.
+        ``params``: temperature, top_p, top_k, seed, max_tokens (response budget), greedy; ``stream`` (default True;
+        False = no text events, the engine reports each round once, which is cheaper); ``logprobs`` (default True;
+        False = none requested, the trajectory's logprobs are 0.0); ``stop`` (client stop strings: generation ends
+        at the first one, finish reason "stop", and the done event's ``text`` ends before it). The done event's
+        ``text`` is the client-facing response; the trajectory keeps every sampled token (its text includes the stop
+        string). From Ray call it with ``.options(num_returns="streaming")``.
         """
         await self.start()
         params = dict(params or {})
+        stops = params.get("stop") or []
+        if isinstance(stops, str) or not all(isinstance(x, str) and x for x in stops):
+            raise ValueError(f"params['stop'] must be a list of non-empty strings, got {stops!r}")
         base = LoopSettings.from_config(self.cfg, max_calls=max_calls)
         settings = LoopSettings(base.tool, base.max_model_len, int(params.get("max_tokens", base.max_response_tokens)))
         self._check_tools(settings)
@@ -327,25 +350,28 @@ class Generator:
         events: asyncio.Queue = asyncio.Queue()
         greedy = bool(params.get("greedy", False))
 
-        async def gen(lp_: ToolLoop, req: RoundRequest) -> RoundOutput:
-            return await self._round(lp_, req, greedy, params, events)
-
-        async def tool(lp_: ToolLoop, code: str) -> ExecResult:
-            result = await self._tool(lp_, code, session, events)
-            return result
-
         async def drive() -> None:
+            last: RoundOutput | None = None
+            start = 0  # response length before the last round
             try:
                 while (req := lp.next_request()) is not None:
                     t0 = time.perf_counter()
-                    code = lp.on_round(await gen(lp, req), time.perf_counter() - t0)
+                    start = len(lp.traj.response_ids)
+                    last = await self._round(lp, req, greedy, params, events)
+                    code = lp.on_round(last, time.perf_counter() - t0)
                     if code is not None:
                         t0 = time.perf_counter()
-                        result = await tool(lp, code)
+                        result = await self._tool(lp, code, session, events)
                         before = len(lp.traj.response_ids)
                         lp.on_tool_result(result, time.perf_counter() - t0)
                         await events.put({"type": "observation", "text": self._decode(lp.traj.response_ids[before:])})
-                await events.put({"type": "done", "trajectory": lp.result()})
+                traj = lp.result()
+                text = traj.text
+                if last is not None and _client_stop(lp, last, stops):
+                    # OpenAI: the matched stop string is not part of the text (vLLM cut it from the round's text).
+                    traj.finish_reason = "stop"
+                    text = self._decode(traj.response_ids[:start]) + last.text
+                await events.put({"type": "done", "trajectory": traj, "text": text})
             except Exception as exc:  # surfaced to the consumer, not lost in a task
                 await events.put({"type": "error", "error": repr(exc)})
             finally:
@@ -416,6 +442,16 @@ class Generator:
         path = os.path.join(self._weights_dir, "model.safetensors")
         save_file(tensors, path)
         return path
+
+
+def _client_stop(lp: ToolLoop, last: RoundOutput, stops: list[str]) -> bool:
+    """Whether the trajectory ended at one of the client's stop strings (not EOS, not the tool stop string)."""
+    return (
+        lp.traj.finish_reason == "eos"
+        and last.finish_reason == "stop"
+        and isinstance(last.stop_reason, str)
+        and last.stop_reason in stops
+    )
 
 
 def _shm_dir() -> str | None:
