@@ -99,13 +99,13 @@ class Engine:
                 text = self.tool_cfg.stop + ev["text"]
                 yield {"kind": "tool", "text": text, "call": self._call(last_tool)}
             elif kind == "done":
-                yield _done(ev["trajectory"], self.gen.tokenizer.eos_token)
+                yield _done(ev, self.gen.tokenizer.eos_token)
 
     async def complete(self, prompt_ids: list[int], sampling: dict[str, Any], max_calls: int) -> dict:
         """Run one trajectory to the end and return only its ``done`` event (one handle round trip)."""
         async for ev in self.gen.generate_stream(prompt_ids, sampling, max_calls):
             if ev["type"] == "done":
-                return _done(ev["trajectory"], self.gen.tokenizer.eos_token)
+                return _done(ev, self.gen.tokenizer.eos_token)
         raise RuntimeError("generator stream ended without a final event")
 
     def _call(self, end: dict | None) -> dict:
@@ -118,8 +118,10 @@ class Engine:
         )
 
 
-def _done(traj: Trajectory, eos: str | None) -> dict:
-    text = traj.text
+def _done(ev: dict, eos: str | None) -> dict:
+    """The generator's done event as plain data; ``text`` is already cut before a matched client stop string."""
+    traj: Trajectory = ev["trajectory"]
+    text = ev["text"]
     if traj.finish_reason == "eos" and eos and text.endswith(eos):
         # The trajectory text keeps special tokens (token-exact for training); a client gets text without EOS, as
         # in the streamed deltas (vLLM skips special tokens there).

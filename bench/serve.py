@@ -86,7 +86,7 @@ async def bare_engine(cfg, path: str, work: list, levels: list[int], max_tokens:
 
     gen = Generator(cfg, path, None)
     await gen.start()  # the engine exactly as the serve Engine deployment builds it
-    engine = gen._engine
+    engine = gen.engine
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     counter = iter(range(10**9))
 

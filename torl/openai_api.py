@@ -3,7 +3,8 @@
 Pure logic for ``actors/serve.py``: parse and check a request body against the server's limits (``ServeLimits``),
 turn it into a ``GenerationPlan`` (sampling overrides + tool budget), and build OpenAI-shaped responses, stream
 chunks and errors. Every bad input becomes an ``APIError`` that renders as OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` with a 4xx status, never a 500.
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status, never a 500. Client ``stop`` strings
+are honoured (generation ends before the first one) alongside the tool loop's own stop string.
 
 Beyond OpenAI: ``max_tool_calls`` in the request (the tool budget, capped by the server) and a ``torl`` field on each
 choice carrying the extracted boxed answer and every tool call (code, output, status, latency). OpenAI clients ignore
@@ -164,17 +165,24 @@ class GenerationPlan:
     stream: bool
     include_usage: bool
     echo: bool = False
+    stop: tuple[str, ...] = ()  # client stop strings (OpenAI: generation ends before the first one)
 
     def sampling(self, prompt_tokens: int, limits: ServeLimits) -> dict[str, Any]:
-        """Sampling overrides for the generator; ``max_tokens`` resolved against the prompt length."""
+        """Generator params: sampling overrides, ``max_tokens`` resolved against the prompt length, the client's
+        stop strings, and what the engine must report (token deltas only when streaming; never logprobs, which this
+        server does not return: both cost the engine per-token work)."""
         out: dict[str, Any] = {
             "max_tokens": check_context(prompt_tokens, self.max_tokens, limits),
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
+            "stream": self.stream,
+            "logprobs": False,
         }
         if self.seed is not None:
             out["seed"] = self.seed
+        if self.stop:
+            out["stop"] = list(self.stop)
         return out
 
 
@@ -266,9 +274,7 @@ def _plan(req: _Request, limits: ServeLimits, echo: bool = False) -> GenerationP
         raise APIError(400, "'logprobs' and 'logit_bias' are not supported.", param="logprobs")
     if req.top_k is not None and (req.top_k == 0 or req.top_k < -1):
         raise APIError(400, f"'top_k' must be -1 (off) or >= 1, got {req.top_k}.", param="top_k")
-    if req.stop:
-        # The tool loop owns the stop list (its code terminator); client stop strings are not wired through it yet.
-        raise APIError(400, "'stop' is not supported by this server.", param="stop")
+    stop = _stop_strings(req.stop)
     include_usage = bool((req.stream_options or {}).get("include_usage", False))
     return GenerationPlan(
         max_tokens=max_tokens,
@@ -281,7 +287,22 @@ def _plan(req: _Request, limits: ServeLimits, echo: bool = False) -> GenerationP
         stream=req.stream,
         include_usage=include_usage,
         echo=echo,
+        stop=stop,
     )
+
+
+MAX_STOP = 4  # OpenAI's limit on stop sequences per request
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """The client's stop strings (a string or a list of up to 4), each non-empty; they apply alongside the tool loop's
+    own stop string, which wins when both match while tool calls remain."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP:
+        raise APIError(400, f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}.", param="stop")
+    if any(not s for s in stops):
+        raise APIError(400, "'stop' strings must be non-empty.", param="stop")
+    return tuple(dict.fromkeys(stops))
 
 
 def check_context(prompt_tokens: int, max_tokens: int | None, limits: ServeLimits) -> int:

@@ -132,6 +132,15 @@ def test_completions_with_template_text(server):
     check_mul(choice.text, choice.model_extra["torl"])
 
 
+def test_client_stop_string_ends_generation_before_it(server):
+    # "42" is also in the tool output, which is spliced in, not generated: only the model's own "42" stops it.
+    resp = chat_mul(server, stop=["42"])
+    choice = resp.choices[0]
+    assert choice.message.content.startswith("```python\nprint(6*7)\n```\n```output\n42\n```\n")
+    assert choice.message.content.endswith("\\boxed{"), choice.message.content
+    assert choice.finish_reason == "stop" and choice.model_extra["torl"]["answer"] is None
+
+
 def test_tool_budget_override_zero_runs_nothing(server):
     resp = chat_mul(server, max_tokens=40, extra_body={"max_tool_calls": 0})
     torl = resp.choices[0].model_extra["torl"]

@@ -57,7 +57,19 @@ def test_valid_chat_request_gets_openai_defaults_and_server_tool_budget():
     assert "seed" not in plan.sampling(10, LIMITS)
     _, plan = parse_chat(chat(max_tool_calls=3, temperature=0, max_tokens=5, seed=7, stop=None), LIMITS)
     assert plan.max_tool_calls == 3 and plan.temperature == 0.0
-    assert plan.sampling(10, LIMITS) == {"max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": 7}
+    assert plan.sampling(10, LIMITS) == {
+        "max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "stream": False, "logprobs": False, "seed": 7,
+    }  # fmt: skip
+
+
+def test_client_stop_strings_reach_the_generator():
+    _, plan = parse_chat(chat(stop="END"), LIMITS)
+    assert plan.sampling(10, LIMITS)["stop"] == ["END"]
+    _, plan = parse_chat(chat(stop=["a", "b", "a"], stream=True), LIMITS)
+    sampling = plan.sampling(10, LIMITS)
+    assert sampling["stop"] == ["a", "b"] and sampling["stream"] is True and sampling["logprobs"] is False
+    _, plan = parse_chat(chat(stop=[]), LIMITS)
+    assert "stop" not in plan.sampling(10, LIMITS)
 
 
 def test_max_completion_tokens_is_an_alias_and_wins():
@@ -86,7 +98,9 @@ def test_max_completion_tokens_is_an_alias_and_wins():
         (chat(max_tool_calls=5), "max_tool_calls", 400),
         (chat(max_tool_calls=-1), "max_tool_calls", 400),
         (chat(top_k=0), "top_k", 400),
-        (chat(stop=["a"]), "stop", 400),
+        (chat(stop=["a", "b", "c", "d", "e"]), "stop", 400),
+        (chat(stop=[""]), "stop", 400),
+        (chat(stop=5), "stop", 400),
         (chat(tools=[{"type": "function"}]), "tools", 400),
         (chat(frequency_penalty=0.5), "frequency_penalty", 400),
         (chat(logprobs=True), "logprobs", 400),
