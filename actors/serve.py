@@ -311,7 +311,11 @@ def build_app(cfg: Config) -> serve.Application:
     ingress = serve.deployment(OpenAIServer).options(
         name="OpenAIServer",
         max_ongoing_requests=s.max_ongoing_requests,
-        ray_actor_options={"num_cpus": s.ingress_num_cpus, "runtime_env": {"env_vars": dict(LOCAL_ENV)}},
+        # Its routes are async too (tokenization is sub-millisecond): same one-loop setting as the engine's.
+        ray_actor_options={
+            "num_cpus": s.ingress_num_cpus,
+            "runtime_env": {"env_vars": {**LOCAL_ENV, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+        },
         **scaling,
     )
     return ingress.bind(engine.bind(cfg, cfg.model.path), cfg, cfg.model.path, name)
