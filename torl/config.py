@@ -160,7 +160,9 @@ class LearnerConfig:
     num_gpus: float = 0.0  # Ray GPU resource per learner actor
     mini_batch_prompts: int = 0  # prompts per optimizer step; 0 = whole rollout batch (ToRL: one step per batch)
     epochs: int = 1  # passes over each rollout batch (ToRL: ppo_epochs=1)
-    micro_batch_tokens: int = 16384  # token budget per forward/backward (ToRL: ppo_max_token_len_per_gpu)
+    # Token budget per forward/backward (ToRL: ppo_max_token_len_per_gpu). Sequences are packed into one row of up to
+    # this many tokens; without flash-attention (CPU) attention over the row is dense, O(row^2): use ~1024 there.
+    micro_batch_tokens: int = 16384
     gradient_checkpointing: bool = False  # ToRL: on (GPU preset)
     param_dtype: str = "float32"  # FSDP mixed precision param dtype; "bfloat16" on GPUs
     cpu_offload: bool = False  # FSDP CPU offload (ToRL: param + optimizer offload)
