@@ -11,6 +11,7 @@ With trainer.max_staleness=1 the rollout of step t+1 runs while the learner trai
 
 from __future__ import annotations
 
+import copy
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from jobs.setup_run import Run, prepare_run  # noqa: E402
 from torl.config import ConfigError  # noqa: E402
+from torl.data import DataError  # noqa: E402
 from torl.metrics import rollout_metrics  # noqa: E402
 from torl.types import Trajectory  # noqa: E402
 
@@ -91,7 +93,8 @@ def train(run: Run) -> None:
             metrics.update(validate(run, step))
         if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
             t0 = time.perf_counter()
-            run.save(step, resume_state)
+            # Resume must redo the batch still in flight, if any, and nothing already trained.
+            run.save(step, resume_state if pending is not None else copy.copy(run.sampler.state))
             metrics["time/save"] = time.perf_counter() - t0
         if cfg.trainer.log_samples_every and step % cfg.trainer.log_samples_every == 0:
             tracker.log_samples(step, trajs)
@@ -114,8 +117,8 @@ def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]
 def main(argv: list[str]) -> int:
     try:
         run = prepare_run(argv, job="train")
-    except ConfigError as exc:
-        print(f"[torl] config error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError) as exc:
+        print(f"[torl] {'config' if isinstance(exc, ConfigError) else 'data'} error: {exc}", file=sys.stderr)
         return 2
     # Ray job stop sends SIGTERM: turn it into KeyboardInterrupt so actors are shut down cleanly below.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
