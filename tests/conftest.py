@@ -16,6 +16,7 @@ def _one_torch_thread():
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_RECIPE = REPO / "configs" / "base_model_test.yaml"
 
