@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A loopback Ray cluster on this machine, with token authentication, and job submission to it (platform notes §2).
-#   bash scripts/ray_cluster.sh start
+#   bash scripts/ray_cluster.sh start [extra ray start options]
 #   bash scripts/ray_cluster.sh submit -- python jobs/train.py trainer.total_steps=10
 #   bash scripts/ray_cluster.sh stop
 set -euo pipefail
@@ -12,7 +12,10 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token  # loopback node 
 case "${1:-}" in
   start)
     [ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ] || ray get-auth-token --generate >/dev/null
-    ray start --head --dashboard-host=127.0.0.1 --disable-usage-stats ;;
+    shift
+    # The CPU default places generator 1 + learner 1 + sandbox 0.5 logical CPUs; give small machines 4 logical CPUs.
+    cpus=$(nproc); [ "$cpus" -ge 4 ] || cpus=4
+    ray start --head --dashboard-host=127.0.0.1 --disable-usage-stats --num-cpus="$cpus" "$@" ;;
   stop) ray stop ;;
   submit)
     shift
