@@ -118,6 +118,10 @@ class Generator:
     def version(self) -> int:
         return self._version
 
+    def in_flight(self) -> int:
+        """Engine calls running right now (one per trajectory currently decoding, not waiting on a tool)."""
+        return self._in_engine
+
     async def shutdown(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()

@@ -189,8 +189,13 @@ def test_weight_update_parity_and_versions(ray_cluster, generator, models):
     # recorded version is the one whose weights sampled it (checked against HF on each version).
     import time
 
-    pending = generator.generate.remote([_request(tok, NO_BLOCK, "mid", n=16)], tools=False)
-    time.sleep(0.5)
+    # Enough trajectories that decoding lasts seconds, and the update is sent once decoding has started (a fixed
+    # sleep raced a fast machine: generation finished before the update, so nothing was preempted).
+    pending = generator.generate.remote([_request(tok, NO_BLOCK, "mid", n=64)], tools=False)
+    deadline = time.monotonic() + 60
+    while ray_cluster.get(generator.in_flight.remote()) == 0:
+        assert time.monotonic() < deadline, "generation never started"
+        time.sleep(0.01)
     ray_cluster.get(generator.update_weights.remote(warm_sd, 2))
     trajs, m = ray_cluster.get(pending)
     for t in trajs:
@@ -199,7 +204,9 @@ def test_weight_update_parity_and_versions(ray_cluster, generator, models):
         for sd, v in ((random_sd, 1), (warm_sd, 2)):
             hf = _hf_logprobs(sd, model_dir, t.prompt_ids, t.response_ids)
             diffs = [abs(a - b) for a, b, ver in zip(hf, t.logprobs, t.versions, strict=True) if ver == v]
-            assert not diffs or max(diffs) < 1e-4
+            # 1e-3: batched CPU kernels at 64 sequences drift up to ~3e-4 from HF; a token sampled with the other
+            # version's weights (or stale KV) is off by 1e-2 or more (platform notes §10).
+            assert not diffs or max(diffs) < 1e-3
     assert m["rollout/preempted"] > 0, "the update landed after generation ended: nothing was preempted"
     assert any(set(t.versions) == {1, 2} for t in trajs)
     assert ray_cluster.get(generator.version.remote()) == 2
