@@ -13,6 +13,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 echo "[setup] creating $VENV (first run takes a few minutes)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# Some machines list local index folders that do not exist; pip warns once per package about them. Keep real errors.
+exec 2> >(grep -v --line-buffered "is ignored: it is neither a file nor a directory" >&2)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   # GPU machine: the CUDA vLLM wheel decides torch.
   "${pip[@]}" -e ".[cuda,dev]"
