@@ -13,11 +13,14 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -429,14 +432,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a Config from YAML presets (later files win) and dotted overrides such as ``rollout.n=8``."""
+def load_dataclass(cls: type[T], files: Sequence[str] = (), overrides: Sequence[str] = ()) -> T:
+    """Build any config dataclass ``cls`` from YAML files (later files win) and dotted ``key=value`` overrides."""
     tree: dict[str, Any] = {}
     for f in files:
         tree = _merge(tree, load_yaml(f))
     for item in overrides:
         tree = _merge(tree, _parse_override(item))
-    return _build(Config, tree)
+    return _build(cls, tree)
+
+
+def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Config:
+    """Build a Config from YAML presets (later files win) and dotted overrides such as ``rollout.n=8``."""
+    return load_dataclass(Config, files, overrides)
 
 
 def split_cli(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -94,14 +94,9 @@ def load_recipe(
     files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()
 ) -> BaseModelRecipe:
     """A recipe from YAML files (later wins) and ``key=value`` overrides; unknown keys fail with a suggestion."""
-    from torl.config import _build, _merge, _parse_override, load_yaml
+    from torl.config import load_dataclass
 
-    tree: dict[str, Any] = {}
-    for f in files:
-        tree = _merge(tree, load_yaml(f))
-    for item in overrides:
-        tree = _merge(tree, _parse_override(item))
-    return _build(BaseModelRecipe, tree)
+    return load_dataclass(BaseModelRecipe, files, overrides)
 
 
 # --- data --------------------------------------------------------------------------------------------------------
