@@ -54,9 +54,10 @@ def test_train_steps_update_weights_and_reach_the_generator(ray_cluster, tiny_mo
         assert math.isfinite(rows[step]["reward/mean"]) and math.isfinite(rows[step]["learner/grad_norm"])
         assert rows[step]["rollout/trajectories"] == 16
     assert "val/acc/mean" in rows[2]
-    # Step 2's rollout was sampled after the first weight push (on-policy) or before it (one step ahead).
-    assert rows[2]["rollout/policy_version"] == (1 if staleness == 0 else 0)
-    assert rows[2]["staleness/mean"] == pytest.approx(float(staleness))
+    if staleness == 0:  # step 2's rollout started after the first weight push: every token is on-policy
+        assert rows[2]["rollout/policy_version"] == 1 and rows[2]["staleness/mean"] == 0
+    else:  # it started before the push, so its first tokens are one update behind (later ones may be fresh)
+        assert 0 < rows[2]["staleness/mean"] <= 1 and rows[2]["staleness/max"] == 1
 
     ckpt = out / "step_000002"
     assert (ckpt / "COMPLETE").is_file()

@@ -515,10 +515,21 @@ class Zygote:
                     except BlockingIOError:
                         pass
                     self.reap()
+                elif not self._still_watched(key):
+                    # Handling an earlier event of this batch closed this fd and a new job's pipe reused the number:
+                    # reading now would hand the new job's output to the finished one (lost output, seen as an
+                    # empty stdout about 3 times in 1000 at 32 concurrent snippets). The new job's own event comes
+                    # with the next select.
+                    continue
                 elif kind == "done":
                     self.on_done(owner)
-                elif key.fd in self.sel.get_map():
+                else:
                     self.on_output(kind, owner, key.fd)
+
+    def _still_watched(self, key: selectors.SelectorKey) -> bool:
+        """Whether ``key``'s fd is still registered for the same owner as when select() reported it."""
+        current = self.sel.get_map().get(key.fd)
+        return current is not None and current.data is key.data
 
     def read_requests(self) -> bool:
         try:
