@@ -1,10 +1,9 @@
 """Rollout benchmark: what the per-trajectory async tool loop costs and gains, on one engine, model and prompt set.
 
-Workload: a tiny Qwen2 warm-started (a few hundred SGD steps) to write one ```python block, after 0-3 sentences of
-lead-in, behind each of twelve prompts and then keep sampling until the response budget: a quick snippet (95 %),
-heavy sympy taking 1-3 s (4 %), and a snippet that sleeps into the sandbox timeout (1 %). Every trajectory calls
-the tool once (c=1) and samples about ``--response-tokens`` tokens, so the runs below generate about the same
-number of tokens. Runs:
+Workload: a tiny Qwen2 warm-started (a few hundred SGD steps) to write one ```python block behind each of three
+prompts and then keep sampling until the response budget: a quick snippet (95 %), heavy sympy taking 1-3 s (4 %),
+and a busy loop that hits the sandbox timeout (1 %). Every trajectory calls the tool once (c=1) and samples about
+``--response-tokens`` tokens, so the runs below generate about the same number of tokens. Runs:
 
   tools-off  the same loop with tools disabled (one engine call per trajectory: plain generate, the engine's limit)
   async      the per-trajectory tool loop (rollout.mode=async)
@@ -26,15 +25,8 @@ import time
 
 QUICK = "```python\nprint(6*7)\n```\n```output"
 HEAVY = "```python\nimport sympy\nprint(len(list(sympy.primerange(1, 300000))))\n```\n```output"
-# A hang that waits rather than spins: on 2 cores a spinning snippet takes a core from the engine for the whole
-# timeout, which measures CPU contention on this machine rather than the tool loop.
-HANG = "```python\nimport time\ntime.sleep(600)\n```\n```output"
-CODE = {"quick": QUICK, "heavy": HEAVY, "hang": HANG}
-# The call comes after 0-3 sentences of lead-in, so tool calls start at different points of the responses (with
-# every call at token 0 the sync loop loses almost nothing, which hides what the async loop is for).
-LEAD = "Let me think about it step by step. "
-LEADS = 4
-TRACES = {f"Q: {kind} {k}\nA:": LEAD * (4 * k) + code for kind, code in CODE.items() for k in range(LEADS)}
+HANG = "```python\nwhile True:\n    pass\n```\n```output"
+TRACES = {"Q: quick\nA:": QUICK, "Q: heavy\nA:": HEAVY, "Q: hang\nA:": HANG}
 
 
 def warm_model(out_dir: str) -> str:
@@ -54,7 +46,7 @@ def warm_model(out_dir: str) -> str:
         ids = p + tok.encode(code, add_special_tokens=False)
         seqs.append((torch.tensor([ids]), torch.tensor([[-100] * len(p) + ids[len(p) :]])))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
+    for _ in range(300):
         loss = sum(model(x, labels=y).loss for x, y in seqs)
         opt.zero_grad()
         loss.backward()
@@ -94,8 +86,8 @@ def main() -> None:
     kinds = ["hang"] * max(1, round(0.01 * n)) + ["heavy"] * max(1, round(0.04 * n))
     kinds += ["quick"] * (n - len(kinds))
     rng.shuffle(kinds)
-    prompts = {p.split()[1] + p.split()[2]: tok.encode(p, add_special_tokens=False) for p in TRACES}
-    requests = [GenRequest(f"p{i}", i, prompts[f"{k}{i % LEADS}"], n=1) for i, k in enumerate(kinds)]
+    prompts = {k: tok.encode(f"Q: {k}\nA:", add_special_tokens=False) for k in ("quick", "heavy", "hang")}
+    requests = [GenRequest(f"p{i}", i, prompts[k], n=1) for i, k in enumerate(kinds)]
 
     cfg = Config(
         model=ModelConfig(path=path, max_model_len=args.response_tokens + 64),
