@@ -22,7 +22,7 @@ CFG = SandboxConfig(
     num_cpus=0.1,
 )
 UIDS = range(CFG.uid_base, CFG.uid_base + 1000 * CFG.num_workers)
-HOST_FILE = Path("/work/main/.sandbox_hostile_marker")
+HOST_FILE = Path(__file__).resolve().parents[2] / ".sandbox_hostile_marker"  # inside the checkout, outside scratch
 
 
 @pytest.fixture(scope="module")
