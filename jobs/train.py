@@ -27,11 +27,6 @@ from torl.metrics import rollout_metrics  # noqa: E402
 from torl.types import Trajectory  # noqa: E402
 
 
-def rollout(run: Run, batch, greedy: bool = False, n: int | None = None):
-    """Start generating ``batch`` on the generators (round-robin by prompt); returns the pending ObjectRefs."""
-    return run.generate(batch, greedy=greedy, n=n)
-
-
 def grade(run: Run, trajs: list[Trajectory]) -> None:
     import ray
 
@@ -43,7 +38,7 @@ def grade(run: Run, trajs: list[Trajectory]) -> None:
 
 def validate(run: Run, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
-    trajs, _ = run.collect(rollout(run, run.val, greedy=True, n=1))
+    trajs, _ = run.collect(run.generate(run.val, greedy=True, n=1))
     grade(run, trajs)
     metrics = rollout_metrics(trajs, prefix="val/")
     metrics["time/validate"] = time.perf_counter() - t0
@@ -61,7 +56,7 @@ def train(run: Run) -> None:
         tracker.console(0, total, metrics)
 
     batch, resume_state = run.draw()
-    pending = rollout(run, batch)
+    pending = run.generate(batch)
     while step < total:
         t_step = time.perf_counter()
         trajs, metrics = run.collect(pending)  # waits only for what the pipelined rollout has not finished yet
@@ -70,7 +65,7 @@ def train(run: Run) -> None:
         pending = None
         if cfg.trainer.max_staleness == 1 and step + 1 < total:
             batch, resume_state = run.draw()
-            pending = rollout(run, batch)  # overlaps with grading + training below
+            pending = run.generate(batch)  # overlaps with grading + training below
 
         t0 = time.perf_counter()
         grade(run, trajs)
@@ -88,7 +83,7 @@ def train(run: Run) -> None:
 
         if pending is None and step < total:
             batch, resume_state = run.draw()
-            pending = rollout(run, batch)
+            pending = run.generate(batch)
         if run.val and cfg.trainer.val_every and step % cfg.trainer.val_every == 0:
             metrics.update(validate(run, step))
         if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
