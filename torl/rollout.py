@@ -280,7 +280,8 @@ async def run_sync(loops: Sequence[ToolLoop], generate: GenerateFn, run_tool: To
         t0 = time.perf_counter()
         outs = await asyncio.gather(*(generate(lp, req) for lp, req in live))
         gen_s = time.perf_counter() - t0
-        calls = [(lp, code) for (lp, _), out in zip(live, outs, strict=True) if (code := lp.on_round(out, gen_s))]
+        codes = [(lp, lp.on_round(out, gen_s)) for (lp, _), out in zip(live, outs, strict=True)]
+        calls = [(lp, code) for lp, code in codes if code is not None]  # "" (an empty block) is a call too
         if calls:
             t0 = time.perf_counter()
             results = await asyncio.gather(*(run_tool(lp, code) for lp, code in calls))

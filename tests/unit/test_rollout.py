@@ -194,6 +194,20 @@ def test_sync_mode_barriers_and_same_result():
     assert all(t.response_ids == ref.response_ids and t.loss_mask == ref.loss_mask for t in trajs)
 
 
+def test_sync_mode_runs_an_empty_code_block():
+    """An empty ```python block is a call ("" runs and prints nothing); sync mode once skipped it and then crashed."""
+    loops = [make_loop(max_calls=1) for _ in range(2)]
+    engines = {id(lp): Script([sampled("```python\n```\n", stop_reason=STOP), sampled("fin")]) for lp in loops}
+    ran = []
+
+    async def tool(lp, code):
+        ran.append(code)
+        return await ok_tool(lp, code)
+
+    trajs = asyncio.run(run_sync(loops, lambda lp, req: engines[id(lp)](lp, req), tool))
+    assert ran == ["", ""] and all(len(t.tool_calls) == 1 and dec(t.response_ids).endswith("fin") for t in trajs)
+
+
 def test_metrics_and_warnings():
     lp_ok = make_loop(max_calls=1)
     t_ok = run(lp_ok, Script([sampled("```python\nx\n```\n", stop_reason=STOP), sampled("a")]))
