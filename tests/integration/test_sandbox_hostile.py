@@ -273,6 +273,48 @@ def test_network_connection(pool):
         server.close()
 
 
+def _meet(name: str, role: str) -> str:
+    """A snippet listening on (or connecting to) an abstract unix socket: a channel scoped to the network namespace."""
+    if role == "listen":
+        return (
+            "import socket\ns = socket.socket(socket.AF_UNIX)\n"
+            f"s.bind('\\0{name}')\ns.listen(1)\ns.settimeout(1.0)\n"
+            "try:\n    s.accept()\n    print('met')\nexcept OSError:\n    print('alone')"
+        )
+    return (
+        "import socket, time\ntime.sleep(0.3)\nc = socket.socket(socket.AF_UNIX)\n"
+        f"try:\n    c.connect('\\0{name}')\n    print('met')\nexcept OSError:\n    print('alone')"
+    )
+
+
+def test_concurrent_snippets_cannot_meet(pool):
+    """Each slot has its own network namespace, so two snippets running at once share no socket namespace."""
+
+    async def go():
+        codes = [_meet("torl-meet", role) for _ in range(4) for role in ("listen", "connect")]
+        return await asyncio.gather(*(pool.run(code) for code in codes))
+
+    assert [r.stdout for r in asyncio.run(go())] == ["alone\n"] * 8
+
+
+def test_listener_left_behind_dies_with_its_snippet(pool):
+    """Slots (and their namespaces) are reused; what a snippet leaves running must not be there for the next one."""
+    leave = (
+        "import os, socket, time\nif os.fork() == 0:\n    os.setsid()\n    s = socket.socket(socket.AF_UNIX)\n"
+        "    s.bind('\\0torl-left')\n    s.listen(1)\n    time.sleep(60)\ntime.sleep(0.2)\nprint('left')"
+    )
+
+    async def go():
+        first = await asyncio.gather(*(pool.run(leave) for _ in range(CFG.concurrency_per_worker * CFG.num_workers)))
+        later = await asyncio.gather(*(pool.run(_meet("torl-left", "connect")) for _ in range(8)))
+        return first, later
+
+    first, later = asyncio.run(go())
+    assert all(r.stdout == "left\n" for r in first), first
+    assert [r.stdout for r in later] == ["alone\n"] * 8
+    assert not wait_no_strays()
+
+
 # --- code errors and the script contract ------------------------------------------------------------------------
 
 

@@ -144,3 +144,19 @@ def test_concurrent_snippets_never_lose_output(pool):
     results = asyncio.run(go())
     wrong = [(r.status, r.stdout) for i, r in enumerate(results) if r.stdout != f"{(i % 32) * 7}\n"]
     assert not wrong, f"{len(wrong)} of {len(results)} snippets lost or swapped output: {wrong[:5]}"
+
+
+def test_network_isolation_off_keeps_the_rest_of_the_sandbox():
+    """isolate_network=false (a user's choice) still gives private mounts, so the unprivileged snippet can import
+    the stdlib the zygote did not preload; it once lost them and failed on `import socket`."""
+    from torl.sandbox.client import Zygote
+
+    async def go():
+        z = Zygote(SandboxConfig(isolate_network=False, uid_base=240000))
+        try:
+            return await z.run("import socket, tempfile\nprint(tempfile.gettempdir(), socket.gethostname() != '')")
+        finally:
+            await z.close()
+
+    res = asyncio.run(go())
+    assert res.status == "ok" and res.stdout == "/tmp True\n", res

@@ -2,11 +2,12 @@
 
 Started by ``torl.sandbox.client.Zygote`` as ``python -E -s -c ...zygote.main(...)`` with a minimal environment (no
 RAY_*, no API keys, no VLLM vars), it preloads sympy/numpy once and then serves newline-delimited JSON requests on
-stdin, answering on stdout. Each snippet runs in a forked child that enters a new session, a new network namespace
-and a private /tmp, gets rlimits, drops to an unprivileged uid of its own, chdirs into a private scratch directory and
-``exec``s the code as ``__main__`` (a script, like ToRL's Sandbox Fusion: the last expression is not echoed). The
-zygote enforces the wall timeout and the output cap and kills whatever the snippet left behind: its process group,
-and, because the zygote is a child subreaper, any orphan that escaped into a new session.
+stdin, answering on stdout. Each snippet runs in a forked child that enters a new session, joins its slot's network
+namespace (no network) and mount namespace (a private /tmp), gets rlimits, drops to an unprivileged uid of its own,
+chdirs into a private scratch directory and ``exec``s the code as ``__main__`` (a script, like ToRL's Sandbox
+Fusion: the last expression is not echoed). The zygote enforces the wall timeout and the output cap and kills whatever
+the snippet left behind: its process group, and, because the zygote is a child subreaper, any orphan that escaped
+into a new session.
 
 Persistent sessions keep one long-lived child per session id that runs successive snippets in the same globals.
 
@@ -36,6 +37,7 @@ from torl.sandbox.child import (
     Limits,
     hidden_prefixes,
     libc,
+    make_slot_namespaces,
     session_child,
     stateless_child,
 )
@@ -144,6 +146,7 @@ class Zygote:
         self.inbuf = b""
         self.free_slots: list[int] = []  # slot i = uid uid_base+i with scratch dir <root>/i, reused between jobs
         self.num_slots = 0
+        self.slot_ns: dict[int, tuple[tuple[int, int], ...]] = {}  # slot -> its namespaces' (fd, type), if any
         self.root = os.path.realpath(os.path.join(limits.scratch_root, f"torl-sandbox-{os.getpid()}"))
         _remove_stale_roots(limits.scratch_root)
         os.makedirs(self.root, mode=0o711, exist_ok=True)
@@ -215,27 +218,37 @@ class Zygote:
         else:
             self.reply({"id": rid, "status": "sandbox_error", "stderr": f"unknown op {op!r}"})
 
-    def _new_child_io(self) -> tuple[str, int | None, tuple[int, int], tuple[int, int]]:
-        # Slots (uid + scratch dir) are reused: creating and deleting a directory per snippet cost ~5 ms on a busy
-        # ext4 disk, emptying an already empty one costs one scandir.
+    def _new_child_io(self) -> tuple[tuple, tuple[int, int], tuple[int, int]]:
+        """A free slot's child setup (see ``enter_sandbox``) and fresh stdout/stderr pipes.
+
+        Slots (uid + scratch dir + namespaces) are reused: creating and deleting a directory per snippet cost ~5 ms
+        on a busy ext4 disk, emptying an already empty one costs one scandir; joining a slot's namespaces is cheaper
+        than creating them per snippet (``make_slot_namespaces``).
+        """
         if self.free_slots:
             slot = self.free_slots.pop()
         else:
             slot = self.num_slots
-            self.num_slots += 1
-            os.mkdir(os.path.join(self.root, str(slot)), 0o700)
+            path = os.path.join(self.root, str(slot))
+            os.mkdir(path, 0o700)
             if self.privileged:
-                os.chown(os.path.join(self.root, str(slot)), self.limits.uid_base + slot, self.limits.uid_base + slot)
+                os.chown(path, self.limits.uid_base + slot, self.limits.uid_base + slot)
+            if os.geteuid() == 0:
+                self.slot_ns[slot] = make_slot_namespaces(self.limits, path, self.hidden, self.net_mode == "netns")
+            self.num_slots += 1
         uid = self.limits.uid_base + slot if self.privileged else None
-        return os.path.join(self.root, str(slot)), uid, os.pipe(), os.pipe()
+        scratch = os.path.join(self.root, str(slot))
+        out_w, err_w = os.pipe(), os.pipe()
+        setup = (self.limits, scratch, uid, out_w[1], err_w[1], self.net_mode, self.hidden, self.slot_ns.get(slot, ()))
+        return setup, out_w, err_w
 
     def _watch(self, fd: int, kind: str, owner: Any) -> None:
         os.set_blocking(fd, False)
         self.sel.register(fd, selectors.EVENT_READ, (kind, owner))
 
     def run_stateless(self, rid: Any, code: str, timeout: float) -> None:
-        scratch, uid, (out_r, out_w), (err_r, err_w) = self._new_child_io()
-        setup = (self.limits, scratch, uid, out_w, err_w, self.net_mode, self.hidden)
+        setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
+        scratch, uid = setup[1], setup[2]
         now = time.monotonic()
         pid = os.fork()
         if pid == 0:
@@ -277,10 +290,10 @@ class Zygote:
             sess.job.err.append(f"[sandbox] session process is gone: {exc}\n".encode())
 
     def start_session(self, sid: str) -> Session:
-        scratch, uid, (out_r, out_w), (err_r, err_w) = self._new_child_io()
+        setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
+        scratch, uid = setup[1], setup[2]
         ctrl_r, ctrl_w = os.pipe()
         done_r, done_w = os.pipe()
-        setup = (self.limits, scratch, uid, out_w, err_w, self.net_mode, self.hidden)
         pid = os.fork()
         if pid == 0:
             session_child(ctrl_r, done_w, setup)
