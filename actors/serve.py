@@ -1,10 +1,14 @@
 """Ray Serve application: the trained model behind an OpenAI-compatible HTTP API, with the interpreter in the loop.
 
-Two deployments. ``Engine`` owns one ``Generator`` (vLLM AsyncLLM, continuous batching) and the ``SandboxPool`` it
-runs code in; every request becomes one tool-loop trajectory on that shared engine. ``OpenAIServer`` is the FastAPI
-ingress: auth, validation and response shapes (``torl.openai_api``), prompt templates (``torl.prompts``) and
-tokenization; it streams engine events back as server-sent events. Replica counts and autoscaling are Serve options
-(``configs/serve.yaml`` or ``ServeConfig``).
+One deployment, ``OpenAIServer``: a FastAPI ingress whose every replica owns one ``Generator`` (vLLM AsyncLLM,
+continuous batching) and the ``SandboxPool`` it runs code in. A request goes HTTP proxy -> replica and becomes one
+tool-loop trajectory on that replica's engine; auth, validation and response shapes (``torl.openai_api``), prompt
+templates (``torl.prompts``), tokenization and server-sent events run in the same process, next to the engine.
+Replica counts and autoscaling (one engine per replica) are Serve options (``configs/serve.yaml`` or ``ServeConfig``).
+
+Why one deployment: an engine deployment behind a separate ingress cost a handle hop per request (routing,
+serialization, a second replica's request bookkeeping) for nothing in return: the ingress work is sub-millisecond
+and scales with the engines anyway (bench/serve.py has the figures).
 
 Not here: the tool loop (``actors/generator.py``, ``torl.rollout``), request validation rules (``torl.openai_api``),
 process start-up (``jobs/serve.py``).
@@ -17,14 +21,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.cluster import LOCAL_ENV
@@ -57,89 +59,9 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Engine: one generator + sandbox pool; events are plain dicts so they cross the Serve handle cheaply.
+# Helpers used by the deployment sit above it: @serve.ingress serializes the class when it is defined.
 
 
-class Engine:
-    """Runs tool-loop trajectories for single prompts on one shared vLLM engine."""
-
-    async def __init__(self, cfg: Config, model_path: str) -> None:
-        # Async so the engine is built inside the replica's event loop before Serve routes any request to it.
-        from actors.generator import Generator
-
-        self.tool_cfg = cfg.tool
-        self.pool = None
-        if cfg.tool.enabled:
-            from actors.sandbox import SandboxPool
-
-            # A pool of its own per replica (unique name: a trainer on the same cluster owns "torl_sandbox").
-            name = f"torl_serve_sandbox_{uuid.uuid4().hex[:8]}"
-            self.pool = await asyncio.to_thread(SandboxPool.create, cfg.sandbox, name)
-        self.gen = Generator(cfg, model_path, self.pool)
-        await self.gen.start()
-
-    async def __del__(self) -> None:
-        """Serve calls this when the replica stops: end the engine and the sandbox workers with it."""
-        await self.gen.shutdown()
-        if self.pool is not None:
-            await asyncio.to_thread(self.pool.shutdown)
-
-    async def stream(self, prompt_ids: list[int], sampling: dict[str, Any], max_calls: int) -> AsyncIterator[dict]:
-        """Yield ``{"kind": "text"|"tool"|"done", ...}`` events as the trajectory grows."""
-        last_tool: dict | None = None
-        async for ev in self.gen.generate_stream(prompt_ids, sampling, max_calls):
-            kind = ev["type"]
-            if kind == "text":
-                yield {"kind": "text", "text": ev["text"]}
-            elif kind == "tool_end":
-                last_tool = ev
-            elif kind == "observation":
-                # vLLM holds the stop string back from text deltas, but its sampled tokens stay in the response (and
-                # in the final text): put it back in front of the observation so the stream reads like the result.
-                text = self.tool_cfg.stop + ev["text"]
-                yield {"kind": "tool", "text": text, "call": self._call(last_tool)}
-            elif kind == "done":
-                yield _done(ev, self.gen.tokenizer.eos_token)
-
-    async def complete(self, prompt_ids: list[int], sampling: dict[str, Any], max_calls: int) -> dict:
-        """Run one trajectory to the end and return only its ``done`` event (one handle round trip)."""
-        async for ev in self.gen.generate_stream(prompt_ids, sampling, max_calls):
-            if ev["type"] == "done":
-                return _done(ev, self.gen.tokenizer.eos_token)
-        raise RuntimeError("generator stream ended without a final event")
-
-    def _call(self, end: dict | None) -> dict:
-        """A streamed tool call: the body is formatted as the loop formats it (queue time only in the final event)."""
-        if end is None:
-            return asdict(ToolCall("", "", "sandbox_error", 0.0, 0.0))
-        result = ExecResult(end["status"], end["stdout"], end["stderr"], wall_s=end["exec_s"])
-        return asdict(
-            ToolCall(end["code"], format_observation(result, self.tool_cfg), end["status"], end["exec_s"], 0.0)
-        )
-
-
-def _done(ev: dict, eos: str | None) -> dict:
-    """The generator's done event as plain data; ``text`` is already cut before a matched client stop string."""
-    traj: Trajectory = ev["trajectory"]
-    text = ev["text"]
-    if traj.finish_reason == "eos" and eos and text.endswith(eos):
-        # The trajectory text keeps special tokens (token-exact for training); a client gets text without EOS, as
-        # in the streamed deltas (vLLM skips special tokens there).
-        text = text[: -len(eos)]
-    return {
-        "kind": "done",
-        "text": text,
-        "finish_reason": traj.finish_reason,
-        "completion_tokens": len(traj.response_ids),
-        "tool_calls": [asdict(c) for c in traj.tool_calls],
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# HTTP ingress
-
-
-# Helpers used by the ingress sit above it: @serve.ingress serializes the class when it is defined.
 def _seeded(sampling: dict[str, Any], i: int) -> dict[str, Any]:
     """The i-th of n choices: with a client seed, a distinct derived seed per choice so they differ but repeat."""
     if i == 0 or sampling.get("seed") is None:
@@ -147,27 +69,51 @@ def _seeded(sampling: dict[str, Any], i: int) -> dict[str, Any]:
     return {**sampling, "seed": sampling["seed"] + i}
 
 
-def _choice(done: dict) -> api.ChoiceResult:
+def _choice(ev: dict, eos: str | None) -> api.ChoiceResult:
+    """The generator's done event as a choice; its ``text`` is already cut before a matched client stop string."""
+    traj: Trajectory = ev["trajectory"]
+    text = ev["text"]
+    if traj.finish_reason == "eos" and eos and text.endswith(eos):
+        # The trajectory text keeps special tokens (token-exact for training); a client gets text without EOS, as
+        # in the streamed deltas (vLLM skips special tokens there).
+        text = text[: -len(eos)]
     return api.ChoiceResult(
-        text=done["text"],
-        finish_reason=api.openai_finish_reason(done["finish_reason"]),
-        completion_tokens=done["completion_tokens"],
-        tool_calls=[ToolCall(**c) for c in done["tool_calls"]],
+        text=text,
+        finish_reason=api.openai_finish_reason(traj.finish_reason),
+        completion_tokens=len(traj.response_ids),
+        tool_calls=list(traj.tool_calls),
     )
+
+
+def _streamed_call(end: dict | None, tool_cfg) -> ToolCall:
+    """A streamed tool call: the body is formatted as the loop formats it (queue time only in the final event)."""
+    if end is None:
+        return ToolCall("", "", "sandbox_error", 0.0, 0.0)
+    result = ExecResult(end["status"], end["stdout"], end["stderr"], wall_s=end["exec_s"])
+    return ToolCall(end["code"], format_observation(result, tool_cfg), end["status"], end["exec_s"], 0.0)
 
 
 @serve.ingress(app)
 class OpenAIServer:
-    """OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+    """OpenAI-compatible routes (/v1/completions, /v1/chat/completions, /v1/models, /health) on one shared engine."""
 
-    def __init__(self, engine: DeploymentHandle, cfg: Config, model_path: str, model_name: str) -> None:
-        from transformers import AutoTokenizer
+    async def __init__(self, cfg: Config, model_name: str) -> None:
+        # Async so the engine is built inside the replica's event loop before Serve routes any request to it.
+        from actors.generator import Generator
 
-        self.engine = engine
         self.cfg = cfg
         self.model_name = model_name
         self.created = int(time.time())
-        self.tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
+        self.pool = None
+        if cfg.tool.enabled:
+            from actors.sandbox import SandboxPool
+
+            # A pool of its own per replica (unique name: a trainer on the same cluster owns "torl_sandbox").
+            name = f"torl_serve_sandbox_{uuid.uuid4().hex[:8]}"
+            self.pool = await asyncio.to_thread(SandboxPool.create, cfg.sandbox, name)
+        self.gen = Generator(cfg, cfg.model.path, self.pool)
+        await self.gen.start()
+        self.tok = self.gen.tokenizer
         s = cfg.serve
         self.limits = api.ServeLimits(
             model_name=model_name,
@@ -178,6 +124,12 @@ class OpenAIServer:
             max_n=s.max_n,
             max_request_bytes=s.max_request_bytes,
         )
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: end the engine and the sandbox workers with it."""
+        await self.gen.shutdown()
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.shutdown)
 
     # -- routes ---------------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -230,19 +182,40 @@ class OpenAIServer:
         sampling = plan.sampling(len(ids), self.limits)
         req_id = api.new_id("chatcmpl" if chat else "cmpl")
         if plan.stream:
-            events = self.engine.options(stream=True).stream.remote(ids, sampling, plan.max_tool_calls)
+            events = self._events(ids, sampling, plan.max_tool_calls)
             return StreamingResponse(self._sse(chat, req_id, events, len(ids), plan), media_type="text/event-stream")
-        calls = [self.engine.complete.remote(ids, _seeded(sampling, i), plan.max_tool_calls) for i in range(plan.n)]
+        calls = [self._complete(ids, _seeded(sampling, i), plan.max_tool_calls) for i in range(plan.n)]
         try:
-            done = await asyncio.wait_for(asyncio.gather(*calls), self.cfg.serve.request_timeout_s)
+            # On timeout wait_for cancels the choices; each cancelled stream aborts its engine request.
+            choices = await asyncio.wait_for(asyncio.gather(*calls), self.cfg.serve.request_timeout_s)
         except TimeoutError as exc:
-            for call in calls:
-                call.cancel()
             raise api.APIError(504, "The request timed out.", type="timeout_error", code="timeout") from exc
-        choices = [_choice(d) for d in done]
         if chat:
             return api.chat_response(req_id, self.model_name, choices, len(ids), plan)
         return api.completion_response(req_id, self.model_name, choices, len(ids), plan, prompt)
+
+    async def _complete(self, ids: list[int], sampling: dict[str, Any], max_calls: int) -> api.ChoiceResult:
+        """Run one trajectory to the end (no text events: the engine reports each round once)."""
+        async for ev in self.gen.generate_stream(ids, sampling, max_calls):
+            if ev["type"] == "done":
+                return _choice(ev, self.tok.eos_token)
+        raise RuntimeError("generator stream ended without a final event")
+
+    async def _events(self, ids: list[int], sampling: dict[str, Any], max_calls: int) -> AsyncIterator[tuple]:
+        """Yield ``("text", text)``, ``("tool", text, ToolCall)``, last ``("done", ChoiceResult)`` as it grows."""
+        last_tool: dict | None = None
+        async for ev in self.gen.generate_stream(ids, sampling, max_calls):
+            kind = ev["type"]
+            if kind == "text":
+                yield ("text", ev["text"])
+            elif kind == "tool_end":
+                last_tool = ev
+            elif kind == "observation":
+                # vLLM holds the stop string back from text deltas, but its sampled tokens stay in the response (and
+                # in the final text): put it back in front of the observation so the stream reads like the result.
+                yield ("tool", self.cfg.tool.stop + ev["text"], _streamed_call(last_tool, self.cfg.tool))
+            elif kind == "done":
+                yield ("done", _choice(ev, self.tok.eos_token))
 
     async def _sse(self, chat: bool, req_id: str, events, prompt_tokens: int, plan: api.GenerationPlan):
         """Server-sent events: model text and tool outputs as they happen, a closing chunk, then [DONE]."""
@@ -251,13 +224,13 @@ class OpenAIServer:
             yield api.sse(api.stream_chunk(True, req_id, name, text="", role=True))
         try:
             async for ev in events:
-                if ev["kind"] == "text":
-                    yield api.sse(api.stream_chunk(chat, req_id, name, text=ev["text"]))
-                elif ev["kind"] == "tool":
-                    torl = {"tool_call": api.tool_call_json(ToolCall(**ev["call"]))}
-                    yield api.sse(api.stream_chunk(chat, req_id, name, text=ev["text"], torl=torl))
+                if ev[0] == "text":
+                    yield api.sse(api.stream_chunk(chat, req_id, name, text=ev[1]))
+                elif ev[0] == "tool":
+                    torl = {"tool_call": api.tool_call_json(ev[2])}
+                    yield api.sse(api.stream_chunk(chat, req_id, name, text=ev[1], torl=torl))
                 else:
-                    choice = _choice(ev)
+                    choice = ev[1]
                     torl = api.torl_extra(choice.answer, choice.tool_calls, plan.max_tool_calls)
                     yield api.sse(api.stream_chunk(chat, req_id, name, finish_reason=choice.finish_reason, torl=torl))
                     if plan.include_usage:
@@ -271,6 +244,23 @@ class OpenAIServer:
 # ---------------------------------------------------------------------------------------------------------------
 # Application builders
 
+# Serve's HTTP proxy forwards each request to the replica over gRPC instead of a Ray actor call (the replica always
+# runs that gRPC server; Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED mode turns it on too). A small gain on bench/serve.py
+# (0-10 % requests/s at 8-32 clients, near this machine's run-to-run noise; the proxy's CPU per request drops ~10 %).
+# The proxy inherits the controller's runtime env; configs/serve.yaml sets the same under ``controller_options``.
+PROXY_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
+
+def start_serve(cfg: Config) -> None:
+    """Start Serve (controller and HTTP proxy) on ``serve.host:serve.port`` with the proxy settings above.
+
+    A Serve instance already running on the cluster is reused as it is (Serve's rule: its options stay).
+    """
+    serve.start(
+        http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+        controller_options={"runtime_env": {"env_vars": PROXY_ENV}},
+    )
+
 
 def build_app(cfg: Config) -> serve.Application:
     """The bound application for ``serve.run``; ``cfg.model.path`` is the checkpoint to serve."""
@@ -278,47 +268,37 @@ def build_app(cfg: Config) -> serve.Application:
         raise ValueError(f"model.path must be a checkpoint directory, got {cfg.model.path!r}")
     s = cfg.serve
     name = s.model_name or Path(cfg.model.path).resolve().name
-    engine_env = {
+    env = {
         **LOCAL_ENV,
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.engine.cpu_kvcache_gb),
-        # The engine's code is all async: run it on the replica's own loop, not a second thread's. Measured on the
-        # bench workload: ~15 % more requests/s at 32 clients (fewer cross-thread hops and less GIL contention).
+        # Routes and engine are all async: run them on the replica's own loop, not a second thread's (fewer
+        # cross-thread hops and less GIL contention; ~15 % more requests/s at 32 clients on the bench workload).
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     }
-    engine = serve.deployment(Engine).options(
-        name="Engine",
-        num_replicas=s.engine_replicas,
+    scaling: dict[str, Any]
+    if s.min_replicas == s.max_replicas:
+        scaling = {"num_replicas": s.min_replicas}
+    else:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": s.min_replicas,
+                "max_replicas": s.max_replicas,
+                "target_ongoing_requests": s.target_ongoing_requests,
+            }
+        }
+    server = serve.deployment(OpenAIServer).options(
+        name="OpenAIServer",
         max_ongoing_requests=s.max_ongoing_requests,
         ray_actor_options={
             "num_cpus": cfg.rollout.num_cpus,
             "num_gpus": cfg.rollout.num_gpus,
-            "runtime_env": {"env_vars": engine_env},
+            "runtime_env": {"env_vars": env},
         },
         health_check_period_s=10,
         health_check_timeout_s=60,
-    )
-    scaling: dict[str, Any]
-    if s.ingress_min_replicas == s.ingress_max_replicas:
-        scaling = {"num_replicas": s.ingress_min_replicas}
-    else:
-        scaling = {
-            "autoscaling_config": {
-                "min_replicas": s.ingress_min_replicas,
-                "max_replicas": s.ingress_max_replicas,
-                "target_ongoing_requests": s.target_ongoing_requests,
-            }
-        }
-    ingress = serve.deployment(OpenAIServer).options(
-        name="OpenAIServer",
-        max_ongoing_requests=s.max_ongoing_requests,
-        # Its routes are async too (tokenization is sub-millisecond): same one-loop setting as the engine's.
-        ray_actor_options={
-            "num_cpus": s.ingress_num_cpus,
-            "runtime_env": {"env_vars": {**LOCAL_ENV, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
-        },
         **scaling,
     )
-    return ingress.bind(engine.bind(cfg, cfg.model.path), cfg, cfg.model.path, name)
+    return server.bind(cfg, name)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from actors.cluster import init_ray
-    from actors.serve import build_app
+    from actors.serve import build_app, start_serve
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    start_serve(cfg)
     serve.run(build_app(cfg), name=args.name, route_prefix=cfg.serve.route_prefix)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}/v1"
     print(f"serving {cfg.model.path} at {url} (Ctrl-C to stop)", flush=True)

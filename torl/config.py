@@ -225,12 +225,17 @@ class ServeConfig:
     max_n: int = 4  # choices per request
     max_request_bytes: int = 1_000_000  # larger bodies get a 413
     request_timeout_s: float = 600.0  # a request still running after this is aborted with a 504
-    engine_replicas: int = 1  # engine deployment replicas (one vLLM engine each); requests share an engine
-    ingress_num_cpus: float = 0.1  # Ray CPU resource per HTTP ingress replica
-    ingress_min_replicas: int = 1  # ingress autoscaling range (min == max: fixed count)
-    ingress_max_replicas: int = 1
-    target_ongoing_requests: int = 64  # per ingress replica, drives autoscaling
+    # Replicas of the one deployment; each owns a vLLM engine (rollout.num_cpus/num_gpus) and a sandbox pool.
+    min_replicas: int = 1  # autoscaling range (min == max: a fixed count)
+    max_replicas: int = 1
+    target_ongoing_requests: int = 64  # per replica, drives autoscaling
     max_ongoing_requests: int = 512  # per replica; beyond it Serve queues (continuous batching needs many in flight)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ConfigError(
+                f"serve.min_replicas/max_replicas: need 1 <= min <= max, got {self.min_replicas}/{self.max_replicas}"
+            )
 
 
 @dataclass(frozen=True)

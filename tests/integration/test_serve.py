@@ -66,7 +66,7 @@ def free_port() -> int:
 def server(ray_cluster, tiny_model_dir, tmp_path_factory):
     from ray import serve
 
-    from actors.serve import build_app
+    from actors.serve import build_app, start_serve
     from torl.config import load_config
 
     model_dir = teach(tiny_model_dir, tmp_path_factory.mktemp("taught") / MODEL)
@@ -85,7 +85,7 @@ def server(ray_cluster, tiny_model_dir, tmp_path_factory):
             f"serve.model_name={MODEL}",
         ]
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(cfg)
     serve.run(build_app(cfg), name="torl-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
