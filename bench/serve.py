@@ -1,15 +1,19 @@
 """Serve benchmark: requests/s and p50/p99 latency through the OpenAI endpoint vs the bare vLLM engine, one run.
 
 The same greedy, no-tool requests (ToRL-templated questions, ``--max-tokens`` each) go (1) straight to a vLLM
-``AsyncLLM`` built exactly as the generator builds it, in this process, with no HTTP, Serve or tool loop, and then
+``AsyncLLM`` built exactly as the generator builds it, in this process, with no HTTP, Serve or tool loop, and
 (2) to ``POST /v1/completions`` of the Serve app (``max_tool_calls: 0``) over loopback HTTP, at 1, 8 and 32
-concurrent clients. Greedy decoding makes both sides generate the same tokens (checked). Prints a table and the
-Serve overhead ratio (bare requests/s over Serve requests/s; target <= 1.3 at 32 clients).
+concurrent clients. Both sides ask the engine for the same work: greedy, same max_tokens, no logprobs, final output
+only (what the server asks for a non-streaming request); greedy decoding makes them generate the same tokens
+(checked). Prints a table and the Serve overhead ratio (bare requests/s over Serve requests/s; target <= 1.3 at 32).
 
     python bench/serve.py [--model DIR] [--requests 64] [--max-tokens 64] [--clients 1,8,32]
 
 ``--model`` defaults to the project's small base model (models/torl-tiny-base) if built, else a random Qwen2 of
-the same shape. The engines run one after the other, never at once (2 cores).
+the same shape. Both engines stay up and the two sides alternate level by level, so each ratio compares runs made
+seconds apart (this machine's speed drifts by +-10 % over minutes); they never run at once (2 cores). A level sends
+at least 8 requests per client, so a level's figure is not dominated by its ramp-up and tail. The HTTP client is
+aiohttp in this process (~0.5 ms of CPU per request; httpx cost several times that and capped the Serve figure).
 """
 
 from __future__ import annotations
@@ -78,54 +82,62 @@ async def drive(one, work: list, clients: int) -> tuple[dict[str, float], list[i
     return summary(latencies, time.perf_counter() - t0), tokens
 
 
-async def bare_engine(cfg, path: str, work: list, levels: list[int], max_tokens: int) -> dict:
+def per_level(n: int, clients: int) -> int:
+    return max(n, 8 * clients)
+
+
+async def compare(cfg, path: str, base: str, work: list, texts: list[str], levels: list[int], args) -> dict:
+    """Per level: the bare engine, then the Serve endpoint, on the same requests (cycled to the level's count)."""
+    import aiohttp
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
 
     from actors.generator import Generator
 
     gen = Generator(cfg, path, None)
-    await gen.start()  # the engine exactly as the serve Engine deployment builds it
+    await gen.start()  # the engine exactly as a Serve replica builds it
     engine = gen.engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    # What the server asks of the engine for a non-streaming request with no tools (Generator._sampling).
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
     counter = iter(range(10**9))
 
-    async def one(ids: list[int]) -> int:
+    async def bare(ids: list[int]) -> int:
         final = None
         async for out in engine.generate(TokensPrompt(prompt_token_ids=ids), params, f"bench-{next(counter)}"):
             final = out
         return len(final.outputs[0].token_ids)
 
     results = {}
+    connector = aiohttp.TCPConnector(limit=max(levels) + 4)
+    timeout = aiohttp.ClientTimeout(total=300)
     try:
-        await drive(one, work[:8], 8)  # warm-up
-        for c in levels:
-            results[c] = await drive(one, work, c)
+        async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as http:
+
+            async def served(text: str) -> int:
+                body = {"model": "m", "prompt": text, "max_tokens": args.max_tokens, "temperature": 0}
+                async with http.post("/v1/completions", json={**body, "max_tool_calls": 0}) as r:
+                    r.raise_for_status()
+                    return (await r.json())["usage"]["completion_tokens"]
+
+            await drive(bare, work[:16], 8)  # warm-up
+            await drive(served, texts[:16], 8)
+            for c in levels:
+                n = per_level(args.requests, c)
+                results[c] = (await drive(bare, cycle(work, n), c), await drive(served, cycle(texts, n), c))
     finally:
         await gen.shutdown()
     return results
 
 
-async def served(base: str, model: str, texts: list[str], levels: list[int], max_tokens: int) -> dict:
-    import httpx
-
-    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
-
-        async def one(text: str) -> int:
-            body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "max_tool_calls": 0}
-            r = await http.post("/v1/completions", json=body)
-            r.raise_for_status()
-            return r.json()["usage"]["completion_tokens"]
-
-        await drive(one, texts[:8], 8)  # warm-up
-        return {c: await drive(one, texts, c) for c in levels}
+def cycle(items: list, n: int) -> list:
+    return [items[i % len(items)] for i in range(n)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="")
-    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=64, help="requests per level (at least 8 per client)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--port", type=int, default=18765)
@@ -153,35 +165,31 @@ def main() -> int:
         ]
     )
 
-    from actors.cluster import apply_local_env
-
-    apply_local_env()
-    t0 = time.time()
-    bare = asyncio.run(bare_engine(cfg, path, work, levels, args.max_tokens))
-    print(f"bare engine done in {time.time() - t0:.0f} s", flush=True)
-
     from ray import serve
 
     from actors.cluster import init_ray
-    from actors.serve import build_app
+    from actors.serve import build_app, start_serve
 
     init_ray(num_cpus=4)
+    t0 = time.time()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        start_serve(cfg)
         serve.run(build_app(cfg), name="bench", route_prefix="/")
-        srv = asyncio.run(served(f"http://127.0.0.1:{args.port}", "m", texts, levels, args.max_tokens))
+        results = asyncio.run(compare(cfg, path, f"http://127.0.0.1:{args.port}", work, texts, levels, args))
     finally:
         serve.shutdown()
         import ray
 
         ray.shutdown()
+    print(f"measured in {time.time() - t0:.0f} s", flush=True)
 
-    print(f"\nmodel {path}; {args.requests} requests per level, greedy, max_tokens {args.max_tokens}, no tools")
+    counts = ", ".join(f"{per_level(args.requests, c)} at {c}" for c in levels)
+    print(f"\nmodel {path}; requests per level: {counts}; greedy, max_tokens {args.max_tokens}, no tools")
     print(f"{'clients':>7} | {'bare req/s':>10} {'p50 ms':>8} {'p99 ms':>8} | {'serve req/s':>11} {'p50 ms':>8} "
           f"{'p99 ms':>8} | overhead (bare/serve req/s)")  # fmt: skip
     report = {}
     for c in levels:
-        (b, btok), (s, stok) = bare[c], srv[c]
+        (b, btok), (s, stok) = results[c]
         same = btok == stok
         ratio = b["rps"] / s["rps"]
         report[c] = {
