@@ -160,3 +160,21 @@ def test_network_isolation_off_keeps_the_rest_of_the_sandbox():
 
     res = asyncio.run(go())
     assert res.status == "ok" and res.stdout == "/tmp True\n", res
+
+
+def test_request_the_zygote_cannot_handle_gets_an_answer():
+    """A request that fails inside the zygote is answered under its own id (an unmatched reply left it hanging)."""
+    from torl.sandbox.client import Zygote
+
+    async def go():
+        z = Zygote(SandboxConfig(uid_base=240000))
+        try:
+            bad = await asyncio.wait_for(z._request({"op": "run"}), timeout=10)  # no "code"
+            good = await z.run("print(2)")
+            return bad, good
+        finally:
+            await z.close()
+
+    bad, good = asyncio.run(go())
+    assert bad["status"] == "sandbox_error" and "code" in bad["stderr"]
+    assert good.status == "ok" and good.stdout == "2\n"

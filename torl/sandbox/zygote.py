@@ -555,10 +555,14 @@ class Zygote:
         while b"\n" in self.inbuf:
             line, self.inbuf = self.inbuf.split(b"\n", 1)
             if line.strip():
+                msg: Any = None
                 try:
-                    self.handle(json.loads(line))
-                except Exception as exc:  # noqa: BLE001 - a bad request must not take the zygote down
-                    self.reply({"id": None, "status": "sandbox_error", "stderr": f"bad request: {exc!r}"})
+                    msg = json.loads(line)
+                    self.handle(msg)
+                except Exception as exc:  # noqa: BLE001 - a bad request (or a failed fork) must not take us down
+                    # Answer with the request's id: a reply the client cannot match would leave its caller waiting.
+                    rid = msg.get("id") if isinstance(msg, dict) else None
+                    self.reply({"id": rid, "status": "sandbox_error", "stderr": f"sandbox: {exc!r}"})
         return True
 
     def shutdown(self) -> None:
