@@ -155,7 +155,10 @@ class Generator:
         stop = [*req.stop, *over.get("stop", ())]
         # Logprobs cost per-token work in the engine's output processing; serving never returns them.
         logprobs = 0 if over.get("logprobs", True) else None
-        common = dict(max_tokens=req.max_tokens, stop=stop or None, logprobs=logprobs, output_kind=kind)
+        # flat_logprobs: plain lists instead of a dict + Logprob object per token (less work and GC in the actor).
+        common = dict(
+            max_tokens=req.max_tokens, stop=stop or None, logprobs=logprobs, flat_logprobs=True, output_kind=kind
+        )
         if greedy:
             return SamplingParams(temperature=0.0, **common)
         seed = over.get("seed", r.seed)
@@ -207,7 +210,7 @@ class Generator:
                 c = out.outputs[0]
                 ids.extend(c.token_ids)
                 if want_lps:
-                    lps.extend(d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [], strict=True))
+                    lps.extend(_sampled_logprobs(c.token_ids, c.logprobs))
                 text.append(c.text)
                 if stream and c.text:
                     await events.put({"type": "text", "text": c.text})
@@ -446,6 +449,21 @@ class Generator:
         path = os.path.join(self._weights_dir, "model.safetensors")
         save_file(tensors, path)
         return path
+
+
+def _sampled_logprobs(token_ids: list[int], flat: Any) -> list[float]:
+    """The logprob of each sampled token from vLLM's ``FlatLogprobs`` (the sampler puts the sampled token first)."""
+    if flat is None or len(flat) != len(token_ids):
+        raise AssertionError(
+            f"engine returned {len(token_ids)} tokens but logprobs for {0 if flat is None else len(flat)}"
+        )
+    out = []
+    for i, tok in enumerate(token_ids):
+        at = flat.start_indices[i]
+        if flat.token_ids[at] != tok:
+            raise AssertionError(f"logprob entry {i} is for token {flat.token_ids[at]}, sampled {tok}")
+        out.append(flat.logprobs[at])
+    return out
 
 
 def _client_stop(lp: ToolLoop, last: RoundOutput, stops: list[str]) -> bool:
