@@ -1,69 +1,145 @@
 """Rollout benchmark: what the per-trajectory async tool loop costs and gains, on one engine, model and prompt set.
 
-Workload: a tiny Qwen2 warm-started (a few hundred SGD steps) to write one ```python block behind each of three
-prompts and then keep sampling until the response budget: a quick snippet (95 %), heavy sympy taking 1-3 s (4 %),
-and a busy loop that hits the sandbox timeout (1 %). Every trajectory calls the tool once (c=1) and samples about
-``--response-tokens`` tokens, so the runs below generate about the same number of tokens. Runs:
+Workload. A tiny Qwen2 is trained for a minute to behave like a tool-using policy: it writes filler reasoning words,
+at every word starts a ```python block with probability ``--call-p`` (so calls land at varied points of each
+response, geometric in position, as a real policy's do), writes the snippet its prompt asks for, and keeps
+writing filler until the response budget. The snippets are a realistic mix: quick (95 %), heavy taking 1-3 s
+(4 %), and one that runs past the sandbox timeout (1 %). By default the heavy and timeout snippets *sleep*: on a GPU
+node the sandbox has CPU cores of its own, while on this 2-core machine a snippet spinning for 10 s takes the
+engine's core and the benchmark would measure CPU contention instead of the loop (``--spin`` runs CPU-bound
+versions, sympy and ``while True``, to show that cost too). Runs, same prompts and seeds, c=1:
 
   tools-off  the same loop with tools disabled (one engine call per trajectory: plain generate, the engine's limit)
   async      the per-trajectory tool loop (rollout.mode=async)
   sync       ToRL's batch-synchronous loop (rollout.mode=sync)
 
 Prints (1) async wall / tools-off wall (ToRL: 2.0x; target <= 1.2x), (2) sync wall / async wall (target >= 2x),
-(3) async sampled tokens/s / tools-off tokens/s (target >= 0.85). Usage:
-``python bench/rollout.py [--prompts 256] [--response-tokens 384] [--timeout 10]``.
+(3) async sampled tokens/s / tools-off tokens/s (target >= 0.85). The batch should be long next to the sandbox
+timeout, as in ToRL (10 s timeout, about 120 s of generation per step): a trajectory that times out at the end of a
+short batch holds the batch for the whole timeout whatever the loop does. It also prints the CPU seconds each process
+used per run: on 2 cores the engine is CPU-bound, so whatever the tools cost in CPU (sandbox, Ray calls, the engine
+re-admitting continuations) shows up as wall time however well the loop overlaps. Usage:
+``python bench/rollout.py [--prompts 512] [--response-tokens 512] [--timeout 10] [--spin] [--heavy 0.04]
+[--hang 0.01] [--slots 8]`` (``--heavy 0 --hang 0``: quick snippets only, the loop's own cost).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import statistics
 import tempfile
 import time
 
-QUICK = "```python\nprint(6*7)\n```\n```output"
-HEAVY = "```python\nimport sympy\nprint(len(list(sympy.primerange(1, 300000))))\n```\n```output"
-HANG = "```python\nwhile True:\n    pass\n```\n```output"
-TRACES = {"Q: quick\nA:": QUICK, "Q: heavy\nA:": HEAVY, "Q: hang\nA:": HANG}
+# Each prompt kind has its own filler words, so the snippet to write is always evident from the last few tokens (a
+# tiny model cannot reliably look back 300 tokens to the prompt, and would write the wrong snippet).
+WORDS = "so then we get the value of x is and next check it again now sum so far".split()
 
 
-def warm_model(out_dir: str) -> str:
-    """Tiny checkpoint that writes the code block behind each prompt (greedy and at temperature 1)."""
+def filler(kind_index: int) -> list[str]:
+    return [" " + w for w in WORDS[3 * kind_index : 3 * kind_index + 3]]
+
+
+def snippets(spin: bool) -> dict[str, str]:
+    """Code each prompt kind asks for: heavy ones take about 1, 2 and 3 s, ``hang`` never ends."""
+    if spin:
+        heavy = {
+            k: f"import sympy\nprint(len(list(sympy.primerange(1, {n}))))"
+            for k, n in (("heavy1", 150000), ("heavy2", 300000), ("heavy3", 450000))
+        }
+        return {"quick": "print(6*7)", **heavy, "hang": "while True:\n    pass"}
+    heavy = {f"heavy{s}": f"import time\ntime.sleep({s})\nprint({s})" for s in (1, 2, 3)}
+    return {"quick": "print(6*7)", **heavy, "hang": "import time\ntime.sleep(3600)"}
+
+
+def trace(rng: random.Random, words: list[str], code: str, call_p: float, length: int) -> str:
+    """A response: filler words, a tool call started with probability ``call_p`` at each word, more filler."""
+    out = []
+    while len(out) < length and rng.random() >= call_p:
+        out.append(rng.choice(words))
+    if len(out) < length:
+        out.append(f" ```python\n{code}\n```\n```output\n1\n```\n")
+        out += [rng.choice(words) for _ in range(32)]
+    return "".join(out)
+
+
+def warm_model(out_dir: str, codes: dict[str, str], call_p: float, words: int) -> str:
+    """Tiny checkpoint that behaves like the policy described at the top (about a minute of training)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from torl.modeling import build_random_checkpoint
 
-    path = build_random_checkpoint(os.path.join(out_dir, "tiny"), seed=0)
+    rng = random.Random(0)
+    data = [
+        (f"Q: {k}\nA:", trace(rng, filler(i), c, call_p, words))
+        for i, (k, c) in enumerate(codes.items())
+        for _ in range(48)
+    ]
+    path = build_random_checkpoint(os.path.join(out_dir, "tiny"), seed=0, corpus=[p + r for p, r in data] * 4)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(0)
-    seqs = []
-    for prompt, code in TRACES.items():
-        p = tok.encode(prompt, add_special_tokens=False)
-        ids = p + tok.encode(code, add_special_tokens=False)
-        seqs.append((torch.tensor([ids]), torch.tensor([[-100] * len(p) + ids[len(p) :]])))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        loss = sum(model(x, labels=y).loss for x, y in seqs)
+    rows = []
+    for prompt, response in data:
+        p, r = tok.encode(prompt, add_special_tokens=False), tok.encode(response, add_special_tokens=False)
+        rows.append((p + r, [-100] * len(p) + r))
+    width = max(len(x) for x, _ in rows)
+    x = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+    y = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    lengths = torch.tensor([len(ids) for ids, _ in rows])
+    for _ in range(800):
+        idx = torch.randint(0, len(rows), (16,))
+        w = int(lengths[idx].max())
+        loss = model(x[idx, :w], labels=y[idx, :w]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     out = os.path.join(out_dir, "warm")
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    print(f"warm-start loss {loss.item():.4f}")
+    print(f"warm-start loss {loss.item():.3f} (filler entropy alone is {math.log(3):.2f})")
+    return out
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of every process on the machine, grouped by a short name (children reaped included)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        ct = p.info["cpu_times"]
+        if ct is None:
+            continue
+        cmd = " ".join(p.info["cmdline"] or [])
+        name = p.info["name"] or "?"
+        if "zygote" in cmd:
+            name = "sandbox zygote+children"
+        elif "EngineCore" in name or "EngineCore" in cmd:
+            name = "vllm engine core"
+        elif name.startswith("kworker"):
+            name = "kernel workers"  # their names change with the work they do
+        out[name] = out.get(name, 0.0) + ct.user + ct.system + ct.children_user + ct.children_system
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=256, help="trajectories per run (one sample per prompt)")
-    ap.add_argument("--response-tokens", type=int, default=384)
+    ap.add_argument("--prompts", type=int, default=512, help="trajectories per run (one sample per prompt)")
+    ap.add_argument("--response-tokens", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=10.0, help="sandbox timeout (ToRL: 10 s)")
+    ap.add_argument("--call-p", type=float, default=0.01, help="chance of starting the tool call at each word")
+    ap.add_argument("--spin", action="store_true", help="heavy and timeout snippets burn CPU instead of sleeping")
+    ap.add_argument("--heavy", type=float, default=0.04, help="share of prompts whose snippet takes 1-3 s")
+    ap.add_argument("--hang", type=float, default=0.01, help="share of prompts whose snippet hits the timeout")
     ap.add_argument("--sandbox-workers", type=int, default=2)
+    ap.add_argument(
+        "--slots", type=int, default=8, help="snippets each sandbox worker runs at once (size the pool for the load)"
+    )
     ap.add_argument("--json", default="", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -76,24 +152,27 @@ def main() -> None:
     from torl.rollout import GenRequest
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    codes = snippets(args.spin)
     tmp = tempfile.mkdtemp(prefix="torl-bench-rollout-")
-    path = warm_model(tmp)
+    path = warm_model(tmp, codes, args.call_p, args.response_tokens)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     rng = random.Random(0)
     n = args.prompts
-    kinds = ["hang"] * max(1, round(0.01 * n)) + ["heavy"] * max(1, round(0.04 * n))
+    kinds = ["hang"] * round(args.hang * n) + [f"heavy{1 + i % 3}" for i in range(round(args.heavy * n))]
     kinds += ["quick"] * (n - len(kinds))
     rng.shuffle(kinds)
-    prompts = {k: tok.encode(f"Q: {k}\nA:", add_special_tokens=False) for k in ("quick", "heavy", "hang")}
+    prompts = {k: tok.encode(f"Q: {k}\nA:", add_special_tokens=False) for k in codes}
     requests = [GenRequest(f"p{i}", i, prompts[k], n=1) for i, k in enumerate(kinds)]
 
     cfg = Config(
         model=ModelConfig(path=path, max_model_len=args.response_tokens + 64),
         prompt=PromptConfig(max_prompt_tokens=32),
         tool=ToolConfig(max_calls=1),
-        sandbox=SandboxConfig(num_workers=args.sandbox_workers, concurrency_per_worker=4, timeout_s=args.timeout),
+        sandbox=SandboxConfig(
+            num_workers=args.sandbox_workers, concurrency_per_worker=args.slots, timeout_s=args.timeout
+        ),
         rollout=RolloutConfig(n=1, max_response_tokens=args.response_tokens, engine=EngineConfig(max_num_seqs=256)),
     )
 
@@ -103,29 +182,49 @@ def main() -> None:
     try:
         ray.get(gen.start.remote())
         ray.get(gen.generate.remote(requests[:16], tools=False))  # warm-up (first logprobs request is slow)
-        runs = {}
+        runs, positions, calls = {}, {}, {}
         for name, tools, mode in (("tools-off", False, "async"), ("async", True, "async"), ("sync", True, "sync")):
-            t0 = time.perf_counter()
-            _, m = ray.get(gen.generate.remote(requests, tools=tools, mode=mode))
+            cpu0, t0 = cpu_by_process(), time.perf_counter()
+            trajs, m = ray.get(gen.generate.remote(requests, tools=tools, mode=mode))
             runs[name] = dict(m, wall=time.perf_counter() - t0)
+            cpu1 = cpu_by_process()
+            runs[name]["cpu"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1}
+            positions[name] = [t.loss_mask.index(0) for t in trajs if 0 in t.loss_mask]
+            calls[name] = [
+                {"kind": k, "status": c.status, "exec_s": c.exec_s, "queue_s": c.queue_s, "code": c.code}
+                for t, k in zip(trajs, kinds, strict=True)
+                for c in t.tool_calls
+            ]
     finally:
         ray.get(gen.shutdown.remote())
         ray.kill(gen)
         pool.shutdown()
         ray.shutdown()
 
+    pos = positions["async"]
     print(
-        f"\n{n} trajectories, c=1, mix: {kinds.count('quick')} quick / {kinds.count('heavy')} heavy sympy / "
-        f"{kinds.count('hang')} timeout ({args.timeout:.0f} s), budget {args.response_tokens} tokens"
+        f"\n{n} trajectories, c=1, mix: {kinds.count('quick')} quick / {sum(k.startswith('heavy') for k in kinds)} "
+        f"heavy 1-3 s / {kinds.count('hang')} timeout ({args.timeout:.0f} s), "
+        f"{'spinning' if args.spin else 'sleeping'}; budget {args.response_tokens} tokens; "
+        "tool call at response token p10/p50/p90 "
+        + ("/".join(str(int(q)) for q in statistics.quantiles(pos, n=10)[::4]) if len(pos) > 1 else "-")
     )
     print(
         f"{'run':<10} {'wall s':>8} {'tokens':>8} {'tok/s':>8} {'calls':>6} {'ok':>5} {'timeouts':>8} {'tool wait':>9}"
+        f" {'idle s':>7}"
     )
     for name, m in runs.items():
         print(
             f"{name:<10} {m['wall']:8.2f} {m['rollout/tokens']:8.0f} {m['rollout/tokens_per_s']:8.0f} "
             f"{m['tool/calls']:6.0f} {m['tool/exec_success']:5.2f} {m['tool/timeouts']:8.0f} "
-            f"{m['time/tool_wait']:9.2f}"
+            f"{m['time/tool_wait']:9.2f} {m['time/engine_idle_tools']:7.2f}"
+        )
+    groups = ("vllm engine core", "ray::Generator", "sandbox zygote+children", "ray::SandboxWorker")
+    print(f"CPU seconds by process: {'run':<10} " + " ".join(f"{g:>24}" for g in groups) + f" {'all':>8}")
+    for name, m in runs.items():
+        cpu = m["cpu"]
+        print(
+            f"{'':23}{name:<10} " + " ".join(f"{cpu.get(g, 0.0):24.2f}" for g in groups) + f" {sum(cpu.values()):8.2f}"
         )
     off, on, sync = runs["tools-off"], runs["async"], runs["sync"]
     figures = {
@@ -145,7 +244,7 @@ def main() -> None:
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"figures": figures, "runs": runs, "args": vars(args)}, f, indent=1)
+            json.dump({"figures": figures, "runs": runs, "calls": calls, "args": vars(args)}, f, indent=1)
 
 
 if __name__ == "__main__":
