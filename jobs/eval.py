@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from jobs.setup_run import check_resources, spawn_rollout_actors, stop_rollout_actors  # noqa: E402
 from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict  # noqa: E402
 from torl.evaluation import (  # noqa: E402
     EvalRecord,
@@ -219,37 +220,18 @@ def start_actors(cfg: Config, checkpoint: str):
     import ray
 
     from actors.cluster import init_ray
-    from actors.generator import GeneratorActor
-    from actors.grader import GraderActor
-    from actors.sandbox import SandboxPool
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    check_resources(cfg, ray.cluster_resources(), learner=False)
     # A pool name of its own, so an evaluation can run beside a training job on the same cluster.
     name = f"torl_eval_sandbox_{os.getpid()}_{time.time_ns()}"
-    sandbox = SandboxPool.create(cfg.sandbox, name=name) if cfg.tool.enabled else None
-    generators = [
-        GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
-            cfg, checkpoint, sandbox
-        )
-        for _ in range(cfg.rollout.num_generators)
-    ]
-    grader = GraderActor.remote(cfg.reward)
-    ray.get([g.start.remote() for g in generators])
+    sandbox, generators, grader = spawn_rollout_actors(cfg, checkpoint, sandbox_name=name)
+    try:
+        ray.get([g.start.remote() for g in generators])
+    except BaseException:
+        stop_rollout_actors(sandbox, generators, grader)
+        raise
     return sandbox, generators, grader
-
-
-def stop_actors(sandbox, generators: list, grader) -> None:
-    import ray
-
-    try:  # let vLLM stop its engine process cleanly before the actor goes
-        ray.get([g.shutdown.remote() for g in generators] + ([grader.shutdown.remote()] if grader else []), timeout=60)
-    except Exception as exc:  # noqa: BLE001 - a stuck engine must not keep the job alive
-        print(f"[torl] generator shutdown: {exc}")
-    for actor in [*generators, grader]:
-        if actor is not None:
-            ray.kill(actor)
-    if sandbox is not None:
-        sandbox.shutdown()
 
 
 def log_wandb(cfg: Config, out: Path, summary: dict, records: list[EvalRecord]) -> None:
@@ -305,7 +287,7 @@ def main(argv: list[str]) -> dict:
             totals = stream(cfg, generators, grader, todo, store)
             totals["startup_s"], totals["wall_s"] = t1 - t0, time.perf_counter() - t1
         finally:
-            stop_actors(sandbox, generators or [], grader)
+            stop_rollout_actors(sandbox, generators or [], grader)
             if started_ray:
                 ray.shutdown()
 

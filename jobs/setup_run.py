@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict
 from torl.data import load_problems
@@ -53,14 +54,15 @@ def ensure_model(cfg: Config) -> str:
     return str(path)
 
 
-def check_resources(cfg: Config, available: dict[str, float]) -> None:
-    """Fail fast when the actors cannot all be placed: Ray would otherwise wait for resources forever."""
+def check_resources(cfg: Config, available: dict[str, float], learner: bool = True) -> None:
+    """Fail fast when the actors cannot all be placed: Ray would otherwise wait for resources forever.
+
+    ``learner=False`` counts only the rollout actors (evaluation starts no learner)."""
     sandbox = cfg.sandbox.num_workers * cfg.sandbox.num_cpus if cfg.tool.enabled else 0.0
+    learners = cfg.learner.num_workers if learner else 0
     need = {
-        "CPU": cfg.rollout.num_generators * cfg.rollout.num_cpus
-        + cfg.learner.num_workers * cfg.learner.num_cpus
-        + sandbox,
-        "GPU": cfg.rollout.num_generators * cfg.rollout.num_gpus + cfg.learner.num_workers * cfg.learner.num_gpus,
+        "CPU": cfg.rollout.num_generators * cfg.rollout.num_cpus + learners * cfg.learner.num_cpus + sandbox,
+        "GPU": cfg.rollout.num_generators * cfg.rollout.num_gpus + learners * cfg.learner.num_gpus,
     }
     for kind, amount in need.items():
         if amount > available.get(kind, 0.0) + 1e-9:
@@ -69,6 +71,48 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
                 f"rollout/learner/sandbox num_{kind.lower()}s or num_generators/num_workers"
                 + (", or give the local cluster more logical CPUs with ray.num_cpus=N" if kind == "CPU" else "")
             )
+
+
+def spawn_rollout_actors(cfg: Config, model_path: str, sandbox_name: str = "torl_sandbox") -> tuple[Any, list, Any]:
+    """The sandbox pool (if tools are on), the generator actors and the grader, as training and evaluation use them.
+
+    The engines start building right away (``start`` is idempotent: callers ``ray.get`` it when they need the
+    engines, meanwhile doing other set-up). If anything fails, what was already started is stopped.
+    """
+    from actors.generator import GeneratorActor
+    from actors.grader import GraderActor
+    from actors.sandbox import SandboxPool
+
+    sandbox, generators, grader = None, [], None
+    try:
+        sandbox = SandboxPool.create(cfg.sandbox, name=sandbox_name) if cfg.tool.enabled else None
+        for _ in range(cfg.rollout.num_generators):
+            generators.append(
+                GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
+                    cfg, model_path, sandbox
+                )
+            )
+            generators[-1].start.remote()
+        grader = GraderActor.remote(cfg.reward)
+    except BaseException:
+        stop_rollout_actors(sandbox, generators, grader)
+        raise
+    return sandbox, generators, grader
+
+
+def stop_rollout_actors(sandbox: Any, generators: list, grader: Any) -> None:
+    """Stop the engines cleanly (vLLM's engine process goes with them), then kill the actors and the sandbox pool."""
+    import ray
+
+    try:
+        ray.get([g.shutdown.remote() for g in generators] + ([grader.shutdown.remote()] if grader else []), timeout=60)
+    except Exception as exc:  # noqa: BLE001 - a stuck engine must not keep the job alive
+        print(f"[torl] generator shutdown: {exc}")
+    for actor in [*generators, grader]:
+        if actor is not None:
+            ray.kill(actor)
+    if sandbox is not None:
+        sandbox.shutdown()
 
 
 def load_encoded(cfg: Config, specs: tuple[str, ...], tokenizer, limit: int = 0) -> tuple[list[EncodedProblem], int]:
@@ -162,14 +206,9 @@ class Run:
         self.learner.save(str(Path(self.cfg.trainer.output_dir) / f"step_{step:06d}"), extra)
 
     def close(self) -> None:
-        import ray
-
         if self.learner is not None:
             self.learner.shutdown()
-        for g in self.generators:
-            ray.kill(g)
-        if self.sandbox is not None:
-            self.sandbox.shutdown()
+        stop_rollout_actors(self.sandbox, self.generators, self.grader)
         self.tracker.finish()
 
 
@@ -214,25 +253,15 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     import ray
 
-    from actors.generator import GeneratorActor
-    from actors.grader import GraderActor
     from actors.learner import LearnerGroup
-    from actors.sandbox import SandboxPool
     from jobs.tracking import Tracker
 
     check_resources(cfg, ray.cluster_resources())
     tracker = Tracker(cfg.wandb, cfg.trainer.output_dir, to_dict(cfg), job=job)
     run = Run(cfg, model_path, sampler, val, tracker, total_steps=total)
     try:
-        run.sandbox = SandboxPool.create(cfg.sandbox) if cfg.tool.enabled else None
-        run.generators = [
-            GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
-                cfg, model_path, run.sandbox
-            )
-            for _ in range(cfg.rollout.num_generators)
-        ]
-        run.grader = GraderActor.remote(cfg.reward)
-        run.learner = LearnerGroup(cfg, model_path)
+        run.sandbox, run.generators, run.grader = spawn_rollout_actors(cfg, model_path)
+        run.learner = LearnerGroup(cfg, model_path)  # built while the engines start
         ray.get([g.start.remote() for g in run.generators])
         _resume(run)
     except BaseException:
