@@ -78,7 +78,7 @@ class SandboxConfig:
     isolate_network: bool = True  # new network namespace per snippet (no network)
     private_mounts: bool = True  # new mount namespace: /tmp, /var/tmp, /dev/shm are the snippet's scratch dir
     drop_privileges: bool = True  # setuid to an unused uid (one per concurrent snippet) where possible
-    uid_base: int = 200000  # first uid snippets run as; worker k uses uid_base + 1000 k + slot
+    uid_base: int = 200000  # first uid snippets run as; worker k prefers uid_base + 1000 k (+ slot), else a free block
     session_idle_s: float = 600.0  # persistent sessions idle this long are released
     scratch_root: str = "/tmp"  # where each zygote makes its scratch directories
     max_restarts: int = -1  # Ray restarts of a dead worker actor (-1 = always)

@@ -21,15 +21,19 @@ CFG = SandboxConfig(
     uid_base=230000,  # a range of its own, so stray checks cannot confuse it with other pools
     num_cpus=0.1,
 )
-UIDS = range(CFG.uid_base, CFG.uid_base + 1000 * CFG.num_workers)
+UIDS: set[int] = set()  # the uids the pool's zygotes claimed (filled by the fixture)
 HOST_FILE = Path(__file__).resolve().parents[2] / ".sandbox_hostile_marker"  # inside the checkout, outside scratch
 
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster):
+    import ray
+
     from actors.sandbox import SandboxPool
 
     p = SandboxPool.create(CFG, name="hostile")
+    for info in ray.get([w.ready.remote() for w in p.workers]):
+        UIDS.update(range(info["uid_base"], info["uid_base"] + info["uid_block"]))
     yield p
     p.shutdown()
 

@@ -178,3 +178,32 @@ def test_request_the_zygote_cannot_handle_gets_an_answer():
     bad, good = asyncio.run(go())
     assert bad["status"] == "sandbox_error" and "code" in bad["stderr"]
     assert good.status == "ok" and good.stdout == "2\n"
+
+
+def test_zygotes_on_one_machine_never_share_uids():
+    """Two pools with the same sandbox.uid_base (training beside evaluation) get different uid blocks; a block is
+    free again once its zygote is gone."""
+    from torl.sandbox.client import Zygote
+
+    async def go():
+        cfg = SandboxConfig(uid_base=250000)
+        a, b = Zygote(cfg), Zygote(cfg)
+        try:
+            await a.start()
+            await b.start()
+            uids = await asyncio.gather(a.run("import os\nprint(os.getuid())"), b.run("import os\nprint(os.getuid())"))
+            bases = (a.info["uid_base"], b.info["uid_base"])
+        finally:
+            await a.close()
+        c = Zygote(cfg)
+        try:
+            await c.start()
+            again = c.info["uid_base"]
+        finally:
+            await b.close()
+            await c.close()
+        return uids, bases, again
+
+    uids, bases, again = asyncio.run(go())
+    assert bases == (250000, 251000) and again == 250000
+    assert [int(r.stdout) // 1000 for r in uids] == [250, 251]

@@ -56,6 +56,7 @@ class Limits:
     private_mounts: bool = True
     drop_privileges: bool = True
     uid_base: int = 200000
+    uid_block: int = 1000  # uids a zygote may use from its base (its slots: concurrent snippets + live sessions)
     session_idle_s: float = 600.0
     scratch_root: str = "/tmp"
 

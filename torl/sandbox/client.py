@@ -52,6 +52,7 @@ def zygote_limits(cfg: SandboxConfig, rank: int = 0) -> dict[str, Any]:
         "private_mounts": cfg.private_mounts,
         "drop_privileges": cfg.drop_privileges,
         "uid_base": cfg.uid_base + rank * UIDS_PER_WORKER,
+        "uid_block": UIDS_PER_WORKER,
         "session_idle_s": cfg.session_idle_s,
         "scratch_root": cfg.scratch_root,
     }

@@ -17,6 +17,7 @@ Not here: request routing, Ray, the ExecResult record (see ``torl.sandbox.client
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -152,6 +153,11 @@ class Zygote:
         os.makedirs(self.root, mode=0o711, exist_ok=True)
         os.chmod(self.root, 0o711)
         self.privileged = limits.drop_privileges and os.geteuid() == 0
+        # Two pools on one machine (training beside evaluation or serving) would otherwise hand out the same uids,
+        # and snippets of one could signal the other's processes.
+        self.uid_base, self._uid_lock = limits.uid_base, None
+        if self.privileged:
+            self.uid_base, self._uid_lock = claim_uid_block(limits.uid_base, limits.uid_block)
         self.hidden = hidden_prefixes([sys.base_prefix, sys.prefix]) if self.privileged else []
         self.net_mode = self._probe_network()
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of snippets become our children, so we can kill them
@@ -229,14 +235,19 @@ class Zygote:
             slot = self.free_slots.pop()
         else:
             slot = self.num_slots
+            if self.privileged and slot >= self.limits.uid_block:
+                raise RuntimeError(
+                    f"{slot} snippets or sessions at once on one sandbox worker: its uid block holds "
+                    f"{self.limits.uid_block}; close sessions or add sandbox workers"
+                )
             path = os.path.join(self.root, str(slot))
             os.mkdir(path, 0o700)
             if self.privileged:
-                os.chown(path, self.limits.uid_base + slot, self.limits.uid_base + slot)
+                os.chown(path, self.uid_base + slot, self.uid_base + slot)
             if os.geteuid() == 0:
                 self.slot_ns[slot] = make_slot_namespaces(self.limits, path, self.hidden, self.net_mode == "netns")
             self.num_slots += 1
-        uid = self.limits.uid_base + slot if self.privileged else None
+        uid = self.uid_base + slot if self.privileged else None
         scratch = os.path.join(self.root, str(slot))
         out_w, err_w = os.pipe(), os.pipe()
         setup = (self.limits, scratch, uid, out_w[1], err_w[1], self.net_mode, self.hidden, self.slot_ns.get(slot, ()))
@@ -510,6 +521,8 @@ class Zygote:
                 "pid": os.getpid(),
                 "net_mode": self.net_mode,
                 "privileged": self.privileged,
+                "uid_base": self.uid_base,
+                "uid_block": self.limits.uid_block,
             }
         )
         while True:
@@ -574,6 +587,26 @@ class Zygote:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+UID_LOCK_DIR = "/tmp/torl-uid-locks"  # machine-wide; not "torl-sandbox-*", which _remove_stale_roots sweeps
+
+
+def claim_uid_block(preferred: int, size: int, tries: int = 256) -> tuple[int, int]:
+    """Hold a uid block no other live zygote on this machine holds: ``(base, fd)``; the lock dies with the fd.
+
+    The preferred block (``sandbox.uid_base`` + 1000 x rank) is taken when free, else the next free one above it.
+    """
+    os.makedirs(UID_LOCK_DIR, mode=0o700, exist_ok=True)
+    for k in range(tries):
+        base = preferred + k * size
+        fd = os.open(os.path.join(UID_LOCK_DIR, f"{base}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return base, fd
+        except BlockingIOError:
+            os.close(fd)
+    raise RuntimeError(f"no free sandbox uid block among {tries} from uid {preferred}: too many sandbox workers here")
+
+
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -591,7 +624,7 @@ def _kill_group(pgid: int) -> None:
 def _remove_stale_roots(parent: str) -> None:
     """Delete scratch roots of zygotes that were SIGKILLed (they could not clean up after themselves)."""
     try:
-        names = [n for n in os.listdir(parent) if n.startswith("torl-sandbox-")]
+        names = [n for n in os.listdir(parent) if n.startswith("torl-sandbox-") and n[13:].isdigit()]
     except OSError:
         return
     for name in names:
