@@ -2,6 +2,7 @@
 when a worker actor or its zygote dies mid-request."""
 
 import asyncio
+import shutil
 import time
 
 import pytest
@@ -207,3 +208,33 @@ def test_zygotes_on_one_machine_never_share_uids():
     uids, bases, again = asyncio.run(go())
     assert bases == (250000, 251000) and again == 250000
     assert [int(r.stdout) // 1000 for r in uids] == [250, 251]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv to drop CAP_SYS_ADMIN")
+def test_root_without_cap_sys_admin_isolates_with_a_user_namespace():
+    """Root in a container usually lacks CAP_SYS_ADMIN: no netns or mounts, so children use a user+net namespace.
+    Entered before dropping to the snippet's uid, that namespace could not reach the scratch dir (setup failed)."""
+    import json
+    import subprocess
+
+    from torl.sandbox.client import ZYGOTE_ENV, zygote_command
+
+    cmd = ["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--"]
+    cmd += zygote_command(SandboxConfig(uid_base=310000))
+    code = (
+        "import math, os\nnet = [line.split(':')[0].strip() for line in open('/proc/self/net/dev').readlines()[2:]]\n"
+    )
+    code += "print(math.factorial(5), net, os.getcwd().startswith('/tmp/torl-sandbox-'))"
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(ZYGOTE_ENV, HOME="/tmp"), text=True
+    )
+    try:
+        ready = json.loads(proc.stdout.readline())
+        proc.stdin.write(json.dumps({"op": "run", "id": 7, "code": code}) + "\n")
+        proc.stdin.flush()
+        reply = json.loads(proc.stdout.readline())
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert ready["net_mode"] == "userns" and ready["private_mounts"] is False
+    assert reply["id"] == 7 and reply["status"] == "ok" and reply["stdout"] == "120 ['lo'] True\n", reply

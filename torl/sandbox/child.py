@@ -146,7 +146,7 @@ def _mount_scratch(scratch: str, hidden: list[tuple[str, str]]) -> None:
 
 
 def make_slot_namespaces(
-    limits: Limits, scratch: str, hidden: list[tuple[str, str]], network: bool
+    scratch: str, hidden: list[tuple[str, str]], network: bool, mounts: bool
 ) -> tuple[tuple[int, int], ...]:
     """Build a slot's network and/or mount namespaces once; return ``(fd, CLONE_NEW*)`` pairs that keep them alive.
 
@@ -154,9 +154,9 @@ def make_slot_namespaces(
     through /proc, and the helper exits. Children of the slot then ``setns`` into them. Isolation stays per snippet:
     a slot runs one snippet at a time, the zygote kills every process a snippet leaves behind before the slot is
     reused (so no socket or listener survives into the next snippet), a fresh namespace has its loopback down, and
-    snippets run unprivileged, so they cannot change the mounts. Needs root (mounting and a plain netns do).
+    snippets run unprivileged, so they cannot change the mounts. Needs CAP_SYS_ADMIN (the zygote probes for it).
     """
-    flags = (CLONE_NEWNET if network else 0) | (CLONE_NEWNS if limits.private_mounts else 0)
+    flags = (CLONE_NEWNET if network else 0) | (CLONE_NEWNS if mounts else 0)
     if not flags:
         return ()
     ready_r, ready_w = os.pipe()
@@ -220,8 +220,6 @@ def enter_sandbox(
         _check(libc.setns(fd, nstype), f"setns({nstype:#x})")
         if nstype == CLONE_NEWNS:
             home = "/tmp"
-    if net_mode == "userns":  # unprivileged zygote: no netns of its own to share, and no mounting
-        _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(out_fd, 1)
@@ -253,6 +251,10 @@ def enter_sandbox(
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
+    if net_mode == "userns":
+        # No CAP_SYS_ADMIN (an unprivileged zygote, or root in a container): a user+net namespace instead, entered
+        # last, as the snippet's own uid. Entered as root, the new namespace could no longer reach the scratch dir.
+        _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set after setuid, which clears it
     sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - lives as long as the process
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")

@@ -31,6 +31,7 @@ from typing import Any
 
 from torl.sandbox.child import (
     CLONE_NEWNET,
+    CLONE_NEWNS,
     CLONE_NEWUSER,
     PR_SET_CHILD_SUBREAPER,
     PR_SET_PDEATHSIG,
@@ -160,6 +161,14 @@ class Zygote:
             self.uid_base, self._uid_lock = claim_uid_block(limits.uid_base, limits.uid_block)
         self.hidden = hidden_prefixes([sys.base_prefix, sys.prefix]) if self.privileged else []
         self.net_mode = self._probe_network()
+        self.mounts = limits.private_mounts and _can_unshare(CLONE_NEWNS)  # root without CAP_SYS_ADMIN cannot
+        if self.hidden and not self.mounts:
+            sys.stderr.write(
+                f"[zygote] snippets run as uid {self.uid_base}+ and cannot read the Python installation under "
+                f"{self.hidden[0][0]} (not world-readable), and no mount namespace is available to re-expose it: "
+                "only preloaded modules will import. Use a Python outside that directory, grant CAP_SYS_ADMIN, "
+                "or set sandbox.drop_privileges=false.\n"
+            )
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of snippets become our children, so we can kill them
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -176,11 +185,7 @@ class Zygote:
         if not self.limits.isolate_network:
             return "none"
         for mode, flags in (("netns", CLONE_NEWNET), ("userns", CLONE_NEWUSER | CLONE_NEWNET)):
-            pid = os.fork()
-            if pid == 0:
-                os._exit(0 if libc.unshare(flags) == 0 else 1)
-            _, status = os.waitpid(pid, 0)
-            if status == 0:
+            if _can_unshare(flags):
                 return mode
         raise RuntimeError(
             "isolate_network is on but this host allows neither unshare(CLONE_NEWNET) nor a user "
@@ -244,8 +249,8 @@ class Zygote:
             os.mkdir(path, 0o700)
             if self.privileged:
                 os.chown(path, self.uid_base + slot, self.uid_base + slot)
-            if os.geteuid() == 0:
-                self.slot_ns[slot] = make_slot_namespaces(self.limits, path, self.hidden, self.net_mode == "netns")
+            if self.net_mode == "netns" or self.mounts:
+                self.slot_ns[slot] = make_slot_namespaces(path, self.hidden, self.net_mode == "netns", self.mounts)
             self.num_slots += 1
         uid = self.uid_base + slot if self.privileged else None
         scratch = os.path.join(self.root, str(slot))
@@ -521,6 +526,7 @@ class Zygote:
                 "pid": os.getpid(),
                 "net_mode": self.net_mode,
                 "privileged": self.privileged,
+                "private_mounts": self.mounts,
                 "uid_base": self.uid_base,
                 "uid_block": self.limits.uid_block,
             }
@@ -585,6 +591,15 @@ class Zygote:
             _kill_group(job.pid)
         self.kill_orphans()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _can_unshare(flags: int) -> bool:
+    """Whether a child of ours may create these namespaces (tried in a throwaway child)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if libc.unshare(flags) == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    return status == 0
 
 
 UID_LOCK_DIR = "/tmp/torl-uid-locks"  # machine-wide; not "torl-sandbox-*", which _remove_stale_roots sweeps
