@@ -142,6 +142,10 @@ def main() -> None:
     )
     ap.add_argument("--json", default="", help="also write the figures to this file")
     args = ap.parse_args()
+    if not (0 <= args.heavy and 0 <= args.hang and args.heavy + args.hang <= 1):
+        ap.error(
+            f"--heavy and --hang are shares of the prompts: each >= 0, together <= 1 (got {args.heavy}, {args.hang})"
+        )
 
     import ray
 

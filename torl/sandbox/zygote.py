@@ -229,8 +229,8 @@ class Zygote:
         else:
             self.reply({"id": rid, "status": "sandbox_error", "stderr": f"unknown op {op!r}"})
 
-    def _new_child_io(self) -> tuple[tuple, tuple[int, int], tuple[int, int]]:
-        """A free slot's child setup (see ``enter_sandbox``) and fresh stdout/stderr pipes.
+    def _new_child_io(self) -> tuple[str, int | None, tuple, tuple[int, int], tuple[int, int]]:
+        """A free slot's scratch dir, uid and child setup (``enter_sandbox``'s arguments), and stdout/stderr pipes.
 
         Slots (uid + scratch dir + namespaces) are reused: creating and deleting a directory per snippet cost ~5 ms
         on a busy ext4 disk, emptying an already empty one costs one scandir; joining a slot's namespaces is cheaper
@@ -256,15 +256,14 @@ class Zygote:
         scratch = os.path.join(self.root, str(slot))
         out_w, err_w = os.pipe(), os.pipe()
         setup = (self.limits, scratch, uid, out_w[1], err_w[1], self.net_mode, self.hidden, self.slot_ns.get(slot, ()))
-        return setup, out_w, err_w
+        return scratch, uid, setup, out_w, err_w
 
     def _watch(self, fd: int, kind: str, owner: Any) -> None:
         os.set_blocking(fd, False)
         self.sel.register(fd, selectors.EVENT_READ, (kind, owner))
 
     def run_stateless(self, rid: Any, code: str, timeout: float) -> None:
-        setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
-        scratch, uid = setup[1], setup[2]
+        scratch, uid, setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
         now = time.monotonic()
         pid = os.fork()
         if pid == 0:
@@ -306,8 +305,7 @@ class Zygote:
             sess.job.err.append(f"[sandbox] session process is gone: {exc}\n".encode())
 
     def start_session(self, sid: str) -> Session:
-        setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
-        scratch, uid = setup[1], setup[2]
+        scratch, uid, setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
         ctrl_r, ctrl_w = os.pipe()
         done_r, done_w = os.pipe()
         pid = os.fork()
@@ -639,7 +637,7 @@ def _kill_group(pgid: int) -> None:
 def _remove_stale_roots(parent: str) -> None:
     """Delete scratch roots of zygotes that were SIGKILLed (they could not clean up after themselves)."""
     try:
-        names = [n for n in os.listdir(parent) if n.startswith("torl-sandbox-") and n[13:].isdigit()]
+        names = [n for n in os.listdir(parent) if n.removeprefix("torl-sandbox-").isdigit()]
     except OSError:
         return
     for name in names:
