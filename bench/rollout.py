@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -141,7 +142,14 @@ def main() -> None:
         "--slots", type=int, default=8, help="snippets each sandbox worker runs at once (size the pool for the load)"
     )
     ap.add_argument("--json", default="", help="also write the figures to this file")
+    ap.add_argument("--runs", default="tools-off,async,sync", help="runs in order (the ratios need all three)")
+    ap.add_argument("--scheduling-policy", default="priority", choices=["priority", "fcfs"], help="the engine's")
+    ap.add_argument("--model", default="", help="reuse a warm checkpoint kept by --keep-model")
+    ap.add_argument("--keep-model", action="store_true", help="keep the warm checkpoint (prints its path)")
     args = ap.parse_args()
+    runs_wanted = [r for r in args.runs.split(",") if r]
+    if not runs_wanted or set(runs_wanted) - {"tools-off", "async", "sync"}:
+        ap.error(f"--runs takes a comma-separated subset of tools-off,async,sync (got {args.runs!r})")
     if not (0 <= args.heavy and 0 <= args.hang and args.heavy + args.hang <= 1):
         ap.error(
             f"--heavy and --hang are shares of the prompts: each >= 0, together <= 1 (got {args.heavy}, {args.hang})"
@@ -157,8 +165,10 @@ def main() -> None:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     codes = snippets(args.spin)
-    tmp = tempfile.mkdtemp(prefix="torl-bench-rollout-")
-    path = warm_model(tmp, codes, args.call_p, args.response_tokens)
+    tmp = None if args.model else tempfile.mkdtemp(prefix="torl-bench-rollout-")
+    path = args.model or warm_model(tmp, codes, args.call_p, args.response_tokens)
+    if args.keep_model:
+        print(f"warm checkpoint kept for --model: {path}")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -177,7 +187,11 @@ def main() -> None:
         sandbox=SandboxConfig(
             num_workers=args.sandbox_workers, concurrency_per_worker=args.slots, timeout_s=args.timeout
         ),
-        rollout=RolloutConfig(n=1, max_response_tokens=args.response_tokens, engine=EngineConfig(max_num_seqs=256)),
+        rollout=RolloutConfig(
+            n=1,
+            max_response_tokens=args.response_tokens,
+            engine=EngineConfig(max_num_seqs=256, scheduling_policy=args.scheduling_policy),
+        ),
     )
 
     init_ray(num_cpus=4)
@@ -187,7 +201,8 @@ def main() -> None:
         ray.get(gen.start.remote())
         ray.get(gen.generate.remote(requests[:16], tools=False))  # warm-up (first logprobs request is slow)
         runs, positions, calls = {}, {}, {}
-        for name, tools, mode in (("tools-off", False, "async"), ("async", True, "async"), ("sync", True, "sync")):
+        for name in runs_wanted:
+            tools, mode = name != "tools-off", "sync" if name == "sync" else "async"
             cpu0, t0 = cpu_by_process(), time.perf_counter()
             trajs, m = ray.get(gen.generate.remote(requests, tools=tools, mode=mode))
             runs[name] = dict(m, wall=time.perf_counter() - t0)
@@ -204,8 +219,10 @@ def main() -> None:
         ray.kill(gen)
         pool.shutdown()
         ray.shutdown()
+        if tmp is not None and not args.keep_model:
+            shutil.rmtree(tmp, ignore_errors=True)
 
-    pos = positions["async"]
+    pos = positions.get("async") or positions.get("sync") or []
     print(
         f"\n{n} trajectories, c=1, mix: {kinds.count('quick')} quick / {sum(k.startswith('heavy') for k in kinds)} "
         f"heavy 1-3 s / {kinds.count('hang')} timeout ({args.timeout:.0f} s), "
@@ -230,6 +247,8 @@ def main() -> None:
         print(
             f"{'':23}{name:<10} " + " ".join(f"{cpu.get(g, 0.0):24.2f}" for g in groups) + f" {sum(cpu.values()):8.2f}"
         )
+    if set(runs) != {"tools-off", "async", "sync"}:
+        return
     off, on, sync = runs["tools-off"], runs["async"], runs["sync"]
     figures = {
         "tool_overhead_wall_ratio": on["wall"] / off["wall"],
