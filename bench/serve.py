@@ -7,7 +7,12 @@ concurrent clients. Both sides ask the engine for the same work: greedy, same ma
 only (what the server asks for a non-streaming request); greedy decoding makes them generate the same tokens
 (checked). Prints a table and the Serve overhead ratio (bare requests/s over Serve requests/s; target <= 1.3 at 32).
 
-    python bench/serve.py [--model DIR] [--requests 64] [--max-tokens 64] [--clients 1,8,32]
+    python bench/serve.py [--model DIR] [--requests 64] [--max-tokens 64] [--clients 1,8,32] [--http-floor]
+
+``--http-floor`` adds a third side: the replica's request path for ``/v1/completions`` (validation, tokenization,
+the generator, the response JSON) on a plain uvicorn + FastAPI server in a process of its own with its own engine,
+without Ray Serve. Its ratio to the bare engine is what any Python HTTP front end of ours costs on this machine; the
+rest of Serve's ratio is Serve's proxy and replica machinery.
 
 ``--model`` defaults to the project's small base model (models/torl-tiny-base) if built, else a random Qwen2 of
 the same shape. Both engines stay up and the two sides alternate level by level, so each ratio compares runs made
@@ -20,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +53,88 @@ def model_dir(arg: str, tmp: str) -> str:
     shape = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512)
     print("models/torl-tiny-base not built; using a random model of its shape")
     return str(build_random_checkpoint(Path(tmp) / "model", shape=shape, seed=0, vocab_size=768))
+
+
+def bench_config(path: str, port: int):
+    from torl.config import load_config
+
+    return load_config(
+        overrides=[
+            f"model.path={path}",
+            "model.max_model_len=1024",
+            "prompt.max_prompt_tokens=256",
+            "rollout.max_response_tokens=512",
+            f"serve.port={port}",
+            "serve.model_name=m",
+        ]
+    )
+
+
+def floor_server(path: str, port: int) -> None:
+    """``--http-floor``'s server: the replica's /v1/completions path on uvicorn + FastAPI, one process, no Serve."""
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    from actors.generator import Generator
+    from actors.serve import _choice
+    from torl import openai_api as api
+
+    cfg = bench_config(path, port)
+    state: dict = {}
+    limits = api.ServeLimits("m", cfg.model.max_model_len, cfg.rollout.max_response_tokens, 0, 0, 1, 1_000_000)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        gen = Generator(cfg, path, None)
+        await gen.start()
+        state.update(gen=gen, tok=gen.tokenizer, eos=gen.tokenizer.eos_token)
+        yield
+        await gen.shutdown()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    async def completions(request: Request):
+        # As OpenAIServer.completions + _respond + _complete for a non-streaming single-choice request.
+        try:
+            api.check_api_key(request.headers.get("authorization"), "")
+            req, plan = api.parse_completion(api.parse_body(await request.body(), limits), limits)
+            ids = state["tok"].encode(req.prompt)
+            sampling = plan.sampling(len(ids), limits)
+        except api.APIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        async for ev in state["gen"].generate_stream(ids, sampling, plan.max_tool_calls):
+            if ev["type"] == "done":
+                choice = _choice(ev, state["eos"])
+        return api.completion_response(api.new_id("cmpl"), "m", [choice], len(ids), plan, req.prompt)
+
+    # This module's annotations are strings and Request is a local name: resolve it for FastAPI's injection.
+    completions.__annotations__["request"] = Request
+    app.post("/v1/completions")(completions)
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+async def wait_ready(base: str, proc, timeout_s: float = 600) -> None:
+    import aiohttp
+
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(base) as http:
+        while time.perf_counter() - t0 < timeout_s:
+            if proc.poll() is not None:
+                raise RuntimeError(f"--http-floor server exited with {proc.returncode}")
+            try:
+                async with http.get("/health") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(1)
+    raise TimeoutError("--http-floor server did not come up")
 
 
 def prompts(tok, n: int) -> list[list[int]]:
@@ -86,8 +175,11 @@ def per_level(n: int, clients: int) -> int:
     return max(n, 8 * clients)
 
 
-async def compare(cfg, path: str, base: str, work: list, texts: list[str], levels: list[int], args) -> dict:
-    """Per level: the bare engine, then the Serve endpoint, on the same requests (cycled to the level's count)."""
+async def compare(
+    cfg, path: str, base: str, work: list, texts: list[str], levels: list[int], args, floor: str = ""
+) -> dict:
+    """Per level: the bare engine, then the Serve endpoint (then the HTTP floor server, if ``floor``), on the same
+    requests (cycled to the level's count)."""
     import aiohttp
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -114,17 +206,27 @@ async def compare(cfg, path: str, base: str, work: list, texts: list[str], level
     try:
         async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as http:
 
-            async def served(text: str) -> int:
+            async def post(url: str, text: str) -> int:
                 body = {"model": "m", "prompt": text, "max_tokens": args.max_tokens, "temperature": 0}
-                async with http.post("/v1/completions", json={**body, "max_tool_calls": 0}) as r:
+                async with http.post(url, json={**body, "max_tool_calls": 0}) as r:
                     r.raise_for_status()
                     return (await r.json())["usage"]["completion_tokens"]
 
+            async def served(text: str) -> int:
+                return await post("/v1/completions", text)
+
+            async def floored(text: str) -> int:
+                return await post(f"{floor}/v1/completions", text)
+
             await drive(bare, work[:16], 8)  # warm-up
             await drive(served, texts[:16], 8)
+            if floor:
+                await drive(floored, texts[:16], 8)
             for c in levels:
                 n = per_level(args.requests, c)
                 results[c] = (await drive(bare, cycle(work, n), c), await drive(served, cycle(texts, n), c))
+                if floor:
+                    results[c] += (await drive(floored, cycle(texts, n), c),)
     finally:
         await gen.shutdown()
     return results
@@ -141,12 +243,15 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--port", type=int, default=18765)
+    ap.add_argument("--http-floor", action="store_true", help="also measure the no-Serve HTTP floor (see above)")
+    ap.add_argument("--floor-server", default="", help=argparse.SUPPRESS)  # internal: run that server on this model
     args = ap.parse_args()
+    if args.floor_server:
+        floor_server(args.floor_server, args.port + 1)
+        return 0
     levels = [int(c) for c in args.clients.split(",")]
 
     from transformers import AutoTokenizer
-
-    from torl.config import load_config
 
     tmp = tempfile.mkdtemp(prefix="bench-serve-")
     path = model_dir(args.model, tmp)
@@ -154,16 +259,7 @@ def main() -> int:
     work = prompts(tok, args.requests)
     texts = [tok.decode(ids) for ids in work]
     assert [tok.encode(t) for t in texts] == work, "prompt text does not round-trip to the same ids"
-    cfg = load_config(
-        overrides=[
-            f"model.path={path}",
-            "model.max_model_len=1024",
-            "prompt.max_prompt_tokens=256",
-            "rollout.max_response_tokens=512",
-            f"serve.port={args.port}",
-            "serve.model_name=m",
-        ]
-    )
+    cfg = bench_config(path, args.port)
 
     from ray import serve
 
@@ -172,11 +268,24 @@ def main() -> int:
 
     init_ray(num_cpus=4)
     t0 = time.time()
+    floor_proc = None
+    floor = ""
     try:
+        if args.http_floor:
+            floor = f"http://127.0.0.1:{args.port + 1}"
+            cmd = [sys.executable, __file__, "--floor-server", path, "--port", str(args.port)]
+            kv = str(cfg.rollout.engine.cpu_kvcache_gb)  # as build_app gives the replica
+            floor_proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": kv})
         start_serve(cfg)
         serve.run(build_app(cfg), name="bench", route_prefix="/")
-        results = asyncio.run(compare(cfg, path, f"http://127.0.0.1:{args.port}", work, texts, levels, args))
+        if floor_proc is not None:
+            asyncio.run(wait_ready(floor, floor_proc))
+        base = f"http://127.0.0.1:{args.port}"
+        results = asyncio.run(compare(cfg, path, base, work, texts, levels, args, floor))
     finally:
+        if floor_proc is not None:
+            floor_proc.terminate()
+            floor_proc.wait(60)
         serve.shutdown()
         import ray
 
@@ -189,8 +298,8 @@ def main() -> int:
           f"{'p99 ms':>8} | overhead (bare/serve req/s)")  # fmt: skip
     report = {}
     for c in levels:
-        (b, btok), (s, stok) = results[c]
-        same = btok == stok
+        (b, btok), (s, stok), *floored = results[c]
+        same = btok == stok and all(ftok == btok for _, ftok in floored)
         ratio = b["rps"] / s["rps"]
         report[c] = {
             "bare": b,
@@ -200,6 +309,10 @@ def main() -> int:
             "tokens_mean": sum(btok) / len(btok),
         }
         note = "" if same else "  (token counts differ!)"
+        if floored:
+            f = floored[0][0]
+            report[c].update(http_floor=f, floor_overhead=b["rps"] / f["rps"])
+            note = f"  | HTTP floor {f['rps']:.1f} req/s, p50 {f['p50_ms']:.0f} ms: {b['rps'] / f['rps']:.2f}x{note}"
         print(f"{c:>7} | {b['rps']:>10.1f} {b['p50_ms']:>8.0f} {b['p99_ms']:>8.0f} | {s['rps']:>11.1f} "
               f"{s['p50_ms']:>8.0f} {s['p99_ms']:>8.0f} | {ratio:.2f}x{note}")  # fmt: skip
     top = max(levels)
