@@ -11,7 +11,6 @@ Not here: the loop's logic, budget, masks and metrics (``torl.rollout``), the TI
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import shutil
@@ -70,7 +69,6 @@ class Generator:
         self._version = 0
         self._target: int | None = None
         self._seq = 0
-        self._ranks = itertools.count()  # admission order of trajectories (rollout.engine.scheduling_policy)
         # Engine-idle accounting: time inside a batch when no trajectory is in an engine call, i.e. every unfinished
         # trajectory waits on a tool. Users of peers measure this by hand; here it is `time/engine_idle_tools`.
         self._in_engine = 0
@@ -106,7 +104,6 @@ class Generator:
                 max_num_seqs=e.max_num_seqs,
                 max_num_batched_tokens=max(e.max_num_batched_tokens, self.cfg.model.max_model_len),
                 seed=e.seed,
-                scheduling_policy=e.scheduling_policy,
                 disable_log_stats=True,
             )
             t0 = time.perf_counter()
@@ -209,9 +206,7 @@ class Generator:
         c = None
         self._engine_calls(+1)
         try:
-            priority = lp.order if self.cfg.rollout.engine.scheduling_policy == "priority" else 0
-            prompt = TokensPrompt(prompt_token_ids=req.ids)
-            async for out in self._engine.generate(prompt, params, uuid.uuid4().hex, priority=priority):
+            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.ids), params, uuid.uuid4().hex):
                 c = out.outputs[0]
                 ids.extend(c.token_ids)
                 if want_lps:
@@ -254,7 +249,7 @@ class Generator:
                 traj = Trajectory(
                     problem_id=r.problem_id, group=r.group, prompt_ids=list(r.prompt_ids), answer=r.answer
                 )
-                loops.append(ToolLoop(traj, i, settings, self._encode, self._decode, order=next(self._ranks)))
+                loops.append(ToolLoop(traj, i, settings, self._encode, self._decode))
         return loops
 
     def _encode(self, text: str) -> list[int]:
@@ -357,7 +352,6 @@ class Generator:
             settings,
             self._encode,
             self._decode,
-            order=next(self._ranks),
         )
         session = uuid.uuid4().hex if settings.tool.session == "persistent" else None
         events: asyncio.Queue = asyncio.Queue()

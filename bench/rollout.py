@@ -143,7 +143,6 @@ def main() -> None:
     )
     ap.add_argument("--json", default="", help="also write the figures to this file")
     ap.add_argument("--runs", default="tools-off,async,sync", help="runs in order (the ratios need all three)")
-    ap.add_argument("--scheduling-policy", default="priority", choices=["priority", "fcfs"], help="the engine's")
     ap.add_argument("--model", default="", help="reuse a warm checkpoint kept by --keep-model")
     ap.add_argument("--keep-model", action="store_true", help="keep the warm checkpoint (prints its path)")
     args = ap.parse_args()
@@ -190,7 +189,7 @@ def main() -> None:
         rollout=RolloutConfig(
             n=1,
             max_response_tokens=args.response_tokens,
-            engine=EngineConfig(max_num_seqs=256, scheduling_policy=args.scheduling_policy),
+            engine=EngineConfig(max_num_seqs=256),
         ),
     )
 

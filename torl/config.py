@@ -105,12 +105,6 @@ class EngineConfig:
     # faster there (platform notes §10); GPU engines keep vLLM's default.
     cpu_inprocess_worker: bool = True
     seed: int = 1  # engine seed; per-request sampling seeds derive from rollout.seed
-    # "priority": each trajectory keeps the rank it started with across its rounds, so a continuation after a tool call
-    # is admitted before trajectories not yet started. Under vLLM's "fcfs" a continuation queues behind every waiting
-    # request: when the batch is larger than max_num_seqs, the trajectories paused by tools all resume at the end and
-    # drain in a long tail of small decode steps. Scheduling only: sampling seeds do not depend on it. ToRL: fcfs
-    # (vLLM's default; its batch-synchronous loop submits each round at once, where the order hardly matters).
-    scheduling_policy: Literal["priority", "fcfs"] = "priority"
 
 
 @dataclass(frozen=True)

@@ -122,10 +122,8 @@ class ToolLoop:
         settings: LoopSettings,
         tokenize: Callable[[str], list[int]],
         decode: Callable[[list[int]], str],
-        order: int = 0,
     ) -> None:
         self.traj = traj
-        self.order = order  # admission rank: engines scheduling by priority serve lower ranks first, every round
         self.sample = sample
         self.s = settings
         self._tokenize = tokenize
