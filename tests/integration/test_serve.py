@@ -287,3 +287,14 @@ def test_sandbox_worker_crash_gives_tool_error_not_failed_server(server, ray_clu
                 time.sleep(0.5)
     after = chat_mul(server).choices[0]  # the server and (restarted) sandbox keep serving
     check_mul(after.message.content, after.model_extra["torl"])
+
+
+def test_serve_yaml_proxy_env_matches_start_serve():
+    """`serve run configs/serve.yaml` must configure the proxy as `jobs/serve.py` (start_serve) does."""
+    import yaml
+
+    from actors.serve import PROXY_ENV
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "serve.yaml").read_text())
+    env = cfg["controller_options"]["runtime_env"]["env_vars"]
+    assert {k: env.get(k) for k in PROXY_ENV} == PROXY_ENV
