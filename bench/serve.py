@@ -55,11 +55,12 @@ def model_dir(arg: str, tmp: str) -> str:
     return str(build_random_checkpoint(Path(tmp) / "model", shape=shape, seed=0, vocab_size=768))
 
 
-def bench_config(path: str, port: int):
+def bench_config(path: str, port: int, ingress: str = "proxy"):
     from torl.config import load_config
 
     return load_config(
         overrides=[
+            f"serve.ingress={ingress}",
             f"model.path={path}",
             "model.max_model_len=1024",
             "prompt.max_prompt_tokens=256",
@@ -244,6 +245,7 @@ def main() -> int:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--http-floor", action="store_true", help="also measure the no-Serve HTTP floor (see above)")
+    ap.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy", help="serve.ingress of the Serve side")
     ap.add_argument("--floor-server", default="", help=argparse.SUPPRESS)  # internal: run that server on this model
     args = ap.parse_args()
     if args.floor_server:
@@ -259,7 +261,7 @@ def main() -> int:
     work = prompts(tok, args.requests)
     texts = [tok.decode(ids) for ids in work]
     assert [tok.encode(t) for t in texts] == work, "prompt text does not round-trip to the same ids"
-    cfg = bench_config(path, args.port)
+    cfg = bench_config(path, args.port, args.ingress)
 
     from ray import serve
 
@@ -293,7 +295,10 @@ def main() -> int:
     print(f"measured in {time.time() - t0:.0f} s", flush=True)
 
     counts = ", ".join(f"{per_level(args.requests, c)} at {c}" for c in levels)
-    print(f"\nmodel {path}; requests per level: {counts}; greedy, max_tokens {args.max_tokens}, no tools")
+    print(
+        f"\nmodel {path}; requests per level: {counts}; greedy, max_tokens {args.max_tokens}, no tools; "
+        f"serve.ingress={args.ingress}"
+    )
     print(f"{'clients':>7} | {'bare req/s':>10} {'p50 ms':>8} {'p99 ms':>8} | {'serve req/s':>11} {'p50 ms':>8} "
           f"{'p99 ms':>8} | overhead (bare/serve req/s)")  # fmt: skip
     report = {}

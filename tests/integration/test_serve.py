@@ -62,8 +62,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["proxy", "haproxy"])
+def server(request, ray_cluster, tiny_model_dir, tmp_path_factory):
+    """The app behind each ingress (serve.ingress): Ray's Python proxy, and HAProxy with direct ingress."""
     from ray import serve
 
     from actors.serve import build_app, start_serve
@@ -83,6 +84,7 @@ def server(ray_cluster, tiny_model_dir, tmp_path_factory):
             f"serve.api_key={API_KEY}",
             "serve.max_tool_calls=2",
             f"serve.model_name={MODEL}",
+            f"serve.ingress={request.param}",
         ]
     )
     start_serve(cfg)
