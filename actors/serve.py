@@ -265,8 +265,15 @@ HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def ingress_env(cfg: Config) -> dict[str, str]:
-    """Env vars the Serve controller (and so its proxies) and the replicas need for ``serve.ingress``."""
-    return {**PROXY_ENV, **(HAPROXY_ENV if cfg.serve.ingress == "haproxy" else {})}
+    """Env vars the Serve controller (and so its proxies and HAProxy manager) need for ``serve.ingress``."""
+    if cfg.serve.ingress != "haproxy":
+        return dict(PROXY_ENV)
+    return {
+        **PROXY_ENV,
+        **HAPROXY_ENV,
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(cfg.serve.haproxy_stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(cfg.serve.haproxy_metrics_port),
+    }
 
 
 def _haproxy_available() -> bool:

