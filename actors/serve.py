@@ -88,6 +88,20 @@ def _choice(ev: dict, eos: str | None) -> api.ChoiceResult:
     )
 
 
+def serve_limits(cfg: Config, model_name: str) -> api.ServeLimits:
+    """What a replica allows its requests, from ``serve.*`` (also used by bench/serve.py's no-Serve floor)."""
+    s = cfg.serve
+    return api.ServeLimits(
+        model_name=model_name,
+        max_model_len=cfg.model.max_model_len,
+        max_tokens=s.max_tokens or cfg.rollout.max_response_tokens,
+        default_tool_calls=min(cfg.tool.max_calls, s.max_tool_calls) if cfg.tool.enabled else 0,
+        max_tool_calls=s.max_tool_calls if cfg.tool.enabled else 0,
+        max_n=s.max_n,
+        max_request_bytes=s.max_request_bytes,
+    )
+
+
 def _streamed_call(end: dict | None, tool_cfg) -> ToolCall:
     """A streamed tool call: the body is formatted as the loop formats it (queue time only in the final event)."""
     if end is None:
@@ -118,16 +132,7 @@ class OpenAIServer:
         await self.gen.start()
         self.tok = self.gen.tokenizer
         self.eos = self.tok.eos_token  # read once: the tokenizer's attribute lookup is slow on the request path
-        s = cfg.serve
-        self.limits = api.ServeLimits(
-            model_name=model_name,
-            max_model_len=cfg.model.max_model_len,
-            max_tokens=s.max_tokens or cfg.rollout.max_response_tokens,
-            default_tool_calls=min(cfg.tool.max_calls, s.max_tool_calls) if cfg.tool.enabled else 0,
-            max_tool_calls=s.max_tool_calls if cfg.tool.enabled else 0,
-            max_n=s.max_n,
-            max_request_bytes=s.max_request_bytes,
-        )
+        self.limits = serve_limits(cfg, model_name)
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: end the engine and the sandbox workers with it."""

@@ -186,11 +186,7 @@ def main() -> None:
         sandbox=SandboxConfig(
             num_workers=args.sandbox_workers, concurrency_per_worker=args.slots, timeout_s=args.timeout
         ),
-        rollout=RolloutConfig(
-            n=1,
-            max_response_tokens=args.response_tokens,
-            engine=EngineConfig(max_num_seqs=256),
-        ),
+        rollout=RolloutConfig(n=1, max_response_tokens=args.response_tokens, engine=EngineConfig(max_num_seqs=256)),
     )
 
     init_ray(num_cpus=4)

@@ -78,12 +78,12 @@ def floor_server(path: str, port: int) -> None:
     from fastapi.responses import JSONResponse
 
     from actors.generator import Generator
-    from actors.serve import _choice
+    from actors.serve import _choice, serve_limits
     from torl import openai_api as api
 
     cfg = bench_config(path, port)
     state: dict = {}
-    limits = api.ServeLimits("m", cfg.model.max_model_len, cfg.rollout.max_response_tokens, 0, 0, 1, 1_000_000)
+    limits = serve_limits(cfg, cfg.serve.model_name)  # as the replica's
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
