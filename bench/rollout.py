@@ -149,6 +149,8 @@ def main() -> None:
     runs_wanted = [r for r in args.runs.split(",") if r]
     if not runs_wanted or set(runs_wanted) - {"tools-off", "async", "sync"}:
         ap.error(f"--runs takes a comma-separated subset of tools-off,async,sync (got {args.runs!r})")
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        ap.error(f"--model {args.model!r} is not a checkpoint directory (kept by an earlier --keep-model run)")
     if not (0 <= args.heavy and 0 <= args.hang and args.heavy + args.hang <= 1):
         ap.error(
             f"--heavy and --hang are shares of the prompts: each >= 0, together <= 1 (got {args.heavy}, {args.hang})"
