@@ -74,7 +74,12 @@ class Generator:
         self._in_engine = 0
         self._idle_since: float | None = None
         self._idle_s = 0.0
-        self._weights_dir = tempfile.mkdtemp(prefix=f"torl-weights-{os.getpid()}-", dir=_shm_dir())
+        # Everything this generator writes outside its memory lives here and goes at shutdown: the weight file of an
+        # update, and vLLM's ZMQ IPC sockets, which vLLM leaves in /tmp (three per engine, for good) when the engine
+        # process is killed rather than closed, as Ray does to actors.
+        self._run_dir = tempfile.mkdtemp(prefix=f"torl-generator-{os.getpid()}-", dir=_shm_dir())
+        self._weights_dir = os.path.join(self._run_dir, "weights")
+        os.mkdir(self._weights_dir)
 
     # -- engine ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -87,6 +92,7 @@ class Generator:
             from vllm.v1.engine.async_llm import AsyncLLM
 
             e = self.cfg.rollout.engine
+            os.environ["VLLM_RPC_BASE_PATH"] = self._run_dir  # read when the engine is built; its process inherits it
             if current_platform.is_cpu():
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(e.cpu_kvcache_gb)
                 if e.cpu_inprocess_worker:
@@ -115,6 +121,10 @@ class Generator:
         """The running vLLM ``AsyncLLM`` (None before ``start``), for benchmarks comparing against the bare engine."""
         return self._engine
 
+    def scratch_dir(self) -> str:
+        """Where this generator keeps its weight-update file and vLLM's IPC sockets; removed by ``shutdown``."""
+        return self._run_dir
+
     def version(self) -> int:
         return self._version
 
@@ -126,7 +136,7 @@ class Generator:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
-        shutil.rmtree(self._weights_dir, ignore_errors=True)
+        shutil.rmtree(self._run_dir, ignore_errors=True)
 
     # -- engine-idle accounting -----------------------------------------------------------------------------------
     def _engine_calls(self, delta: int) -> None:

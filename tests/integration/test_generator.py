@@ -10,6 +10,8 @@ observations), so what the model memorized is what it sees at rollout time.
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -94,9 +96,18 @@ def generator(ray_cluster, models, sandbox):
 
     actor = GeneratorActor.options(num_cpus=1).remote(_config(models[0]), str(models[0]), sandbox)
     ray_cluster.get(actor.start.remote())
+    scratch = ray_cluster.get(actor.scratch_dir.remote())
     yield actor
     ray_cluster.get(actor.shutdown.remote())
     ray_cluster.kill(actor)
+    assert not os.path.exists(scratch), "shutdown left the generator's scratch dir (weights, vLLM sockets) behind"
+
+
+def test_vllm_ipc_sockets_live_in_the_scratch_dir(ray_cluster, generator):
+    """vLLM leaves its ZMQ sockets in /tmp when its engine is killed; ours go in a dir that shutdown removes."""
+    scratch = ray_cluster.get(generator.scratch_dir.remote())
+    sockets = [f for f in os.listdir(scratch) if stat.S_ISSOCK(os.stat(os.path.join(scratch, f)).st_mode)]
+    assert sockets, f"no vLLM IPC socket in {scratch}: VLLM_RPC_BASE_PATH was not applied"
 
 
 def _request(tok, trace, pid, n=1):
