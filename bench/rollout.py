@@ -128,6 +128,26 @@ def cpu_by_process() -> dict[str, float]:
     return out
 
 
+def engine_runqueue_wait() -> float:
+    """Seconds the engine core's main thread (the one running the model) spent runnable but waiting for a core.
+
+    From Linux schedstat, so far. On 2 cores this is the direct measure of contention: the engine is CPU-bound, so
+    every second another process holds its core is a second of decoding lost.
+    """
+    import psutil
+
+    total = 0.0
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if "EngineCore" not in (p.info["name"] or "") + " ".join(p.info["cmdline"] or []):
+            continue
+        try:
+            with open(f"/proc/{p.pid}/schedstat") as f:
+                total += int(f.read().split()[1]) / 1e9
+        except OSError:  # exited meanwhile, or not Linux
+            continue
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=512, help="trajectories per run (one sample per prompt)")
@@ -200,10 +220,11 @@ def main() -> None:
         runs, positions, calls = {}, {}, {}
         for name in runs_wanted:
             tools, mode = name != "tools-off", "sync" if name == "sync" else "async"
-            cpu0, t0 = cpu_by_process(), time.perf_counter()
+            cpu0, wait0, t0 = cpu_by_process(), engine_runqueue_wait(), time.perf_counter()
             trajs, m = ray.get(gen.generate.remote(requests, tools=tools, mode=mode))
             runs[name] = dict(m, wall=time.perf_counter() - t0)
             cpu1 = cpu_by_process()
+            runs[name]["engine_wait"] = engine_runqueue_wait() - wait0
             runs[name]["cpu"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1}
             positions[name] = [t.loss_mask.index(0) for t in trajs if 0 in t.loss_mask]
             calls[name] = [
@@ -229,13 +250,13 @@ def main() -> None:
     )
     print(
         f"{'run':<10} {'wall s':>8} {'tokens':>8} {'tok/s':>8} {'calls':>6} {'ok':>5} {'timeouts':>8} {'tool wait':>9}"
-        f" {'idle s':>7}"
+        f" {'idle s':>7} {'engine waits for core s':>23}"
     )
     for name, m in runs.items():
         print(
             f"{name:<10} {m['wall']:8.2f} {m['rollout/tokens']:8.0f} {m['rollout/tokens_per_s']:8.0f} "
             f"{m['tool/calls']:6.0f} {m['tool/exec_success']:5.2f} {m['tool/timeouts']:8.0f} "
-            f"{m['time/tool_wait']:9.2f} {m['time/engine_idle_tools']:7.2f}"
+            f"{m['time/tool_wait']:9.2f} {m['time/engine_idle_tools']:7.2f} {m['engine_wait']:23.2f}"
         )
     groups = ("vllm engine core", "ray::Generator", "sandbox zygote+children", "ray::SandboxWorker")
     print(f"CPU seconds by process: {'run':<10} " + " ".join(f"{g:>24}" for g in groups) + f" {'all':>8}")
