@@ -107,8 +107,24 @@ def warm_model(out_dir: str, codes: dict[str, str], call_p: float, words: int) -
     return out
 
 
+ENGINE = "vllm engine core"  # the process group the ratios hinge on
+
+
+def process_group(info: dict) -> str:
+    """Short name a process's CPU is reported under (``info``: psutil's ``name`` and ``cmdline``)."""
+    cmd = " ".join(info["cmdline"] or [])
+    name = info["name"] or "?"
+    if "zygote" in cmd:
+        return "sandbox zygote+children"
+    if "EngineCore" in name or "EngineCore" in cmd:
+        return ENGINE
+    if name.startswith("kworker"):
+        return "kernel workers"  # their names change with the work they do
+    return name
+
+
 def cpu_by_process() -> dict[str, float]:
-    """CPU seconds so far of every process on the machine, grouped by a short name (children reaped included)."""
+    """CPU seconds so far of every process on the machine, grouped by ``process_group`` (children reaped included)."""
     import psutil
 
     out: dict[str, float] = {}
@@ -116,14 +132,7 @@ def cpu_by_process() -> dict[str, float]:
         ct = p.info["cpu_times"]
         if ct is None:
             continue
-        cmd = " ".join(p.info["cmdline"] or [])
-        name = p.info["name"] or "?"
-        if "zygote" in cmd:
-            name = "sandbox zygote+children"
-        elif "EngineCore" in name or "EngineCore" in cmd:
-            name = "vllm engine core"
-        elif name.startswith("kworker"):
-            name = "kernel workers"  # their names change with the work they do
+        name = process_group(p.info)
         out[name] = out.get(name, 0.0) + ct.user + ct.system + ct.children_user + ct.children_system
     return out
 
@@ -138,7 +147,7 @@ def engine_runqueue_wait() -> float:
 
     total = 0.0
     for p in psutil.process_iter(["name", "cmdline"]):
-        if "EngineCore" not in (p.info["name"] or "") + " ".join(p.info["cmdline"] or []):
+        if process_group(p.info) != ENGINE:
             continue
         try:
             with open(f"/proc/{p.pid}/schedstat") as f:
@@ -258,7 +267,7 @@ def main() -> None:
             f"{m['tool/calls']:6.0f} {m['tool/exec_success']:5.2f} {m['tool/timeouts']:8.0f} "
             f"{m['time/tool_wait']:9.2f} {m['time/engine_idle_tools']:7.2f} {m['engine_wait']:23.2f}"
         )
-    groups = ("vllm engine core", "ray::Generator", "sandbox zygote+children", "ray::SandboxWorker")
+    groups = (ENGINE, "ray::Generator", "sandbox zygote+children", "ray::SandboxWorker")
     print(f"CPU seconds by process: {'run':<10} " + " ".join(f"{g:>24}" for g in groups) + f" {'all':>8}")
     for name, m in runs.items():
         cpu = m["cpu"]
