@@ -21,6 +21,7 @@ LOCAL_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' per-load weight bars in every actor, for tiny files
 }
 
 
@@ -45,5 +46,8 @@ def init_ray(address: str = "", num_cpus: int = 0) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     kwargs = {"num_cpus": num_cpus} if num_cpus else {}
-    ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    # Ray's INFO lines (token file written, instance started) are routine; its warnings still print.
+    ray.init(
+        include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING, **kwargs
+    )
     log.info("started a local Ray cluster on loopback: %s", ray.cluster_resources())

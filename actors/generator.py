@@ -24,6 +24,7 @@ from typing import Any
 import ray
 
 from torl.config import Config
+from torl.logs import route_engine_logs
 from torl.rollout import (
     BatchStats,
     GenRequest,
@@ -54,7 +55,8 @@ class _Submit:
 class Generator:
     """Owns one vLLM engine; ``generate`` runs the tool loop for a batch, ``update_weights`` swaps weights in place."""
 
-    def __init__(self, cfg: Config, model_path: str, sandbox: Any | None = None) -> None:
+    def __init__(self, cfg: Config, model_path: str, sandbox: Any | None = None, log_dir: str | None = None) -> None:
+        """``log_dir``: where vLLM's routine logs go (``engine-<pid>.log``); only warnings reach the terminal."""
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg = cfg
@@ -80,6 +82,8 @@ class Generator:
         self._run_dir = tempfile.mkdtemp(prefix=f"torl-generator-{os.getpid()}-", dir=_shm_dir())
         self._weights_dir = os.path.join(self._run_dir, "weights")
         os.mkdir(self._weights_dir)
+        log_file = os.path.join(log_dir, f"engine-{os.getpid()}.log") if log_dir else None
+        route_engine_logs(self._run_dir, log_file)  # before vLLM is imported in this process
 
     # -- engine ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -111,6 +115,10 @@ class Generator:
                 max_num_batched_tokens=max(e.max_num_batched_tokens, self.cfg.model.max_model_len),
                 seed=e.seed,
                 disable_log_stats=True,
+                use_tqdm_on_load=False,  # a shard bar on every weight update, for one small file
+                enable_chunked_prefill=(
+                    e.chunked_prefill == "on" or (e.chunked_prefill == "auto" and not current_platform.is_cpu())
+                ),
             )
             t0 = time.perf_counter()
             self._engine = AsyncLLM.from_engine_args(args)

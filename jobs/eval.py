@@ -182,8 +182,8 @@ def to_records(chunk: list[Item], trajs: list, verdicts: list, n: int) -> list[E
 def stream(cfg: Config, generators: list, grader, items: list[Item], store: ResultStore) -> dict[str, float]:
     """Keep ``max_in_flight`` chunked generate calls per generator running; grade and store each as it finishes."""
     import ray
-    from tqdm import tqdm
 
+    from torl.progress import Progress
     from torl.rollout import GenRequest
 
     n, greedy, size = cfg.eval.n, cfg.eval.greedy, cfg.eval.chunk_size
@@ -191,7 +191,7 @@ def stream(cfg: Config, generators: list, grader, items: list[Item], store: Resu
     limit = cfg.eval.max_in_flight * len(generators)
     inflight: dict = {}
     totals: Counter = Counter()
-    bar = tqdm(total=len(items), desc="eval", unit="problem", dynamic_ncols=True)
+    bar = Progress(len(items), "eval", unit="problem")
     submitted = 0
     while chunks or inflight:
         while chunks and len(inflight) < limit:
@@ -210,13 +210,12 @@ def stream(cfg: Config, generators: list, grader, items: list[Item], store: Resu
         store.append(records)
         totals["correct"] += sum(r.correct for r in records)
         totals["samples"] += len(records)
-        bar.update(len(chunk))
-        bar.set_postfix(acc=f"{totals['correct'] / totals['samples']:.3f}")
+        bar.update(len(chunk), acc=f"{totals['correct'] / totals['samples']:.3f}")
     bar.close()
     return dict(totals)
 
 
-def start_actors(cfg: Config, checkpoint: str):
+def start_actors(cfg: Config, checkpoint: str, log_dir: str | None = None):
     import ray
 
     from actors.cluster import init_ray
@@ -225,7 +224,7 @@ def start_actors(cfg: Config, checkpoint: str):
     check_resources(cfg, ray.cluster_resources(), learner=False)
     # A pool name of its own, so an evaluation can run beside a training job on the same cluster.
     name = f"torl_eval_sandbox_{os.getpid()}_{time.time_ns()}"
-    sandbox, generators, grader = spawn_rollout_actors(cfg, checkpoint, sandbox_name=name)
+    sandbox, generators, grader = spawn_rollout_actors(cfg, checkpoint, sandbox_name=name, log_dir=log_dir)
     try:
         ray.get([g.start.remote() for g in generators])
     except BaseException:
@@ -282,7 +281,7 @@ def main(argv: list[str]) -> dict:
         sandbox = generators = grader = None
         try:
             t0 = time.perf_counter()
-            sandbox, generators, grader = start_actors(cfg, checkpoint)
+            sandbox, generators, grader = start_actors(cfg, checkpoint, str(out / "logs"))
             t1 = time.perf_counter()
             totals = stream(cfg, generators, grader, todo, store)
             totals["startup_s"], totals["wall_s"] = t1 - t0, time.perf_counter() - t1

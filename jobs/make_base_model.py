@@ -3,9 +3,11 @@
     python jobs/make_base_model.py [configs/base_model.yaml] [key=value ...] [--force]
 
 The output directory (``output_dir``, relative paths anchored at the checkout) holds an ordinary Hugging Face
-checkpoint, ``recipe.json`` (recipe, its fingerprint, build figures) and ``base_report.json`` (held-out accuracy,
-code ratio and execution success through an in-process tool loop, greedy and sampled at temperature 1). If the
-directory already holds a model with the same recipe fingerprint, nothing is rebuilt.
+checkpoint, ``recipe.json`` (recipe, its fingerprint, build figures), ``base_report.json`` (held-out accuracy,
+code ratio and execution success through an in-process tool loop, greedy and sampled at temperature 1) and
+``SHA256SUMS``. If the directory already holds a model with the same recipe fingerprint whose files match their
+checksums, nothing is rebuilt: the CPU default's model ships built in ``models/torl-tiny-base``, so a fresh clone
+never waits for it.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> int:
     args = [a for a in argv if a != "--force"]
     try:
         files, overrides = split_cli(args)
-        from torl.pretrain import build_base_model, cached_fingerprint, load_recipe
+        from torl.pretrain import build_base_model, cached_fingerprint, load_recipe, verify_manifest, write_manifest
 
         recipe = load_recipe(files or [str(DEFAULT_RECIPE)], overrides)
     except ConfigError as exc:
@@ -56,12 +58,15 @@ def main(argv: list[str]) -> int:
         return 2
     out = resolve(recipe.output_dir)
     if not force and cached_fingerprint(out) == recipe.fingerprint():
-        print(f"[make_base_model] {out} is up to date (recipe {recipe.fingerprint()}); nothing to do")
-        return 0
+        problems = verify_manifest(out)
+        if not problems:
+            print(f"[make_base_model] {out} is up to date (recipe {recipe.fingerprint()}); nothing to do")
+            return 0
+        print(f"[make_base_model] {out} fails its checksums ({'; '.join(problems)}); rebuilding")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
-    torch.set_num_threads(recipe.threads)
+    torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
     print(f"[make_base_model] building {out} (recipe {recipe.fingerprint()})")
     path, info = build_base_model(recipe, out)
     print(
@@ -72,6 +77,7 @@ def main(argv: list[str]) -> int:
         figures = report(path, recipe.eval_n, recipe.seed)
         for mode in ("greedy", "sampled_t1"):
             print(f"[make_base_model] held-out {mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures[mode].items()))
+    write_manifest(path)  # last: a directory with a valid manifest is a finished build
     return 0
 
 

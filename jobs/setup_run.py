@@ -37,14 +37,20 @@ def ensure_model(cfg: Config) -> str:
     if not cfg.model.path:
         raise ConfigError("model.path is required (a Hugging Face checkpoint directory)")
     path = Path(cfg.model.path)
-    if not (path / "config.json").is_file() and cfg.model.recipe:
-        print(f"[torl] building the base model {path} from {cfg.model.recipe} (once; cached afterwards)")
-        recipe = str(resolve(cfg.model.recipe)) if not Path(cfg.model.recipe).is_file() else cfg.model.recipe
-        subprocess.run(
-            [sys.executable, str(REPO / "jobs" / "make_base_model.py"), recipe, f"output_dir={path}"],
-            check=True,
-            cwd=REPO,
-        )
+    if cfg.model.recipe:
+        from torl.pretrain import cached_fingerprint, load_recipe, verify_manifest
+
+        recipe_file = str(resolve(cfg.model.recipe)) if not Path(cfg.model.recipe).is_file() else cfg.model.recipe
+        recipe = load_recipe([recipe_file], [f"output_dir={path}"])
+        # The shipped model is used as is when the recipe still names it and its files are intact; otherwise the
+        # recipe is built (a changed recipe, or a model directory that was never built).
+        if cached_fingerprint(path) != recipe.fingerprint() or verify_manifest(path):
+            print(f"[torl] building the base model {path} from {cfg.model.recipe} (once; cached afterwards)")
+            subprocess.run(
+                [sys.executable, str(REPO / "jobs" / "make_base_model.py"), recipe_file, f"output_dir={path}"],
+                check=True,
+                cwd=REPO,
+            )
     if not (path / "config.json").is_file() and cfg.model.convert_from:
         print(f"[torl] converting {cfg.model.convert_from} into {path} (once; cached afterwards)")
         script = str(REPO / "jobs" / "convert_model.py")
@@ -73,8 +79,11 @@ def check_resources(cfg: Config, available: dict[str, float], learner: bool = Tr
             )
 
 
-def spawn_rollout_actors(cfg: Config, model_path: str, sandbox_name: str = "torl_sandbox") -> tuple[Any, list, Any]:
+def spawn_rollout_actors(
+    cfg: Config, model_path: str, sandbox_name: str = "torl_sandbox", log_dir: str | None = None
+) -> tuple[Any, list, Any]:
     """The sandbox pool (if tools are on), the generator actors and the grader, as training and evaluation use them.
+    The engines' routine logs go to files in ``log_dir`` (the run's ``logs/``), not the terminal.
 
     The engines start building right away (``start`` is idempotent: callers ``ray.get`` it when they need the
     engines, meanwhile doing other set-up). If anything fails, what was already started is stopped.
@@ -89,7 +98,7 @@ def spawn_rollout_actors(cfg: Config, model_path: str, sandbox_name: str = "torl
         for _ in range(cfg.rollout.num_generators):
             generators.append(
                 GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
-                    cfg, model_path, sandbox
+                    cfg, model_path, sandbox, log_dir
                 )
             )
             generators[-1].start.remote()
@@ -260,7 +269,8 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     tracker = Tracker(cfg.wandb, cfg.trainer.output_dir, to_dict(cfg), job=job)
     run = Run(cfg, model_path, sampler, val, tracker, total_steps=total)
     try:
-        run.sandbox, run.generators, run.grader = spawn_rollout_actors(cfg, model_path)
+        log_dir = str(Path(cfg.trainer.output_dir) / "logs")
+        run.sandbox, run.generators, run.grader = spawn_rollout_actors(cfg, model_path, log_dir=log_dir)
         run.learner = LearnerGroup(cfg, model_path)  # built while the engines start
         ray.get([g.start.remote() for g in run.generators])
         _resume(run)

@@ -17,15 +17,6 @@ from typing import Any
 from torl.config import WandbConfig
 from torl.types import Trajectory
 
-# Metric groups, in the order the console line shows them.
-CONSOLE_KEYS = [
-    ("reward/mean", "reward", "{:+.3f}"),
-    ("acc/mean", "acc", "{:.3f}"),
-    ("tool/code_ratio", "code", "{:.2f}"),
-    ("tool/exec_success", "exec_ok", "{:.2f}"),
-    ("val/acc/mean", "val_acc", "{:.3f}"),
-    ("time/step", "step_s", "{:.1f}"),
-]
 SAMPLE_COLUMNS = ["step", "id", "response", "gold", "reward", "calls", "status"]
 
 
@@ -61,6 +52,7 @@ class Tracker:
                 job_type=job,
                 resume="allow",
                 id=self._run_id(),
+                settings=wandb.Settings(silent=True),  # its banner is replaced by the one line below
             )
             # Dashboard sections: W&B groups panels by the prefix before the first slash.
             self.run.define_metric("step")
@@ -108,12 +100,22 @@ class Tracker:
             table = wandb.Table(columns=SAMPLE_COLUMNS, data=rows)
             self.run.log({"step": step, "samples/trajectories": table})
 
-    def console(self, step: int, total: int, metrics: dict[str, float]) -> None:
-        parts = [f"step {step}/{total}"]
-        for key, label, fmt in CONSOLE_KEYS:
-            if key in metrics:
-                parts.append(f"{label} {fmt.format(metrics[key])}")
-        print(" | ".join(parts), flush=True)
+    @staticmethod
+    def figures(metrics: dict[str, float], spec: list[tuple[str, str, str]]) -> dict[str, str]:
+        """``{label: formatted value}`` for each (metric, label, format) of ``spec`` present in ``metrics``."""
+        return {label: fmt.format(metrics[key]) for key, label, fmt in spec if key in metrics}
+
+    @classmethod
+    def summary(cls, metrics: dict[str, float], spec: list[tuple[str, str, str]]) -> str:
+        return ", ".join(f"{label} {value}" for label, value in cls.figures(metrics, spec).items())
+
+    def wandb_location(self) -> str:
+        """Where the user finds this run in W&B: its URL online, the sync command offline, or why there is none."""
+        if self.run is None:
+            return "off (wandb.mode=disabled)"
+        if self.mode == "offline":
+            return f"offline, in {Path(self.run.dir).parent}"
+        return getattr(self.run, "url", None) or str(self.run.dir)
 
     def finish(self) -> None:
         self.jsonl.close()

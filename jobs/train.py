@@ -12,6 +12,7 @@ With trainer.max_staleness=1 the rollout of step t+1 runs while the learner trai
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import sys
 import time
@@ -24,7 +25,21 @@ from jobs.setup_run import Run, prepare_run  # noqa: E402
 from torl.config import ConfigError  # noqa: E402
 from torl.data import DataError  # noqa: E402
 from torl.metrics import rollout_metrics  # noqa: E402
+from torl.progress import Progress  # noqa: E402
 from torl.types import Trajectory  # noqa: E402
+
+# What the progress bar shows per step, and the held-out line per validation: (metric, label, format).
+STEP_FIGURES = [
+    ("reward/mean", "reward", "{:+.2f}"),
+    ("acc/mean", "acc", "{:.2f}"),
+    ("tool/code_ratio", "code", "{:.2f}"),
+    ("time/step", "s/step", "{:.1f}"),
+]
+VAL_FIGURES = [
+    ("val/acc/mean", "accuracy", "{:.3f}"),
+    ("val/tool/code_ratio", "code ratio", "{:.2f}"),
+    ("val/tool/exec_success", "exec ok", "{:.2f}"),
+]
 
 
 def grade(run: Run, trajs: list[Trajectory]) -> None:
@@ -47,13 +62,22 @@ def validate(run: Run, step: int) -> dict[str, float]:
     return metrics
 
 
-def train(run: Run) -> None:
+def train(run: Run) -> list[tuple[int, dict[str, float]]]:
+    """The training loop; returns the validation figures it measured, as (step, metrics), for the final summary."""
     cfg, tracker = run.cfg, run.tracker
     step, total = run.start_step, run.total_steps
+    validations: list[tuple[int, dict[str, float]]] = []
+    bar: Progress | None = None
+
+    def run_validation(at: int) -> dict[str, float]:
+        metrics = validate(run, at)
+        validations.append((at, metrics))
+        (bar.write if bar else print)(f"[torl] step {at} held-out: " + tracker.summary(metrics, VAL_FIGURES))
+        return metrics
+
     if cfg.trainer.val_before_train and step == 0 and run.val:
-        metrics = validate(run, 0)
-        tracker.log(0, metrics)
-        tracker.console(0, total, metrics)
+        tracker.log(0, run_validation(0))
+    bar = Progress(total, "train", unit="step", initial=step, log_every_s=0.0)
 
     batch, resume_state = run.draw()
     pending = run.generate(batch)
@@ -84,8 +108,8 @@ def train(run: Run) -> None:
         if pending is None and step < total:
             batch, resume_state = run.draw()
             pending = run.generate(batch)
-        if run.val and cfg.trainer.val_every and step % cfg.trainer.val_every == 0:
-            metrics.update(validate(run, step))
+        if run.val and cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == total):
+            metrics.update(run_validation(step))
         if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
             t0 = time.perf_counter()
             # Resume must redo the batch still in flight, if any, and nothing already trained.
@@ -96,9 +120,11 @@ def train(run: Run) -> None:
         metrics["time/step"] = time.perf_counter() - t_step
         metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / max(metrics["time/step"], 1e-9)
         tracker.log(step, metrics)
-        tracker.console(step, total, metrics)
+        bar.update(1, **tracker.figures(metrics, STEP_FIGURES))
+    bar.close()
     if pending is not None:
         run.collect(pending)
+    return validations
 
 
 def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]:
@@ -110,6 +136,7 @@ def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]
 
 
 def main(argv: list[str]) -> int:
+    t_start = time.perf_counter()
     try:
         run = prepare_run(argv, job="train")
     except (ConfigError, DataError) as exc:
@@ -118,14 +145,60 @@ def main(argv: list[str]) -> int:
     # Ray job stop sends SIGTERM: turn it into KeyboardInterrupt so actors are shut down cleanly below.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        train(run)
-        print(f"[torl] done: {run.total_steps} steps; checkpoints and metrics in {run.cfg.trainer.output_dir}")
-        return 0
+        validations = train(run)
+        wandb_at = run.tracker.wandb_location()
     except KeyboardInterrupt:
         print("[torl] interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
     finally:
         run.close()
+    print(final_summary(run, validations, time.perf_counter() - t_start, wandb_at, argv))
+    return 0
+
+
+def _short(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies inside it (what a user would type)."""
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
+def final_summary(
+    run: Run, validations: list[tuple[int, dict[str, float]]], wall_s: float, wandb_at: str, argv: list[str]
+) -> str:
+    """What a user wants at the end: held-out figures before and after, where things are, what to run next."""
+    from jobs.plot_run import load, plot
+    from torl.checkpoint import latest_checkpoint
+
+    out = _short(Path(run.cfg.trainer.output_dir))
+    lines = [f"[torl] done: {run.total_steps} steps in {wall_s / 60:.1f} min (wall, set-up included)"]
+    if validations:
+        (first, a), (last, b) = validations[0], validations[-1]
+        lines.append(f"  {f'held-out, greedy ({len(run.val)} problems)':<36} {f'step {first}':>9} {f'step {last}':>9}")
+        for key, label, fmt in VAL_FIGURES:
+            if key in a and key in b:
+                lines.append(f"    {label:<34} {fmt.format(a[key]):>9} {fmt.format(b[key]):>9}")
+    ckpt = latest_checkpoint(out)
+    ckpt = _short(ckpt) if ckpt else None
+    curves = out / "curves.png"
+    try:
+        plot(load(out), curves, str(out))
+    except (OSError, SystemExit, ValueError) as exc:  # a plotting problem must not hide the result above
+        curves = Path(f"(not drawn: {exc})")
+    files = [f for f in argv if not ("=" in f and not f.endswith((".yaml", ".yml")))]
+    preset = " ".join(files) or "configs/tiny_cpu.yaml"
+    lines += [
+        f"  checkpoint   {ckpt or '(none saved: trainer.save_every=0)'}",
+        f"  curves       {curves}",
+        f"  metrics      {out / 'metrics.jsonl'}",
+        f"  W&B          {wandb_at}",
+    ]
+    if ckpt is not None:
+        py = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd() + os.sep) else "python"
+        lines += [
+            "  next:",
+            f"    evaluate   {py} jobs/eval.py {preset} --checkpoint {out}",
+            f"    serve      {py} jobs/serve.py --checkpoint {ckpt} {preset}",
+        ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ class EngineConfig:
     # faster there (platform notes §10); GPU engines keep vLLM's default.
     cpu_inprocess_worker: bool = True
     seed: int = 1  # engine seed; per-request sampling seeds derive from rollout.seed
+    # Chunked prefill (vLLM's default; ToRL: on). "auto" turns it off on CPU engines: there, when a prompt's prefill
+    # is split across steps, vLLM 0.32 rewinds the request's seeded torch.Generator with set_offset, which CPU
+    # generators do not support, and the engine dies (RuntimeError "CPU Generator does not use offset"). Continuation
+    # prefills after tool calls made this happen mid-run. Off, whole prompts are scheduled (max_num_batched_tokens is
+    # raised to max_model_len so every prompt fits).
+    chunked_prefill: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -27,12 +28,14 @@ from typing import Any
 import torch
 
 from torl import modeling, tasks
+from torl.progress import Progress
 
 logger = logging.getLogger(__name__)
 
 # Bump when trace synthesis or training changes in a way the recipe fields do not capture (invalidates caches).
 RECIPE_VERSION = 2
 OUTPUT_OPEN = "```output\n"
+FIRST_LOSSES = 8
 OUTPUT_CLOSE = "\n```\n"
 
 
@@ -66,7 +69,9 @@ class BaseModelRecipe:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    threads: int = 1  # torch.set_num_threads; 1 is ~7x faster than 2 when anything else uses a core
+    # torch.set_num_threads; 0 = every core (the build runs alone, before any actor). Use 1 when something else is
+    # busy on the machine: there two threads ran ~7x slower than one.
+    threads: int = 0
     # report (measured after training through the tool loop; 0 = skip)
     eval_n: int = 256
 
@@ -194,6 +199,7 @@ def train(model, examples: list[Example], recipe: BaseModelRecipe, pad_id: int) 
     )
     model.train()
     t0, tokens, losses = time.time(), 0, []
+    bar = Progress(recipe.steps, "base model", unit="step")
     for step, idx in enumerate(_batches(len(examples), recipe.batch_size, recipe.steps, recipe.seed)):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, recipe)
@@ -205,28 +211,43 @@ def train(model, examples: list[Example], recipe: BaseModelRecipe, pad_id: int) 
         opt.step()
         tokens += int(attn.sum())
         losses.append(loss.item())
-        if step % 50 == 0 or step == recipe.steps - 1:
-            recent = sum(losses[-50:]) / len(losses[-50:])
-            logger.info("step %d/%d loss %.4f (%.0f tok/s)", step, recipe.steps, recent, tokens / (time.time() - t0))
+        recent = losses[-50:]
+        bar.update(1, loss=sum(recent) / len(recent), tok_s=tokens / (time.time() - t0))
+    bar.close()
     model.eval()
     tail = losses[-50:] or [float("nan")]
-    return {"final_loss": sum(tail) / len(tail), "train_s": time.time() - t0, "train_tokens": tokens}
+    return {
+        "final_loss": sum(tail) / len(tail),
+        "train_s": time.time() - t0,
+        "train_tokens": tokens,
+        # The first losses depend only on the recipe (data, order, init, warm-up): tests/integration/test_base_model
+        # replays them to check that the recipe still builds the model that ships in models/.
+        "first_losses": losses[:FIRST_LOSSES],
+    }
+
+
+def initial_state(recipe: BaseModelRecipe) -> tuple[Any, list[Example], torch.nn.Module]:
+    """Tokenizer, encoded traces and the initialised model: everything training starts from, fixed by the recipe.
+
+    All of it is pure Python or seeded torch initialisation, so it is identical on every machine."""
+    traces = make_traces(recipe)
+    tok_texts = [p + r for p, r, _ in traces[: recipe.tokenizer_traces]]
+    tokenizer = modeling.train_tokenizer(tok_texts, recipe.vocab_size)
+    examples = [encode_trace(tokenizer, p, r, k) for p, r, k in traces]
+    model = modeling.build_model(recipe.shape(), modeling.padded_vocab(len(tokenizer)), recipe.seed, tokenizer)
+    torch.manual_seed(recipe.seed)
+    return tokenizer, examples, model
 
 
 def build_base_model(recipe: BaseModelRecipe, out_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Build tokenizer + model from ``recipe`` and save them (with ``recipe.json``) into ``out_dir``."""
     out = Path(out_dir or recipe.output_dir)
     threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.threads)
+    torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
     try:
         t0 = time.time()
-        traces = make_traces(recipe)
-        tok_texts = [p + r for p, r, _ in traces[: recipe.tokenizer_traces]]
-        tokenizer = modeling.train_tokenizer(tok_texts, recipe.vocab_size)
-        examples = [encode_trace(tokenizer, p, r, k) for p, r, k in traces]
+        tokenizer, examples, model = initial_state(recipe)
         logger.info("%d traces, %d tokenizer tokens, %.1f s", len(examples), len(tokenizer), time.time() - t0)
-        model = modeling.build_model(recipe.shape(), modeling.padded_vocab(len(tokenizer)), recipe.seed, tokenizer)
-        torch.manual_seed(recipe.seed)
         stats = train(model, examples, recipe, tokenizer.pad_token_id) if recipe.steps > 0 else {}
         tmp = out.with_name(out.name + ".tmp")
         modeling.save_checkpoint(model, tokenizer, tmp)
@@ -260,3 +281,45 @@ def cached_fingerprint(out_dir: str | Path) -> str | None:
         return json.loads(meta.read_text()).get("fingerprint")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+MANIFEST = "SHA256SUMS"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(out_dir: str | Path) -> Path:
+    """Record the sha256 of every file of a finished model (``sha256sum -c`` reads the same format)."""
+    out = Path(out_dir)
+    files = sorted(p for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
+    (out / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
+    return out / MANIFEST
+
+
+def verify_manifest(out_dir: str | Path) -> list[str]:
+    """What is wrong with a model directory against its manifest: missing, changed or unlisted files (empty = ok).
+
+    The shipped base model travels in git; a partial checkout, a Git LFS pointer or a stray edit would otherwise load
+    as a silently different model."""
+    out = Path(out_dir)
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        return [f"{manifest} is missing"]
+    problems, listed = [], set()
+    for line in manifest.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed.add(name)
+        path = out / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif _sha256(path) != digest:
+            problems.append(f"{name} differs from its recorded sha256")
+    unlisted = [p.name for p in out.iterdir() if p.is_file() and p.name not in listed | {MANIFEST}]
+    problems += [f"{name} is not in {MANIFEST}" for name in sorted(unlisted)]
+    return problems

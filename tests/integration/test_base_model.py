@@ -104,3 +104,43 @@ def test_run_snippet_reports_like_the_sandbox(code, status, body):
     result = base_report.run_snippet(code)
     assert result.status == status
     assert tool_protocol.format_observation(result, ToolConfig()) == body
+
+
+SHIPPED = REPO / "models" / "torl-tiny-base"
+
+
+def test_shipped_base_model_is_intact_and_current():
+    """The CPU default's model ships built; its files match their checksums and the recipe still names it."""
+    from torl.pretrain import load_recipe, verify_manifest
+
+    assert verify_manifest(SHIPPED) == []
+    meta = json.loads((SHIPPED / "recipe.json").read_text())
+    assert meta["fingerprint"] == load_recipe([str(REPO / "configs" / "base_model.yaml")]).fingerprint(), (
+        "configs/base_model.yaml (or the trace synthesis) changed since models/torl-tiny-base was built: rebuild it "
+        "with `python jobs/make_base_model.py --force`, then commit the model with the recipe"
+    )
+
+
+def test_recipe_still_reproduces_the_shipped_model(tmp_path):
+    """Rebuild the start of the shipped model from its recipe: the same tokenizer, the same initial weights, and the
+    same first training losses as recorded at build time. The full build (about 10 minutes) is not bit-identical
+    across CPUs, so the replay stops where floating-point differences are still far below the tolerance."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from torl.pretrain import FIRST_LOSSES, initial_state, load_recipe, train
+
+    meta = json.loads((SHIPPED / "recipe.json").read_text())
+    recipe = load_recipe([str(REPO / "configs" / "base_model.yaml")], [f"steps={FIRST_LOSSES}", "threads=1"])
+    tokenizer, examples, model = initial_state(recipe)
+    shipped = AutoTokenizer.from_pretrained(SHIPPED)
+    assert tokenizer.get_vocab() == shipped.get_vocab()
+    probe = examples[0].ids
+    assert shipped.encode(tokenizer.decode(probe), add_special_tokens=False) == probe
+    torch.set_num_threads(1)
+    losses = train(model, examples, recipe, tokenizer.pad_token_id)["first_losses"]
+    assert len(losses) == len(meta["first_losses"]) == FIRST_LOSSES
+    assert max(abs(a - b) for a, b in zip(losses, meta["first_losses"], strict=True)) < 1e-3, (
+        losses,
+        meta["first_losses"],
+    )

@@ -1,8 +1,9 @@
 """The generator actor against real vLLM (CPU), the real sandbox pool and Ray: one engine for the whole module.
 
-A random model almost never writes ```python blocks, so the module warm-starts the tiny checkpoint for a few hundred
-SGD steps (about 2 s) on two tool-use traces, each behind its own prompt; greedy decoding then replays them through
-the real tool loop: one trace calls the tool twice, the other stops on ```output without a complete block first.
+A random model almost never writes ```python blocks, so the module warm-starts the tiny checkpoint (a few seconds of
+Adam) on two tool-use traces, each behind its own prompt, until every trace token is the greedy choice by a clear
+margin (tests/integration/memorize.py), so greedy decoding replays them through the real tool loop on any CPU: one
+trace calls the tool twice, the other stops on ```output without a complete block first.
 The traces are tokenized piece by piece exactly as the loop builds its context (sampled ids + separately tokenized
 observations), so what the model memorized is what it sees at rollout time.
 """
@@ -15,6 +16,7 @@ import stat
 
 import pytest
 import torch
+from memorize import memorize
 
 from torl.config import Config, EngineConfig, ModelConfig, PromptConfig, RolloutConfig, SandboxConfig, ToolConfig
 from torl.rollout import GenRequest
@@ -58,13 +60,7 @@ def models(tiny_model_dir, tmp_path_factory):
             ids += _encode(tok, part)
         ids.append(eos)
         seqs.append((torch.tensor([ids]), torch.tensor([labels + ids[len(labels) :]])))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        loss = sum(model(x, labels=y).loss for x, y in seqs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05, f"warm start did not memorize the traces (loss {loss.item():.3f})"
+    memorize(model, seqs, lr=1e-2)
     out = tmp_path_factory.mktemp("warm") / "model"
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -221,3 +217,16 @@ def test_weight_update_parity_and_versions(ray_cluster, generator, models):
     assert m["rollout/preempted"] > 0, "the update landed after generation ended: nothing was preempted"
     assert any(set(t.versions) == {1, 2} for t in trajs)
     assert ray_cluster.get(generator.version.remote()) == 2
+
+
+def test_seeded_sampling_survives_prompts_that_overflow_a_step(ray_cluster, generator, models):
+    """64 prompts of ~180 tokens exceed one engine step's token budget (8192), so on vLLM's default one prompt's
+    prefill is split across steps; with per-request seeds that killed CPU engines ("CPU Generator does not use
+    offset"). rollout.engine.chunked_prefill=auto schedules whole prompts on CPU instead."""
+    _, tok, _, _ = models
+    prompt = _encode(tok, "Q: " + "seven times six " * 60 + "\nA:")
+    assert 150 < len(prompt) < 300
+    reqs = [GenRequest(problem_id=f"long{i}", group=i, prompt_ids=prompt, answer="42", n=1) for i in range(64)]
+    trajs, m = ray_cluster.get(generator.generate.remote(reqs, tools=False))
+    assert len(trajs) == 64 and all(len(t.response_ids) > 0 for t in trajs)
+    assert ray_cluster.get(generator.in_flight.remote()) == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from memorize import memorize
 
 from torl.prompts import build_prompt
 from torl.rollout import observation_insert
@@ -28,8 +29,9 @@ EXAMPLES = [
 ]
 
 
-def teach(src: Path, dst: Path, steps: int = 150) -> Path:
-    """Overfit ``src`` on EXAMPLES, tokenized exactly as the tool loop builds the context (observation spliced in)."""
+def teach(src: Path, dst: Path) -> Path:
+    """Overfit ``src`` on EXAMPLES, tokenized exactly as the tool loop builds the context (observation spliced in),
+    until greedy decoding replays them by a clear margin on any CPU (tests/integration/memorize.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,12 +47,7 @@ def teach(src: Path, dst: Path, steps: int = 150) -> Path:
         tail = tok.encode(rest, add_special_tokens=False) + [tok.eos_token_id]
         labels = [-100] * len(prompt) + call + [-100] * len(obs) + tail
         batch.append((torch.tensor([prompt + call + obs + tail]), torch.tensor([labels])))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        loss = sum(model(input_ids=ids, labels=labels).loss for ids, labels in batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    memorize(model, batch, lr=3e-3)
     model.save_pretrained(dst)
     tok.save_pretrained(dst)
     return dst

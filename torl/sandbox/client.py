@@ -155,7 +155,9 @@ class Zygote:
             if fut is not None and not fut.done():
                 fut.set_result(reply)
         code = await proc.wait()
-        log.warning("sandbox zygote %s exited with code %s; %d requests fail", proc.pid, code, len(self._pending))
+        # A clean exit with nothing pending is a shutdown; anything else is worth a warning.
+        level = logging.INFO if code == 0 and not self._pending else logging.WARNING
+        log.log(level, "sandbox zygote %s exited with code %s; %d requests fail", proc.pid, code, len(self._pending))
         if self.proc is proc:
             self._reader = None
         for fut in self._pending.values():
