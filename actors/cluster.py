@@ -1,8 +1,8 @@
 """Connecting to (or starting) the Ray cluster the same way from jobs, tests and benchmarks.
 
 On this kind of machine Ray picks a non-loopback address unless told otherwise, and token authentication is on by
-default for local clusters (platform notes §2). ``init_ray`` binds a local cluster to loopback and leaves an existing
-cluster (``ray job submit``, ``RAY_ADDRESS``) alone. Not here: placement of actors (each role does its own).
+default for local clusters (docs/platform-notes.md §2). ``init_ray`` binds a local cluster to loopback and leaves an
+existing cluster (``ray job submit``, ``RAY_ADDRESS``) alone. Not here: placement of actors (each role does its own).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 # Environment every process of a local cluster needs: loopback for Ray and vLLM, offline model hubs.
 LOCAL_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes Ray's node IP 127.0.0.1 (platform notes §2)
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes Ray's node IP 127.0.0.1 (docs/platform-notes.md §2)
     "VLLM_HOST_IP": "127.0.0.1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

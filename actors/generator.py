@@ -2,7 +2,8 @@
 
 Each trajectory awaits the engine for a round, then awaits the sandbox pool for its tool call while the engine keeps
 decoding every other trajectory (continuous batching), then continues from the exact token ids so far. Weight updates
-are loaded in place (safetensors on /dev/shm + ``reload_weights``, platform notes §10) without restarting the engine.
+are loaded in place (safetensors on /dev/shm + ``reload_weights``, docs/platform-notes.md §10) without restarting the
+engine.
 
 Not here: the loop's logic, budget, masks and metrics (``torl.rollout``), the TIR text protocol
 (``torl.tool_protocol``), sandboxing (``actors.sandbox``), grading.
@@ -470,7 +471,8 @@ class Generator:
             for k, v in state_dict.items()
         }
         if self._tied and "model.embed_tokens.weight" in tensors:
-            # Tied embeddings must be in the file, or vLLM keeps a stale lm_head silently (platform notes §5, §10).
+            # Tied embeddings must be in the file, or vLLM keeps a stale lm_head silently
+            # (docs/platform-notes.md §5, §10).
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
         path = os.path.join(self._weights_dir, "model.safetensors")
         save_file(tensors, path)

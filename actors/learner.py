@@ -2,9 +2,9 @@
 
 ``Learner`` is one rank (a plain class, usable in-process); ``LearnerActor = ray.remote(Learner)``. ``LearnerGroup``
 is the driver-side handle: a placement group, N learner actors that form a process group (gloo on CPU, NCCL on GPU)
-and shard the model per decoder layer + root with ``fully_shard`` (FSDP1 crashes on CPU, platform notes §3). With one
-worker the model is not wrapped (plain PyTorch), but a one-rank process group still exists so the state-dict and
-checkpoint code is the same. Every rank receives the whole batch and computes the same deterministic plan
+and shard the model per decoder layer + root with ``fully_shard`` (FSDP1 crashes on CPU, docs/platform-notes.md §3).
+With one worker the model is not wrapped (plain PyTorch), but a one-rank process group still exists so the state-dict
+and checkpoint code is the same. Every rank receives the whole batch and computes the same deterministic plan
 (``torl.batching``), then trains on its shard; losses are normalised by global counts (``torl.grpo``) so any
 sharding gives the full-batch gradient.
 
@@ -15,6 +15,7 @@ the generators (``actors/generator.py``).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import time
@@ -39,14 +40,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from torl import checkpoint as ckpt
 from torl.batching import pack, plan_micro_batches
-from torl.config import Config
+from torl.config import Config, learner_threads
 from torl.grpo import aggregation_weights, group_advantages, policy_loss, token_logprobs, zero_variance_groups
 from torl.types import Trajectory
 
 log = logging.getLogger(__name__)
 
 # Files copied next to the weights so a checkpoint is a complete HF model directory (copied, not re-saved: a
-# re-save through AutoTokenizer can change the pre-tokenizer, platform notes §4).
+# re-save through AutoTokenizer can change the pre-tokenizer, docs/platform-notes.md §4).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -79,7 +80,7 @@ class Learner:
         if not Path(model_path, "config.json").is_file():
             raise FileNotFoundError(f"learner: no Hugging Face model at {model_path!r} (config.json missing)")
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
-        torch.set_num_threads(max(1, int(cfg.learner.num_cpus)))  # one intra-op thread per reserved CPU
+        torch.set_num_threads(learner_threads(cfg, os.cpu_count() or 1))
         use_cuda = torch.cuda.is_available() and cfg.learner.num_gpus > 0
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         backend = cfg.learner.backend

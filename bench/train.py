@@ -1,10 +1,12 @@
-"""Training step time by phase, pipelined vs on-policy, and how long the generators sit idle.
+"""Training step time by phase: on-policy with one learner thread, on-policy, pipelined; and generator idle time.
 
-    python bench/train.py [key=value ...]      # overrides apply to both runs (default: the tiny CPU preset)
+    python bench/train.py [key=value ...]      # overrides apply to every run (default: the tiny CPU preset)
 
-Runs the same short training twice in one process on one Ray cluster, with trainer.max_staleness=0 (ToRL's
-strictly on-policy order) and 1 (rollout of step t+1 overlaps training of step t), and prints per-phase seconds
-per step, the step-time ratio, and the share of wall time the generators had no rollout to work on.
+Runs the same short training three times in one process on one Ray cluster: trainer.max_staleness=0 (ToRL's
+strictly on-policy order) with the learner held to one torch thread (learner.num_threads=1, the earlier CPU
+default), the same with learner.num_threads=0 (auto: on-policy the learner gets every core, since nothing else
+computes while it trains), and max_staleness=1 (rollout of step t+1 overlaps training of step t). Prints per-phase
+seconds per step, step-time ratios, and the share of wall time the generators had no rollout to work on.
 Figures are ratios from the same run; the first step of each run (engine warm-up) is left out.
 """
 
@@ -32,9 +34,8 @@ PHASES = [
 ]
 
 
-def run(staleness: int, out: Path, overrides: list[str]) -> list[dict]:
+def run(name: str, variant: list[str], out: Path, overrides: list[str]) -> list[dict]:
     args = [
-        f"trainer.max_staleness={staleness}",
         f"trainer.output_dir={out}",
         "trainer.val_before_train=false",
         "trainer.val_every=0",
@@ -42,10 +43,11 @@ def run(staleness: int, out: Path, overrides: list[str]) -> list[dict]:
         "wandb.mode=disabled",
         "trainer.resume=never",
         "trainer.total_steps=6",
+        *variant,
         *overrides,
     ]
     if train_main(args) != 0:
-        raise SystemExit(f"training run with max_staleness={staleness} failed")
+        raise SystemExit(f"training run {name!r} failed")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["step"] >= 2]  # step 1 includes engine warm-up
 
@@ -58,14 +60,25 @@ def summarise(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+VARIANTS = {
+    "1 thread": ["trainer.max_staleness=0", "learner.num_threads=1"],
+    "on-policy": ["trainer.max_staleness=0"],
+    "pipelined": ["trainer.max_staleness=1"],
+}
+
+
 def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        results = {s: summarise(run(s, Path(tmp) / f"staleness{s}", argv)) for s in (0, 1)}
-    print(f"{'phase (s/step)':<24}{'on-policy':>12}{'pipelined':>12}")
+        results = {
+            name: summarise(run(name, variant, Path(tmp) / f"run{i}", argv))
+            for i, (name, variant) in enumerate(VARIANTS.items())
+        }
+    print(f"{'phase (s/step)':<24}" + "".join(f"{name:>12}" for name in results))
     for key in [*PHASES, "generator_idle_share"]:
-        print(f"{key:<24}{results[0][key]:>12.3f}{results[1][key]:>12.3f}")
-    ratio = results[1]["time/step"] / results[0]["time/step"]
-    print(f"\npipelined / on-policy step time: {ratio:.2f}x")
+        print(f"{key:<24}" + "".join(f"{r[key]:>12.3f}" for r in results.values()))
+    base = results["1 thread"]["time/step"]
+    for name in ("on-policy", "pipelined"):
+        print(f"{name} / on-policy with 1 learner thread, step time: {results[name]['time/step'] / base:.2f}x")
     return 0
 
 

@@ -4,11 +4,12 @@
 
 ``DIR`` is a Hugging Face checkpoint (config.json) or a training output dir (its latest complete checkpoint is used).
 Benchmarks: aime24, aime25, math500, olympiadbench, amc23, torl_val (ToRL's 374-row validation file), any
-parquet/jsonl path, or synthetic:<split>. Greedy by default (ToRL validates greedily, torl-behaviour.md §1(e));
-``eval.greedy=false eval.n=8`` samples with rollout.temperature for pass@k / mean@k. Problems stream through the
-generators in small chunks with a bounded number in flight; each finished problem is graded and appended to
-``<out>/trajectories.jsonl`` at once, so an interrupted run resumes where it stopped. Outputs: trajectories.jsonl,
-results.json, results.txt (the table), run.json (the setup a resume must match) and W&B when enabled.
+parquet/jsonl path, or synthetic:<split>. Greedy by default (ToRL validates greedily,
+docs/torl-behaviour.md ("Evaluation")); ``eval.greedy=false eval.n=8`` samples with rollout.temperature for pass@k /
+mean@k. Problems stream through the generators in small chunks with a bounded number in flight; each finished problem
+is graded and appended to ``<out>/trajectories.jsonl`` at once, so an interrupted run resumes where it stopped.
+Outputs: trajectories.jsonl, results.json, results.txt (the table), run.json (the setup a resume must match) and W&B
+when enabled.
 """
 
 from __future__ import annotations

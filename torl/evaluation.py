@@ -3,8 +3,8 @@
 Pure logic behind ``jobs/eval.py``: a record holds everything needed to inspect one sample (prompt, response with
 tool outputs, extracted answer, gold, verdict, tool calls) and to recompute every metric, so the tables of a resumed
 run are built from the file, not from memory. ToRL scores validation as accuracy per data source and averages the
-sources unweighted (``avg_acc``, reference/torl-behaviour.md §1(c), §1(e)); with n > 1 samples we add the unbiased
-pass@k and mean@k. Not here: generation, grading, Ray (see jobs/eval.py).
+sources unweighted (``avg_acc``, docs/torl-behaviour.md ("Reward and grading", "Evaluation")); with n > 1 samples we
+add the unbiased pass@k and mean@k. Not here: generation, grading, Ray (see jobs/eval.py).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Answer grading and the outcome reward: the last \\boxed{} answer against the gold answer.
 
-ToRL (``verl/utils/reward_score/math_verifier.py``, ``reference/torl-behaviour.md`` §1(c)): the last ``\\boxed{}`` of
-the response (tool outputs included) is compared with the gold answer; +1 if equivalent, -1 otherwise or without a
-box. Fixed here: answers are wrapped in ``$...$`` before math-verify parses them (bare strings mis-parse:
+ToRL (``verl/utils/reward_score/math_verifier.py``, ``docs/torl-behaviour.md`` ("Reward and grading")): the last
+``\\boxed{}`` of the response (tool outputs included) is compared with the gold answer; +1 if equivalent, -1 otherwise
+or without a box. Fixed here: answers are wrapped in ``$...$`` before math-verify parses them (bare strings mis-parse:
 ``6 - 5i`` == ``7 - 5i``), plain numbers are compared numerically first (AIME's ``025`` == ``25``), units after a
-number are dropped, and every math-verify call runs in a helper process with a deadline, so a check can never hang
-and works from any thread (math-verify's own ``signal.alarm`` timeout only works on the main thread).
+number are dropped, and every math-verify call runs in a helper process with a deadline, so a check can never hang and
+works from any thread (math-verify's own ``signal.alarm`` timeout only works on the main thread).
 
 Not here: batching across actors (``actors/grader.py``) and accuracy metrics (``torl/metrics.py``).
 """

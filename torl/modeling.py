@@ -2,7 +2,7 @@
 
 The tokenizer is trained with Qwen2's own pre-tokenizer (regex split + byte-level, NFC), so that
 ``AutoTokenizer`` (which swaps in ``Qwen2Tokenizer`` when ``config.json`` says ``qwen2``) and vLLM produce the same
-ids as the saved ``tokenizer.json`` (platform notes §4). Digits are single tokens, as in Qwen. Special tokens:
+ids as the saved ``tokenizer.json`` (docs/platform-notes.md §4). Digits are single tokens, as in Qwen. Special tokens:
 ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos), plus a ChatML chat template.
 
 Not here: the task generator and trace synthesis (``torl.tasks``), pretraining (``torl.pretrain``), the job that
@@ -72,7 +72,7 @@ class ModelShape:
         return self.hidden // self.heads
 
 
-VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # platform notes §5
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # docs/platform-notes.md §5
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):

@@ -335,8 +335,9 @@ def chat_turns(req: ChatCompletionRequest) -> list[dict[str, str]]:
 def single_question(req: ChatCompletionRequest) -> str:
     """The question for a single-turn base-model template (ToRL's ``tir_base_*``): exactly one user message.
 
-    ToRL's template has one ``{QUESTION}`` slot and ignores the dataset's system message (torl-behaviour.md 1(a)), so
-    system messages are ignored here too; a multi-turn conversation cannot be expressed and is refused.
+    ToRL's template has one ``{QUESTION}`` slot and ignores the dataset's system message
+    (docs/torl-behaviour.md ("Prompt template")), so system messages are ignored here too; a multi-turn conversation
+    cannot be expressed and is refused.
     """
     users = [m for m in req.messages if m.role == "user"]
     if len(users) != 1 or any(m.role == "assistant" for m in req.messages):

@@ -8,7 +8,7 @@ a ChatML chat template (written here), and caches it as a normal tokenizer direc
 
 Merges are recovered from the ranks: each multi-byte token's merge is the last step of running BPE over its own
 bytes using only lower ranks, which is exactly how tiktoken would build it. So ids match tiktoken (and Qwen2.5's own
-``tokenizer.json``, platform notes §9) rather than only decoding alike.
+``tokenizer.json``, docs/platform-notes.md §9) rather than only decoding alike.
 
 Not here: model weights, and Qwen3.5+ vocabularies (another rank file and pattern).
 """
@@ -64,7 +64,8 @@ QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 QWEN25_VOCAB_LEN = NUM_BASE_TOKENS + len(QWEN25_ADDED_TOKENS)  # 151,665 (the model's embedding has 151,936 rows)
 
-# Qwen2.5-Math's default system prompt; ToRL's parquet rows carry the same sentence (torl-behaviour.md §1a).
+# Qwen2.5-Math's default system prompt; ToRL's parquet rows carry the same sentence
+# (docs/torl-behaviour.md ("Prompt template")).
 QWEN25_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 # ChatML, as Qwen2.5 renders it: a default system turn when the conversation has none, then

@@ -95,10 +95,10 @@ def observation_insert(round_text: str, tail: str, body: str, stop: str) -> str:
     """The text to append after the sampled stop string so the context reads as ToRL's observation frame.
 
     ToRL drops the stop string from the text and re-inserts ``[\\n]```output\\n{body}\\n```\\n``
-    (torl-behaviour §1(b) step 5). We keep the sampled stop-string tokens (they are trained), so we insert only what
-    follows ``stop`` in that frame, minus any characters the stop string's last token already carried past it
-    (``tail``, e.g. a token "output\\n" leaves tail "\\n"). The optional newline ToRL adds *before* ```output cannot
-    be inserted without altering sampled ids, so the model's own text stands there.
+    (docs/torl-behaviour.md ("Observation format") step 5). We keep the sampled stop-string tokens (they are trained),
+    so we insert only what follows ``stop`` in that frame, minus any characters the stop string's last token already
+    carried past it (``tail``, e.g. a token "output\\n" leaves tail "\\n"). The optional newline ToRL adds *before*
+    ```output cannot be inserted without altering sampled ids, so the model's own text stands there.
     """
     full = tool_protocol.observation_text(body, round_text.endswith("\n"))
     at = full.find(stop)

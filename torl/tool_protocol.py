@@ -1,9 +1,9 @@
 """The tool-integrated reasoning (TIR) protocol: when a round asks for a tool, which code runs, what the model sees.
 
-ToRL's model interface (``reference/torl-behaviour.md`` §1(b), ``vllm_rollout_spmd.py`` ``_tir_generate``): a round
-that stopped on the ```` ```output ```` stop string is a tool request; the last complete ```` ```python ```` block of
-that round's text is run; the result becomes an observation (error -> last line, long output -> 128 + "..." + 128)
-inserted as ```` ```output\\n{observation}\\n```\\n ````. ToRL's two quirks (a fake timeout text for silent code,
+ToRL's model interface (``docs/torl-behaviour.md`` ("TIR rollout"), ``vllm_rollout_spmd.py`` ``_tir_generate``): a
+round that stopped on the ```` ```output ```` stop string is a tool request; the last complete ```` ```python ````
+block of that round's text is run; the result becomes an observation (error -> last line, long output -> 128 + "..." +
+128) inserted as ```` ```output\\n{observation}\\n```\\n ````. ToRL's two quirks (a fake timeout text for silent code,
 "Error" anywhere in stdout trimming it) are ``ToolConfig`` options, off by default, on in ``configs/torl_compat.yaml``.
 
 Not here: running code (the sandbox), tokenising or masking the inserted text, and the engine loop itself

@@ -137,8 +137,8 @@ def test_smollm2_preset_is_valid():
 
 
 def test_qwen_tokenizer_autotokenizer_beside_qwen2_config(tmp_path):
-    # Platform notes §4: AutoTokenizer next to a qwen2 config.json swaps in Qwen2's pre-tokenizer, which is the one
-    # ours already has, so ids stay the same (vLLM also loads tokenizers through AutoTokenizer).
+    # docs/platform-notes.md §4: AutoTokenizer next to a qwen2 config.json swaps in Qwen2's pre-tokenizer, which is
+    # the one ours already has, so ids stay the same (vLLM also loads tokenizers through AutoTokenizer).
     from transformers import AutoTokenizer
 
     from torl.qwen_tokenizer import qwen_tokenizer

@@ -114,3 +114,16 @@ def test_every_shipped_preset_loads(preset):
     if preset.startswith("base_model") or "\napplications:" in "\n" + text:
         pytest.skip("not a run config (model recipe or Ray Serve deployment file)")
     load_config([str(path)])
+
+
+def test_learner_threads_use_every_core_only_when_the_learner_runs_alone():
+    from torl.config import learner_threads, load_config
+
+    on_policy = load_config(overrides=["trainer.max_staleness=0", "learner.num_cpus=1"])
+    assert learner_threads(on_policy, cores=2) == 2
+    two_ranks = load_config(overrides=["trainer.max_staleness=0", "learner.num_workers=2"])
+    assert learner_threads(two_ranks, cores=8) == 4
+    pipelined = load_config(overrides=["trainer.max_staleness=1", "learner.num_cpus=1"])
+    assert learner_threads(pipelined, cores=2) == 1  # the engine decodes beside it
+    pinned = load_config(overrides=["trainer.max_staleness=0", "learner.num_threads=3"])
+    assert learner_threads(pinned, cores=2) == 3

@@ -1,4 +1,7 @@
-"""torl/ is pure logic: importing every torl.* module must not pull in ray, vllm or wandb (STYLE.md rule 1)."""
+"""torl/ is pure logic: importing every torl.* module must not pull in ray, vllm or wandb.
+
+That keeps torl/ importable, and its unit tests runnable, without a cluster, an inference engine or a W&B account.
+"""
 
 import pkgutil
 import subprocess

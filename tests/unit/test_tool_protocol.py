@@ -1,4 +1,4 @@
-"""The TIR protocol, one parametrized row per rule in reference/torl-behaviour.md §1(b)."""
+"""The TIR protocol, one parametrized row per rule in docs/torl-behaviour.md ("TIR rollout")."""
 
 import pytest
 

@@ -116,7 +116,7 @@ def hidden_prefixes(paths: list[str]) -> list[tuple[str, str]]:
     """``(top, path)`` for each path an unprivileged uid cannot reach because ``top`` (an ancestor) is not o+x.
 
     The venv's base Python lives under /root (mode 0700), so a snippet running as another uid could not import a
-    stdlib module that the zygote did not preload; the child re-exposes just that prefix (platform notes §7).
+    stdlib module that the zygote did not preload; the child re-exposes just that prefix (docs/platform-notes.md §7).
     """
     out = []
     for path in dict.fromkeys(os.path.realpath(p) for p in paths):
@@ -245,7 +245,7 @@ def enter_sandbox(
         hard = resource.RLIM_INFINITY if res == resource.RLIMIT_CPU and extra_fds else value
         resource.setrlimit(res, (value, hard))
     if uid is not None:
-        # RLIMIT_NPROC counts processes per uid and is ignored for root (platform notes §7): each concurrent
+        # RLIMIT_NPROC counts processes per uid and is ignored for root (docs/platform-notes.md §7): each concurrent
         # snippet gets its own uid so the limit is per snippet and snippets cannot signal one another.
         resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
         os.setgroups([])

@@ -2,7 +2,7 @@
 
 The zygote is started as a plain subprocess with a minimal environment built here from scratch (nothing of the
 caller's environment is passed on: no RAY_* addresses, no WANDB_API_KEY, no VLLM settings), so it never holds a
-Ray connection or a secret that a snippet could reach (platform notes §10). If the zygote dies, the requests in
+Ray connection or a secret that a snippet could reach (docs/platform-notes.md §10). If the zygote dies, the requests in
 flight return ``status="sandbox_error"`` and the next request starts a new zygote.
 
 Not here: Ray (``actors/sandbox.py`` wraps this in an actor), isolation itself (``torl.sandbox.child``).

@@ -1,4 +1,4 @@
-"""The zygote: a warm, clean Python process that forks one isolated child per snippet (platform notes §7, §10).
+"""The zygote: a warm, clean Python process forking one isolated child per snippet (docs/platform-notes.md §7, §10).
 
 Started by ``torl.sandbox.client.Zygote`` as ``python -E -s -c ...zygote.main(...)`` with a minimal environment (no
 RAY_*, no API keys, no VLLM vars), it preloads sympy/numpy once and then serves newline-delimited JSON requests on
