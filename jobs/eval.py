@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from jobs.setup_run import check_resources, spawn_rollout_actors, stop_rollout_actors  # noqa: E402
 from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict  # noqa: E402
+from torl.config_help import format_help  # noqa: E402
 from torl.evaluation import (  # noqa: E402
     EvalRecord,
     ResultStore,
@@ -59,7 +60,11 @@ class Item:
 
 
 def parse_args(argv: list[str]) -> tuple[Config, str]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
+        epilog=format_help(Config),  # every config field, for the key=value overrides
+    )
     ap.add_argument("--checkpoint", default="", help="HF checkpoint dir or training output dir (else model.path)")
     ap.add_argument("--benchmarks", default="", help="comma-separated names, paths or synthetic:<split>")
     ap.add_argument("--out", default="", help="output directory (default runs/eval/<checkpoint name>)")

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from torl.config import ConfigError, split_cli  # noqa: E402
+from torl.config_help import format_help, wants_help  # noqa: E402
 from torl.paths import resolve  # noqa: E402
 
 DEFAULT_RECIPE = REPO / "configs" / "base_model.yaml"
@@ -46,6 +47,11 @@ def report(out: Path, eval_n: int, seed: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    if wants_help(argv):
+        from torl.pretrain import BaseModelRecipe
+
+        print(format_help(BaseModelRecipe, usage=__doc__.strip()))
+        return 0
     force = "--force" in argv
     args = [a for a in argv if a != "--force"]
     try:

@@ -22,7 +22,12 @@ from torl.config import ConfigError, load_config, split_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from torl.config import Config
+    from torl.config_help import format_help
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=format_help(Config)
+    )
     parser.add_argument("--checkpoint", required=True, help="model directory (Hugging Face format) to serve")
     parser.add_argument("--name", default="torl", help="Serve application name")
     parser.add_argument("rest", nargs="*", help="YAML presets and key=value overrides")

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jobs.setup_run import Run, prepare_run  # noqa: E402
-from torl.config import ConfigError  # noqa: E402
+from torl.config import Config, ConfigError  # noqa: E402
+from torl.config_help import format_help, wants_help  # noqa: E402
 from torl.data import DataError  # noqa: E402
 from torl.metrics import rollout_metrics  # noqa: E402
 from torl.progress import Progress  # noqa: E402
@@ -136,6 +137,9 @@ def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]
 
 
 def main(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(format_help(Config, usage=__doc__.strip()))
+        return 0
     t_start = time.perf_counter()
     try:
         run = prepare_run(argv, job="train")

