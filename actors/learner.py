@@ -14,6 +14,7 @@ the generators (``actors/generator.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -41,7 +42,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from torl import checkpoint as ckpt
 from torl.batching import pack, plan_micro_batches
 from torl.config import Config, learner_threads
-from torl.grpo import aggregation_weights, group_advantages, policy_loss, token_logprobs, zero_variance_groups
+from torl.grpo import (
+    aggregation_weights,
+    correction_metrics,
+    group_advantages,
+    policy_loss,
+    rollout_correction,
+    token_logprobs,
+    zero_variance_groups,
+)
 from torl.types import Trajectory
 
 log = logging.getLogger(__name__)
@@ -156,6 +165,29 @@ class Learner:
         for t in trajs:
             t.check()
         algo, lc = self.cfg.algo, self.cfg.learner
+        t_prox = time.perf_counter()
+        # The PPO ratio's old policy: the weights held now, before this step's updates (AReaL's proximal policy),
+        # or the engine's sampling log-probs. The engine's stay the behaviour policy of the rollout correction.
+        proximal = self._proximal_logprobs(trajs) if algo.old_logprobs == "recompute" else [t.logprobs for t in trajs]
+        t_prox = time.perf_counter() - t_prox
+        corrected = [
+            rollout_correction(
+                prox,
+                t.logprobs,
+                t.loss_mask,
+                algo.rollout_correction,
+                algo.correction_level,
+                algo.tis_cap,
+                algo.mis_low,
+                algo.mis_high,
+            )
+            for prox, t in zip(proximal, trajs, strict=True)
+        ]
+        is_w = [c.weights for c in corrected]
+        trajs = [
+            dataclasses.replace(t, logprobs=list(prox), loss_mask=c.mask)
+            for t, prox, c in zip(trajs, proximal, corrected, strict=True)
+        ]
         rewards, groups = [t.reward for t in trajs], [t.group for t in trajs]
         adv = group_advantages(rewards, groups, algo.norm_adv_by_std, algo.adv_eps)
         zero = zero_variance_groups(rewards, groups)
@@ -169,7 +201,7 @@ class Learner:
         for _ in range(lc.epochs):
             for mini in minis:
                 idx = [i for i in keep if groups[i] in mini]
-                out = self._optimizer_step([trajs[i] for i in idx], [adv[i] for i in idx])
+                out = self._optimizer_step([trajs[i] for i in idx], [adv[i] for i in idx], [is_w[i] for i in idx])
                 if out is not None:
                     steps += 1
                     for k, v in out.items():
@@ -184,11 +216,15 @@ class Learner:
                 "learner/adv_abs_mean": sum(abs(a) for a in adv) / len(adv),
                 "learner/lr": self.scheduler.get_last_lr()[0],
                 "time/train": time.perf_counter() - t0,
+                "learner/time_old_logprobs": t_prox,
+                **correction_metrics([c.stats for c in corrected]),
             }
         )
         return metrics
 
-    def _optimizer_step(self, batch: list[Trajectory], adv: list[float]) -> dict[str, float] | None:
+    def _optimizer_step(
+        self, batch: list[Trajectory], adv: list[float], is_w: list[list[float]]
+    ) -> dict[str, float] | None:
         algo, lc = self.cfg.algo, self.cfg.learner
         total_tokens = sum(sum(t.loss_mask) for t in batch)
         total_seqs = sum(1 for t in batch if any(t.loss_mask))
@@ -201,7 +237,9 @@ class Learner:
         sums: dict[str, float] = defaultdict(float)
         for mb in plan:
             sub = [batch[i] for i in mb]
-            loss, m = self._micro_step(sub, [adv[i] for i in mb], total_tokens, total_seqs, norm_const)
+            loss, m = self._micro_step(
+                sub, [adv[i] for i in mb], [is_w[i] for i in mb], total_tokens, total_seqs, norm_const
+            )
             # FSDP averages gradients over ranks; scaling by world size turns that into the sum of shard gradients.
             (loss * self.world_size).backward()
             for k, v in m.items():
@@ -231,7 +269,13 @@ class Learner:
         return token_logprobs(logits, ids[0, keep + 1])  # [N], [N]
 
     def _micro_step(
-        self, sub: list[Trajectory], adv: list[float], total_tokens: int, total_seqs: int, norm_const: float
+        self,
+        sub: list[Trajectory],
+        adv: list[float],
+        is_w: list[list[float]],
+        total_tokens: int,
+        total_seqs: int,
+        norm_const: float,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         algo = self.cfg.algo
         if not sub:
@@ -248,7 +292,8 @@ class Learner:
         ids, pos, keep = ids.to(self.device), pos.to(self.device), keep.to(self.device)
         dev = self.device
         mask = _flat([t.loss_mask for t in sub], torch.float32, dev)  # [N]
-        old = _flat([t.logprobs for t in sub], torch.float32, dev)  # [N]
+        old = _flat([t.logprobs for t in sub], torch.float32, dev)  # [N], the proximal policy (see train_step)
+        weights_is = _flat(is_w, torch.float32, dev)  # [N]
         advs = _flat([[a] * len(t.response_ids) for t, a in zip(sub, adv, strict=True)], torch.float32, dev)  # [N]
         seq_index = _flat([[j] * len(t.response_ids) for j, t in enumerate(sub)], torch.long, dev)  # [N]
         weights = aggregation_weights(mask, seq_index, algo.loss_agg, total_tokens, total_seqs, norm_const)  # [N]
@@ -270,15 +315,31 @@ class Learner:
             ref_logprobs=ref,
             kl_coef=algo.kl_coef,
             kl_type=algo.kl_type,
+            is_weights=weights_is,
         )
         m["loss"] = float(loss.detach())
         return loss, m
 
     @torch.no_grad()
-    def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
-        """Per-token log-probs of each (prompt_ids, response_ids) under the current policy (fp32, temperature 1).
+    def _proximal_logprobs(self, trajs: list[Trajectory]) -> list[list[float]]:
+        """Each trajectory's response log-probs under the weights held now, micro-batched like training; under
+        FSDP every rank computes its share and the shares are exchanged, so all ranks see every sequence."""
+        lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajs]
+        plan = plan_micro_batches(lengths, self.world_size, self.cfg.learner.micro_batch_tokens)[self.rank]
+        local: dict[int, list[float]] = {}
+        for mb in plan:
+            if not mb:  # the other ranks still run a forward pass: join the collectives
+                self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
+                continue
+            seqs = [(trajs[i].prompt_ids, trajs[i].response_ids) for i in mb]
+            local.update(zip(mb, self._sequence_logprobs(seqs), strict=True))
+        if self.world_size > 1:
+            shares: list[dict[int, list[float]] | None] = [None] * self.world_size
+            dist.all_gather_object(shares, local)
+            local = {i: lp for share in shares for i, lp in (share or {}).items()}
+        return [local[i] for i in range(len(trajs))]
 
-        A collective under FSDP: call it on every rank with the same input."""
+    def _sequence_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         ids, pos = pack([p + r for p, r in sequences])  # [1, L], [1, L]
         keep, offset = [], 0
         for p, r in sequences:
@@ -290,6 +351,13 @@ class Learner:
             out.append(logp[start : start + len(r)].tolist())
             start += len(r)
         return out
+
+    @torch.no_grad()
+    def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Per-token log-probs of each (prompt_ids, response_ids) under the current policy (fp32, temperature 1).
+
+        A collective under FSDP: call it on every rank with the same input."""
+        return self._sequence_logprobs(sequences)
 
     # ---- weights and checkpoints -------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -132,8 +133,11 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_type: KLType = "low_var_kl",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate against the behaviour log-probs, plus optional entropy bonus and KL to a reference.
+    """PPO clipped surrogate against ``old_logprobs`` (the proximal policy: the learner's own log-probs before the
+    update, or the engine's with ``algo.old_logprobs=engine``), plus optional entropy bonus and KL to a reference.
+    ``is_weights`` [N] correct each token for the engine's sampling policy (``rollout_correction``).
 
     All inputs are flat ``[N]`` over response tokens; ``weights`` come from ``aggregation_weights`` (zero on masked
     tokens: tool output gets no gradient, entropy or KL). Ratio clipping is asymmetric: ``[1 - clip_low,
@@ -147,6 +151,8 @@ def policy_loss(
     pg_unclipped = -advantages * ratio  # [N]
     pg_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [N]
     pg = torch.maximum(pg_unclipped, pg_clipped)  # [N]
+    if is_weights is not None:  # rollout correction: proximal / behaviour, truncated or 1 (``rollout_correction``)
+        pg = pg * is_weights
     pg_loss = (pg * weights).sum()
     loss = pg_loss
     metrics = {
@@ -166,3 +172,80 @@ def policy_loss(
         if kl_coef:
             loss = loss + kl_coef * (kl * weights).sum()
     return loss, metrics
+
+
+Correction = Literal["none", "tis", "mis"]
+CORRECTION_LEVELS: tuple[str, ...] = ("token", "sequence")
+
+
+@dataclass(frozen=True)
+class CorrectedSeq:
+    """One sequence after rollout correction: importance weights and the loss mask that survives (MIS)."""
+
+    weights: list[float]  # per response token; 1.0 where nothing is corrected (and on masked tokens)
+    mask: list[int]  # the loss mask with MIS-rejected tokens set to 0
+    stats: dict[str, float]  # SUMS over the sequence's trained tokens (see ``rollout_correction``)
+
+
+def rollout_correction(
+    proximal: Sequence[float],
+    behaviour: Sequence[float],
+    mask: Sequence[int],
+    mode: Correction,
+    level: str = "token",
+    cap: float = 2.0,
+    low: float = 0.5,
+    high: float = 2.0,
+) -> CorrectedSeq:
+    """Importance weights proximal/behaviour for one sequence: the learner's policy before the update over the
+    engine's sampling policy (vLLM's kernels and precision differ from the learner's; a stale batch differs more).
+
+    ``tis`` truncates the weight at ``cap`` (veRL's rollout-correction TIS); ``mis`` keeps weight 1 and drops the
+    tokens whose weight falls outside ``[low, high]`` from the loss (IcePop-style masking): they leave the mask, so
+    the caller's aggregation counts them out of the denominator too. ``level="sequence"`` uses one weight per
+    sequence, exp of the summed token log-ratios. ``stats`` holds SUMS over trained tokens (``tokens``,
+    ``k3``: the k3 estimate of KL(behaviour || proximal) per token, ``corrected``: tokens truncated or masked,
+    ``weight``: the raw weight) plus ``max_abs_log_ratio`` (a max), so callers can reduce over any split.
+    """
+    if level not in CORRECTION_LEVELS:
+        raise ValueError(f"unknown correction level {level!r}; choose one of {CORRECTION_LEVELS}")
+    if not (len(proximal) == len(behaviour) == len(mask)):
+        raise ValueError(f"lengths differ: {len(proximal)} proximal, {len(behaviour)} behaviour, {len(mask)} mask")
+    log_ratio = [max(-20.0, min(20.0, p - b)) if m else 0.0 for p, b, m in zip(proximal, behaviour, mask, strict=True)]
+    trained = [i for i, m in enumerate(mask) if m]
+    if level == "sequence":
+        seq = math.exp(max(-20.0, min(20.0, sum(log_ratio))))
+        raw = [seq if m else 1.0 for m in mask]
+    else:
+        raw = [math.exp(r) if m else 1.0 for r, m in zip(log_ratio, mask, strict=True)]
+    weights, kept = list(raw), list(mask)
+    corrected = 0
+    for i in trained:
+        if mode == "tis" and raw[i] > cap:
+            weights[i], corrected = cap, corrected + 1
+        elif mode == "mis":
+            weights[i] = 1.0
+            if not low <= raw[i] <= high:
+                kept[i], corrected = 0, corrected + 1
+        elif mode == "none":
+            weights[i] = 1.0
+    stats = {
+        "tokens": float(len(trained)),
+        # k3 = exp(-r) - 1 + r with r = log(proximal / behaviour): KL(behaviour || proximal), >= 0, low variance.
+        "k3": sum(math.exp(-log_ratio[i]) - 1.0 + log_ratio[i] for i in trained),
+        "corrected": float(corrected),
+        "weight": sum(raw[i] for i in trained),
+        "max_abs_log_ratio": max((abs(log_ratio[i]) for i in trained), default=0.0),
+    }
+    return CorrectedSeq(weights, kept, stats)
+
+
+def correction_metrics(stats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Batch figures of the engine/learner mismatch from ``rollout_correction``'s per-sequence sums."""
+    tokens = max(sum(s["tokens"] for s in stats), 1.0)
+    return {
+        "learner/mismatch_k3": sum(s["k3"] for s in stats) / tokens,
+        "learner/mismatch_max_abs_log_ratio": max((s["max_abs_log_ratio"] for s in stats), default=0.0),
+        "learner/is_corrected_share": sum(s["corrected"] for s in stats) / tokens,
+        "learner/is_weight_mean": sum(s["weight"] for s in stats) / tokens,
+    }

@@ -1,5 +1,6 @@
 """Learner group on a tiny Qwen2: FSDP2 parity with plain PyTorch, weight export, masking, micro-batching, resume."""
 
+import math
 import random
 
 import pytest
@@ -17,6 +18,9 @@ CLIP = 0.5  # below the tiny model's gradient norm, so clipping is exercised
 
 
 def _cfg(num_workers=2, micro_batch_tokens=40, **algo):
+    # The parity tests check the PPO ratio against the old log-probs the batch carries: engine log-probs, no
+    # correction. The learner's own old log-probs and the rollout correction have tests of their own below.
+    algo = {"old_logprobs": "engine", "rollout_correction": "none", **algo}
     return Config(
         algo=AlgoConfig(**algo),
         optim=OptimConfig(lr=LR, grad_clip=CLIP),
@@ -181,8 +185,12 @@ def single(tiny_model_dir):
 def _loss_and_norm(learner, trajs, budget, state):
     learner.model.load_state_dict(state)
     learner.cfg = replace(learner.cfg, learner=LearnerConfig(num_workers=1, micro_batch_tokens=budget))
-    m = learner._optimizer_step(trajs, _advantages(trajs))
+    m = learner._optimizer_step(trajs, _advantages(trajs), _ones(trajs))
     return m["loss"], m["grad_norm"]
+
+
+def _ones(trajs):
+    return [[1.0] * len(t.response_ids) for t in trajs]
 
 
 def _advantages(trajs):
@@ -212,7 +220,7 @@ def test_masked_behaviour_logprobs_and_masked_tokens_do_not_matter(single):
     for t in trajs:  # fully masked batch: nothing to train, no optimizer step
         t.loss_mask = [0] * len(t.loss_mask)
     single.model.load_state_dict(state)
-    assert single._optimizer_step(trajs, _advantages(trajs)) is None
+    assert single._optimizer_step(trajs, _advantages(trajs), _ones(trajs)) is None
 
 
 def test_dynamic_sampling_and_mini_batches(single):
@@ -220,7 +228,7 @@ def test_dynamic_sampling_and_mini_batches(single):
     cfg = single.cfg
     single.cfg = replace(
         cfg,
-        algo=AlgoConfig(dynamic_sampling=True),
+        algo=replace(cfg.algo, dynamic_sampling=True),
         learner=LearnerConfig(num_workers=1, mini_batch_prompts=1, epochs=2),
     )
     try:
@@ -236,3 +244,89 @@ def test_dynamic_sampling_and_mini_batches(single):
     assert m["learner/zero_var_group_share"] == pytest.approx(1 / 3)
     assert m["learner/trained_seqs"] == 8
     assert m["learner/optimizer_steps"] == 4  # 2 remaining prompts x 2 epochs
+
+
+def _exact(trajs, model):
+    """The batch with behaviour log-probs equal to the model's own (what matching numerics give)."""
+    with torch.no_grad():
+        for t in trajs:
+            lp = _hf_logprobs(model, t.prompt_ids, t.response_ids)
+            t.logprobs = [float(x) if m else 0.0 for x, m in zip(lp, t.loss_mask, strict=True)]
+    return trajs
+
+
+@pytest.fixture(scope="module")
+def recomputing(ray_cluster, tiny_model_dir):
+    """Two FSDP ranks that recompute the old log-probs (the default), each rank its share, exchanged."""
+    g = LearnerGroup(_cfg(old_logprobs="recompute", rollout_correction="tis", tis_cap=2.0), str(tiny_model_dir))
+    yield g
+    g.shutdown()
+
+
+def test_recompute_with_matching_numerics_equals_the_engine_setting(recomputing, tiny_model_dir):
+    """Behaviour log-probs equal to the learner's: weights 1, nothing corrected, and the step is exactly the plain
+    PyTorch step with those log-probs as the old policy (what algo.old_logprobs=engine computes)."""
+    ref_model = _hf(ray_get(recomputing.state_dict_ref()), tiny_model_dir)
+    trajs = _exact(_batch(0, ref_model), ref_model)
+    m = recomputing.train_step(trajs)
+    assert m["learner/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert m["learner/mismatch_max_abs_log_ratio"] < 1e-4 and m["learner/is_corrected_share"] == 0
+    loss, grad_norm = _reference_step(ref_model, trajs)
+    assert m["learner/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    assert m["learner/grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+    assert m["learner/time_old_logprobs"] > 0
+
+
+def test_injected_mismatch_is_measured_and_truncated(recomputing, tiny_model_dir):
+    """The engine's log-probs are off by -1 nat on every third trained token (weight e = 2.72 > cap 2): the metrics
+    see exactly those tokens, and the loss is the plain step weighted by min(weight, 2) per token."""
+    ref_model = _hf(ray_get(recomputing.state_dict_ref()), tiny_model_dir)
+    trajs = _exact(_batch(1, ref_model), ref_model)
+    bumped = 0
+    for t in trajs:
+        for i, m in enumerate(t.loss_mask):
+            if m and i % 3 == 0:
+                t.logprobs[i] -= 1.0
+                bumped += 1
+    total = sum(sum(t.loss_mask) for t in trajs)
+    m = recomputing.train_step(trajs)
+    assert m["learner/is_corrected_share"] == pytest.approx(bumped / total)
+    assert m["learner/mismatch_max_abs_log_ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert m["learner/is_weight_mean"] == pytest.approx(1 + bumped / total * (math.e - 1), abs=1e-4)
+    assert m["learner/mismatch_k3"] == pytest.approx(bumped / total * math.exp(-1.0), abs=1e-4)  # e^-1 - 1 + 1
+    # Reference: ratio 1 against the learner's own log-probs, each token's -A weighted by its truncated weight.
+    by_group = {}
+    for t in trajs:
+        by_group.setdefault(t.group, []).append(t.reward)
+    stats = {g: (torch.tensor(r).mean(), torch.tensor(r).std()) for g, r in by_group.items()}
+    loss = 0.0
+    for t in trajs:
+        mean, std = stats[t.group]
+        adv = float((t.reward - mean) / (std + 1e-6))
+        w = [2.0 if m_ and i % 3 == 0 else 1.0 for i, m_ in enumerate(t.loss_mask)]
+        loss += sum(-adv * wi * m_ for wi, m_ in zip(w, t.loss_mask, strict=True)) / total
+    assert m["learner/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+
+
+def test_mis_drops_the_mismatched_tokens_from_loss_and_denominator(single):
+    """MIS with [0.5, 2]: the bumped tokens leave the mask; the step equals training on the batch without them."""
+    state = {k: v.clone() for k, v in single.model.state_dict().items()}
+    cfg = single.cfg
+    trajs = _exact(_batch(2, single.model), single.model)
+    for t in trajs:
+        pairs = enumerate(zip(t.logprobs, t.loss_mask, strict=True))
+        t.logprobs = [lp - 1.0 if m and i % 3 == 0 else lp for i, (lp, m) in pairs]
+    single.cfg = replace(cfg, algo=replace(cfg.algo, old_logprobs="recompute", rollout_correction="mis"))
+    try:
+        m = single.train_step(trajs)
+        single.model.load_state_dict(state)
+        single.cfg = cfg  # engine log-probs, no correction: the same batch with the bumped tokens masked by hand
+        for t in trajs:
+            t.loss_mask = [0 if i % 3 == 0 else m_ for i, m_ in enumerate(t.loss_mask)]
+        kept = single.train_step(_exact(trajs, single.model))
+    finally:
+        single.cfg = cfg
+        single.model.load_state_dict(state)
+    assert m["learner/is_corrected_share"] > 0.2
+    assert m["learner/loss"] == pytest.approx(kept["learner/loss"], rel=1e-5, abs=1e-7)
+    assert m["learner/grad_norm"] == pytest.approx(kept["learner/grad_norm"], rel=1e-5)

@@ -178,3 +178,58 @@ def test_token_logprobs_fp32_and_entropy():
     assert logp.dtype == torch.float32
     assert logp.tolist() == pytest.approx([-math.log(8)] * 3)
     assert ent.tolist() == pytest.approx([math.log(8)] * 3)
+
+
+# Rollout correction against hand-computed values: proximal - behaviour log-ratios ln(3), 0, ln(0.25), and an
+# observation token (mask 0) whose log-probs must be ignored.
+_PROX = [math.log(3.0), -1.0, math.log(0.25), -5.0]
+_BEHAV = [0.0, -1.0, 0.0, 0.0]
+_MASK = [1, 1, 1, 0]
+
+
+def test_tis_truncates_weights_at_the_cap():
+    from torl.grpo import rollout_correction
+
+    c = rollout_correction(_PROX, _BEHAV, _MASK, "tis", cap=2.0)
+    assert c.weights == pytest.approx([2.0, 1.0, 0.25, 1.0])
+    assert c.mask == _MASK
+    assert c.stats["corrected"] == 1 and c.stats["tokens"] == 3
+    assert c.stats["weight"] == pytest.approx(3.0 + 1.0 + 0.25)
+    assert c.stats["max_abs_log_ratio"] == pytest.approx(math.log(4.0))
+    k3 = sum(math.exp(-r) - 1 + r for r in (math.log(3.0), 0.0, math.log(0.25)))
+    assert c.stats["k3"] == pytest.approx(k3)
+
+
+def test_mis_masks_tokens_outside_the_band_and_they_leave_the_denominator():
+    import torch
+
+    from torl.grpo import aggregation_weights, rollout_correction
+
+    c = rollout_correction(_PROX, _BEHAV, _MASK, "mis", low=0.5, high=2.0)
+    assert c.mask == [0, 1, 0, 0] and c.weights == [1.0, 1.0, 1.0, 1.0] and c.stats["corrected"] == 2
+    w = aggregation_weights(torch.tensor(c.mask), torch.zeros(4, dtype=torch.long), "token-mean", sum(c.mask), 1)
+    assert w.tolist() == [0.0, 1.0, 0.0, 0.0]  # the one kept token carries the whole token mean
+
+
+def test_sequence_level_weight_is_the_product_and_none_is_identity():
+    from torl.grpo import rollout_correction
+
+    seq = rollout_correction(_PROX, _BEHAV, _MASK, "tis", level="sequence", cap=10.0)
+    assert seq.weights[:3] == pytest.approx([0.75, 0.75, 0.75]) and seq.weights[3] == 1.0
+    none = rollout_correction(_PROX, _BEHAV, _MASK, "none")
+    assert none.weights == [1.0] * 4 and none.mask == _MASK
+    with pytest.raises(ValueError, match="lengths differ"):
+        rollout_correction(_PROX, _BEHAV[:2], _MASK, "tis")
+
+
+def test_policy_loss_scales_each_token_by_its_importance_weight():
+    import torch
+
+    from torl.grpo import policy_loss
+
+    logp = torch.tensor([-1.0, -2.0])
+    adv, mask, w = torch.tensor([1.0, -1.0]), torch.ones(2), torch.tensor([0.5, 0.5])
+    plain, _ = policy_loss(logp, logp, adv, mask, w)
+    weighted, _ = policy_loss(logp, logp, adv, mask, w, is_weights=torch.tensor([2.0, 0.25]))
+    # ratio 1: per-token loss -A; weighted by (0.5 * 2.0, 0.5 * 0.25)
+    assert float(plain) == pytest.approx(-0.5 + 0.5) and float(weighted) == pytest.approx(-1.0 + 0.125)
