@@ -2,10 +2,10 @@
 
     python bench/train.py [key=value ...]      # overrides apply to every run (default: the tiny CPU preset)
 
-Runs the same short training three times in one process on one Ray cluster: trainer.max_staleness=0 (ToRL's
+Runs the same short training five times in one process on one Ray cluster: trainer.max_staleness=0 (ToRL's
 strictly on-policy order) with the learner held to one torch thread (learner.num_threads=1, the earlier CPU
 default), the same with learner.num_threads=0 (auto: on-policy the learner gets every core, since nothing else
-computes while it trains), and max_staleness=1 (rollout of step t+1 overlaps training of step t). Prints per-phase
+computes while it trains), and max_staleness=1, 2, 4 (rollouts of up to k later steps overlap training of step t). Prints per-phase
 seconds per step, step-time ratios, and the share of wall time the generators had no rollout to work on.
 Figures are ratios from the same run; the first step of each run (engine warm-up) is left out.
 """
@@ -31,6 +31,7 @@ PHASES = [
     "time/sync",
     "time/tool_wait",
     "time/generate",
+    "learner/time_old_logprobs",
 ]
 
 
@@ -64,6 +65,8 @@ VARIANTS = {
     "1 thread": ["trainer.max_staleness=0", "learner.num_threads=1"],
     "on-policy": ["trainer.max_staleness=0"],
     "pipelined": ["trainer.max_staleness=1"],
+    "k=2": ["trainer.max_staleness=2"],
+    "k=4": ["trainer.max_staleness=4"],
 }
 
 
@@ -79,6 +82,13 @@ def main(argv: list[str]) -> int:
     base = results["1 thread"]["time/step"]
     for name in ("on-policy", "pipelined"):
         print(f"{name} / on-policy with 1 learner thread, step time: {results[name]['time/step'] / base:.2f}x")
+    k0 = results["on-policy"]["time/step"]
+    for name, k in (("pipelined", 1), ("k=2", 2), ("k=4", 4)):
+        print(f"max_staleness={k} / max_staleness=0, step time: {results[name]['time/step'] / k0:.2f}x")
+    print(
+        "old log-probs recompute / learner step, on-policy: "
+        f"{results['on-policy']['learner/time_old_logprobs'] / results['on-policy']['time/train']:.2f}"
+    )
     return 0
 
 

@@ -49,7 +49,8 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

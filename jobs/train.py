@@ -6,7 +6,7 @@
 With no preset, configs/tiny_cpu.yaml is used: the project's small base model (built once, cached) trained on the
 synthetic tool tasks in minutes on a CPU. Each step: sample prompts -> roll out n trajectories each through the tool
 loop -> grade -> GRPO update -> push weights to the generators; validation and checkpoints every k steps.
-With trainer.max_staleness=1 the rollout of step t+1 runs while the learner trains step t.
+With trainer.max_staleness=k the rollouts of steps t+1..t+k run while the learner trains step t.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +28,7 @@ from torl.config_help import format_help, wants_help  # noqa: E402
 from torl.data import DataError  # noqa: E402
 from torl.metrics import rollout_metrics  # noqa: E402
 from torl.progress import Progress  # noqa: E402
+from torl.sampler import SamplerState  # noqa: E402
 from torl.types import Trajectory  # noqa: E402
 
 # What the progress bar shows per step, and the held-out line per validation: (metric, label, format).
@@ -80,17 +82,15 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         tracker.log(0, run_validation(0))
     bar = Progress(total, "train", unit="step", initial=step, log_every_s=0.0)
 
-    batch, resume_state = run.draw()
-    pending = run.generate(batch)
+    ahead = cfg.trainer.max_staleness
+    rollouts = RolloutQueue(run, start=step, total=total)
+    rollouts.fill(1)
     while step < total:
         t_step = time.perf_counter()
-        trajs, metrics = run.collect(pending)  # waits only for what the pipelined rollout has not finished yet
+        trajs, metrics = rollouts.next()  # waits only for what the pipelined rollout has not finished yet
         metrics["time/wait_rollout"] = time.perf_counter() - t_step
         version = step  # weights version the learner holds now
-        pending = None
-        if cfg.trainer.max_staleness == 1 and step + 1 < total:
-            batch, resume_state = run.draw()
-            pending = run.generate(batch)  # overlaps with grading + training below
+        rollouts.fill(ahead)  # rollouts of up to k later steps run while this one trains
 
         t0 = time.perf_counter()
         grade(run, trajs)
@@ -106,15 +106,12 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         run.push_weights(step)
         metrics["time/sync"] = time.perf_counter() - t0
 
-        if pending is None and step < total:
-            batch, resume_state = run.draw()
-            pending = run.generate(batch)
+        rollouts.fill(1)  # on-policy: the next rollout starts on the weights just pushed
         if run.val and cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == total):
             metrics.update(run_validation(step))
         if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
             t0 = time.perf_counter()
-            # Resume must redo the batch still in flight, if any, and nothing already trained.
-            run.save(step, resume_state if pending is not None else copy.copy(run.sampler.state))
+            run.save(step, rollouts.resume_state())
             metrics["time/save"] = time.perf_counter() - t0
         if cfg.trainer.log_samples_every and step % cfg.trainer.log_samples_every == 0:
             tracker.log_samples(step, trajs)
@@ -123,9 +120,39 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         tracker.log(step, metrics)
         bar.update(1, **tracker.figures(metrics, STEP_FIGURES))
     bar.close()
-    if pending is not None:
-        run.collect(pending)
+    rollouts.drain()
     return validations
+
+
+class RolloutQueue:
+    """Rollouts started ahead of training, oldest first, each with the sampler state from before its batch was drawn.
+
+    ``fill(k)`` keeps k rollouts started beyond the batch being trained (``trainer.max_staleness``): the engine then
+    samples at most k weight versions behind the learner. A checkpoint must make a resumed run redo every started
+    but untrained batch and nothing trained, so it records the state before the oldest pending one.
+    """
+
+    def __init__(self, run: Run, start: int, total: int) -> None:
+        self.run, self.started, self.total = run, start, total
+        self.pending: deque[tuple[list, SamplerState]] = deque()
+
+    def fill(self, ahead: int) -> None:
+        while len(self.pending) < ahead and self.started < self.total:
+            batch, before = self.run.draw()
+            self.pending.append((self.run.generate(batch), before))
+            self.started += 1
+
+    def next(self) -> tuple[list[Trajectory], dict[str, float]]:
+        self.fill(1)
+        refs, _ = self.pending.popleft()
+        return self.run.collect(refs)
+
+    def resume_state(self) -> SamplerState:
+        return copy.copy(self.pending[0][1]) if self.pending else copy.copy(self.run.sampler.state)
+
+    def drain(self) -> None:
+        while self.pending:
+            self.run.collect(self.pending.popleft()[0])
 
 
 def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]:
@@ -133,7 +160,10 @@ def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]
     lags = [version - v for t in trajs for v, m in zip(t.versions, t.loss_mask, strict=True) if m]
     if not lags:
         return {}
-    return {"staleness/mean": sum(lags) / len(lags), "staleness/max": float(max(lags))}
+    out = {"staleness/mean": sum(lags) / len(lags), "staleness/max": float(max(lags))}
+    # Histogram as shares per lag (a flat float per key, so metrics.jsonl and W&B plot it alike).
+    out.update({f"staleness/share_lag_{lag}": lags.count(lag) / len(lags) for lag in sorted(set(lags))})
+    return out
 
 
 def main(argv: list[str]) -> int:

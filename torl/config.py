@@ -272,7 +272,11 @@ class TrainerConfig:
     keep_last: int = opt(2, "checkpoints kept")
     output_dir: str = opt("runs/default", "checkpoints, metrics.jsonl, samples")
     resume: str = opt("auto", "auto = last complete checkpoint in output_dir if any; never; or a checkpoint path")
-    max_staleness: int = opt(0, "0 = strictly on-policy (ToRL); 1 = roll out step t+1 while training step t")
+    max_staleness: int = opt(
+        0,
+        "0 = strictly on-policy (ToRL); k = roll out steps t+1..t+k while training step t (tokens at most k"
+        " versions behind; keep algo.old_logprobs=recompute and a rollout correction on)",
+    )
     log_samples_every: int = opt(5, "W&B table of sampled trajectories every k steps (0 = never)")
 
 
@@ -395,8 +399,8 @@ class Config:
                 f"rollout.max_response_tokens ({self.rollout.max_response_tokens}) > model.max_model_len "
                 f"({self.model.max_model_len})"
             )
-        if self.trainer.max_staleness not in (0, 1):
-            raise ConfigError("trainer.max_staleness must be 0 (on-policy) or 1 (one step ahead)")
+        if self.trainer.max_staleness < 0:
+            raise ConfigError("trainer.max_staleness must be >= 0 (0 = on-policy, k = up to k steps ahead)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

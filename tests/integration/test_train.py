@@ -91,3 +91,27 @@ def test_bad_config_fails_before_actors_start(tiny_model_dir, tmp_path, capsys, 
     args = [f"model.path={tiny_model_dir}", "model.recipe=", f"trainer.output_dir={tmp_path}", override]
     assert train_main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_staleness_bound_k_and_resume_redoes_only_the_untrained_batches(ray_cluster, tiny_model_dir, tmp_path):
+    """k=2: rollouts of steps t+1 and t+2 run while step t trains, so no trained token is more than 2 versions
+    behind, and step 3 (sampled before the first push) is exactly 2 behind. A checkpoint at step 2 has step 3's
+    rollout in flight: resuming from it redraws that same batch (and nothing already trained)."""
+    out = tmp_path / "run"
+    assert train_main([*_args(tiny_model_dir, out, 3, 2), "trainer.val_every=0"]) == 0
+    rows = {r["step"]: r for r in _metrics(out) if r["step"] > 0}
+    assert all(r["staleness/max"] <= 2 for r in rows.values())
+    assert rows[3]["staleness/max"] == 2 and rows[3]["staleness/share_lag_2"] > 0
+    state = json.loads((out / "step_000002" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["sampler"]["position"] == 2 * 4  # step 3's batch is redone on resume
+
+    again = tmp_path / "resumed"
+    resume = [f"trainer.resume={out / 'step_000002'}", f"trainer.output_dir={again}", "trainer.val_every=0"]
+    assert train_main([*_args(tiny_model_dir, out, 3, 2), *resume]) == 0
+    assert [r["step"] for r in _metrics(again)] == [3]
+
+    def ids(run_dir, step):
+        rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        return sorted(r["id"] for r in rows if r["step"] == step)
+
+    assert ids(again, 3) == ids(out, 3)
