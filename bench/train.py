@@ -5,8 +5,9 @@
 Runs the same short training five times in one process on one Ray cluster: trainer.max_staleness=0 (ToRL's
 strictly on-policy order) with the learner held to one torch thread (learner.num_threads=1, the earlier CPU
 default), the same with learner.num_threads=0 (auto: on-policy the learner gets every core, since nothing else
-computes while it trains), and max_staleness=1, 2, 4 (rollouts of up to k later steps overlap training of step t). Prints per-phase
-seconds per step, step-time ratios, and the share of wall time the generators had no rollout to work on.
+computes while it trains), and max_staleness=1, 2, 4 (rollouts of up to k later steps overlap training of step t).
+Prints per-phase seconds per step, step-time ratios, the share of wall time the generators had no rollout to work
+on, and what recomputing the old log-probs costs.
 Figures are ratios from the same run; the first step of each run (engine warm-up) is left out.
 """
 
