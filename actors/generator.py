@@ -194,7 +194,7 @@ class Generator:
             top_p=over.get("top_p", r.top_p),
             top_k=over.get("top_k", r.top_k),
             # A continuation after a weight-update preemption must not replay the interrupted call's random stream.
-            seed=derive_seed(seed, lp.traj.problem_id, lp.sample, req.round + lp.preemptions * 1000),
+            seed=derive_seed(seed, lp.traj.problem_id, lp.sample, req.round + lp.preemptions * 1000, lp.step),
             **common,
         )
 
@@ -276,7 +276,7 @@ class Generator:
                 traj = Trajectory(
                     problem_id=r.problem_id, group=r.group, prompt_ids=list(r.prompt_ids), answer=r.answer
                 )
-                loops.append(ToolLoop(traj, i, settings, self._encode, self._decode))
+                loops.append(ToolLoop(traj, i, settings, self._encode, self._decode, step=r.step))
         return loops
 
     def _encode(self, text: str) -> list[int]:

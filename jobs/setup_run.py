@@ -186,12 +186,13 @@ class Run:
         before = copy.copy(self.sampler.state)
         return self.sampler.next_batch(), before
 
-    def generate(self, batch: list[EncodedProblem], greedy: bool = False, n: int | None = None) -> list:
+    def generate(self, batch: list[EncodedProblem], greedy: bool = False, n: int | None = None, step: int = 0) -> list:
+        """Fan ``batch`` out over the generators; ``step`` (the training step it serves) seeds its sampling."""
         from torl.rollout import GenRequest
 
         n = n or self.cfg.rollout.n
         requests = [
-            GenRequest(problem_id=e.problem.id, group=i, prompt_ids=e.prompt_ids, answer=e.problem.answer, n=n)
+            GenRequest(e.problem.id, i, e.prompt_ids, answer=e.problem.answer, n=n, step=step)
             for i, e in enumerate(batch)
         ]
         shards = [requests[i :: len(self.generators)] for i in range(len(self.generators))]

@@ -26,6 +26,7 @@ from jobs.setup_run import Run, prepare_run  # noqa: E402
 from torl.config import Config, ConfigError  # noqa: E402
 from torl.config_help import format_help, wants_help  # noqa: E402
 from torl.data import DataError  # noqa: E402
+from torl.grading import overlong_penalty  # noqa: E402
 from torl.metrics import rollout_metrics  # noqa: E402
 from torl.progress import Progress  # noqa: E402
 from torl.sampler import SamplerState  # noqa: E402
@@ -45,19 +46,26 @@ VAL_FIGURES = [
 ]
 
 
-def grade(run: Run, trajs: list[Trajectory]) -> None:
+def grade(run: Run, trajs: list[Trajectory], shape: bool = True) -> None:
+    """Rewards and verdicts; ``shape`` adds DAPO's overlong punishment and filtering (training batches only)."""
     import ray
 
     items = [(t.text, t.answer, t.used_code, t.used_code and not t.code_ok) for t in trajs]
     verdicts = ray.get(run.grader.grade.remote(items))
+    rc, limit = run.cfg.reward, run.cfg.rollout.max_response_tokens
     for t, (reward, correct) in zip(trajs, verdicts, strict=True):
         t.reward, t.correct = reward, correct
+        if not shape:
+            continue
+        t.reward += overlong_penalty(len(t.response_ids), limit, rc.overlong_buffer, rc.overlong_penalty)
+        if rc.mask_truncated and t.finish_reason == "length":
+            t.loss_mask = [0] * len(t.loss_mask)
 
 
 def validate(run: Run, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
     trajs, _ = run.collect(run.generate(run.val, greedy=True, n=1))
-    grade(run, trajs)
+    grade(run, trajs, shape=False)
     metrics = rollout_metrics(trajs, prefix="val/")
     metrics["time/validate"] = time.perf_counter() - t0
     if run.cfg.trainer.log_samples_every:
@@ -139,8 +147,8 @@ class RolloutQueue:
     def fill(self, ahead: int) -> None:
         while len(self.pending) < ahead and self.started < self.total:
             batch, before = self.run.draw()
-            self.pending.append((self.run.generate(batch), before))
             self.started += 1
+            self.pending.append((self.run.generate(batch, step=self.started), before))
 
     def next(self) -> tuple[list[Trajectory], dict[str, float]]:
         self.fill(1)

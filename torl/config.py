@@ -167,6 +167,15 @@ class RewardConfig:
         "ToRL quirk: its execution penalty also hit responses without any code (execution_pass stayed 0). Off ="
         " only responses whose attempted code failed are penalised (the paper's description).",
     )
+    overlong_buffer: int = opt(
+        0,
+        "DAPO's soft overlong punishment: responses within this many tokens of rollout.max_response_tokens lose"
+        " up to overlong_penalty linearly, cut-off ones lose all of it; 0 = off (ToRL)",
+    )
+    overlong_penalty: float = opt(1.0, "the largest overlong punishment (DAPO: 1.0)")
+    mask_truncated: bool = opt(
+        False, "DAPO's overlong filtering: responses cut off at the length limit get no gradient (ToRL: off)"
+    )
 
 
 @dataclass(frozen=True)

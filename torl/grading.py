@@ -398,3 +398,17 @@ def shutdown_helpers() -> None:
         if _worker is not None:
             _worker.close()
         _worker = None
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float = 1.0) -> float:
+    """DAPO's soft overlong punishment (added to the reward): 0 up to ``max_length - buffer`` tokens, then falling
+    linearly to ``-penalty`` at ``max_length``, and ``-penalty`` beyond it (a response cut off by the limit).
+
+    >>> [overlong_penalty(n, 100, 20) for n in (80, 90, 100, 101)]
+    [0.0, -0.5, -1.0, -1.0]
+    """
+    if buffer <= 0 or length <= max_length - buffer:
+        return 0.0
+    if length > max_length:
+        return -penalty
+    return -penalty * (length - (max_length - buffer)) / buffer

@@ -37,6 +37,9 @@ class GenRequest:
     prompt_ids: list[int]
     answer: str = ""
     n: int = 1
+    # The training step this rollout serves: part of every sample's seed, so a prompt drawn again in a later epoch
+    # samples a new random stream while a rerun of the same step samples the same one.
+    step: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,13 @@ class RoundOutput:
     preempted: bool = False  # aborted by a weight update: continue from here instead of finishing
 
 
-def derive_seed(base: int, problem_id: str, sample: int, round_: int) -> int:
+def derive_seed(base: int, problem_id: str, sample: int, round_: int, step: int = 0) -> int:
     """A 31-bit seed that depends only on its inputs, so a rerun samples the same trajectories.
 
-    A fresh seed per round: re-using one seed each round would replay the same random stream after every tool call.
+    A fresh seed per round: re-using one seed each round would replay the same random stream after every tool call;
+    and per training step, or every revisit of a prompt would replay its first visit's stream.
     """
-    digest = hashlib.blake2b(f"{base}|{problem_id}|{sample}|{round_}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{base}|{step}|{problem_id}|{sample}|{round_}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
@@ -122,9 +126,11 @@ class ToolLoop:
         settings: LoopSettings,
         tokenize: Callable[[str], list[int]],
         decode: Callable[[list[int]], str],
+        step: int = 0,
     ) -> None:
         self.traj = traj
         self.sample = sample
+        self.step = step  # the training step (GenRequest.step), for the sampling seed
         self.s = settings
         self._tokenize = tokenize
         self._decode = decode

@@ -230,3 +230,16 @@ def test_seeded_sampling_survives_prompts_that_overflow_a_step(ray_cluster, gene
     trajs, m = ray_cluster.get(generator.generate.remote(reqs, tools=False))
     assert len(trajs) == 64 and all(len(t.response_ids) > 0 for t in trajs)
     assert ray_cluster.get(generator.in_flight.remote()) == 0
+
+
+def test_sampling_seed_follows_the_training_step(ray_cluster, generator, models):
+    """The same prompt at two training steps draws different samples; the same step again draws the same."""
+    _, tok, _, _ = models
+
+    def sample(step):
+        req = GenRequest(problem_id="s", group=0, prompt_ids=_encode(tok, NO_BLOCK[0]), answer="", n=4, step=step)
+        trajs, _ = ray_cluster.get(generator.generate.remote([req], tools=False))
+        return [t.response_ids for t in trajs]
+
+    assert sample(5) == sample(5)
+    assert sample(5) != sample(6)

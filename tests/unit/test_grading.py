@@ -246,3 +246,15 @@ COMPAT_PENALTY = RewardConfig(exec_error_penalty=0.5, compat_penalty_without_cod
 )
 def test_score(text, cfg, attempted, failed, expected):
     assert score(text, "025", cfg, attempted_code=attempted, code_failed=failed) == expected
+
+
+def test_overlong_penalty_follows_dapo_at_the_boundaries():
+    from torl.grading import overlong_penalty
+
+    # L_max 3072, L_cache 512: no penalty up to 2560 tokens, linear to -1 at 3072, -1 beyond (cut off).
+    assert overlong_penalty(2560, 3072, 512) == 0.0
+    assert overlong_penalty(2561, 3072, 512) == pytest.approx(-1 / 512)
+    assert overlong_penalty(2816, 3072, 512) == pytest.approx(-0.5)
+    assert overlong_penalty(3072, 3072, 512) == pytest.approx(-1.0)
+    assert overlong_penalty(3073, 3072, 512, penalty=0.5) == -0.5
+    assert overlong_penalty(5000, 3072, 0) == 0.0  # off

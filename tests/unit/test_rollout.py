@@ -234,6 +234,8 @@ def test_seeds_are_deterministic_and_distinct():
     assert derive_seed(1, "p", 0, 0) == derive_seed(1, "p", 0, 0)
     assert len({derive_seed(1, "p", s, r) for s in range(4) for r in range(3)}) == 12
     assert 0 <= derive_seed(7, "x", 3, 2) < 2**31
+    # A prompt revisited at another training step samples a new stream; the same step again, the same one.
+    assert derive_seed(1, "p", 0, 0, step=3) == derive_seed(1, "p", 0, 0, step=3) != derive_seed(1, "p", 0, 0, step=4)
 
 
 def test_settings_from_config_overrides():
