@@ -2,9 +2,10 @@
 
 The base model answers in text under greedy decoding (held-out greedy accuracy about 0.2, code ratio 0). Twelve GRPO
 steps of 8 prompts x 8 samples at lr 3e-4 flip its greedy choice to writing code. Measured on three seeds (data and
-sampling): held-out greedy accuracy 0.20 -> 0.92 / 0.94 / 0.97, code ratio 0 -> 1.00 each time, about 70 s on 2 cores.
-The same run with the advantage sign flipped ended at 0.00, and with the tool-output mask inverted (observations
-trained, model tokens masked) at 0.19: a gain of at least 0.4 separates the two by a wide margin either way.
+sampling): held-out greedy accuracy 0.20 -> 0.98 / 0.86 / 0.95, code ratio 0 -> 1.00 each time, about 65 s on 2 cores.
+The same run with the advantage sign flipped ended at 0.06, and with the tool-output mask inverted (observations
+trained, model tokens masked; measured before old log-probs were recomputed) at 0.19: a gain of at least 0.4
+separates the two by a wide margin either way.
 """
 
 import json
