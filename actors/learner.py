@@ -215,7 +215,8 @@ class Learner:
                 "learner/trained_seqs": float(len(keep)),
                 "learner/adv_abs_mean": sum(abs(a) for a in adv) / len(adv),
                 "learner/lr": self.scheduler.get_last_lr()[0],
-                "time/train": time.perf_counter() - t0,
+                # The learner's own compute; the driver's time/train adds the Ray round trip around it.
+                "learner/time_train": time.perf_counter() - t0,
                 "learner/time_old_logprobs": t_prox,
                 **correction_metrics([c.stats for c in corrected]),
             }

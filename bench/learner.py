@@ -83,7 +83,7 @@ def run_group(model_dir: str, trajs, workers: int, cpus_per_worker: float, budge
             t0 = time.perf_counter()
             m = group.train_step(trajs)
             outer.append(time.perf_counter() - t0)
-            inner.append(m["time/train"])
+            inner.append(m["learner/time_train"])
     finally:
         group.shutdown()
     return statistics.median(inner[1:]), statistics.median(outer[1:])

@@ -209,9 +209,7 @@ def stream(cfg: Config, generators: list, grader, items: list[Item], store: Resu
         chunk = inflight.pop(ref)
         trajs, metrics = ray.get(ref)
         totals.update({k: v for k, v in metrics.items() if k in SUMMED or k.startswith("time/")})
-        verdicts = ray.get(
-            grader.grade.remote([(t.text, t.answer, t.used_code, t.used_code and not t.code_ok) for t in trajs])
-        )
+        verdicts = ray.get(grader.grade.remote([t.grade_item() for t in trajs]))
         records = to_records(chunk, trajs, verdicts, n)
         store.append(records)
         totals["correct"] += sum(r.correct for r in records)

@@ -17,6 +17,8 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,12 +48,21 @@ VAL_FIGURES = [
 ]
 
 
+@contextmanager
+def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
+    """Record the wall seconds of the block under ``key`` (veRL's marked_timer, without the profiler hooks)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[key] = time.perf_counter() - t0
+
+
 def grade(run: Run, trajs: list[Trajectory], shape: bool = True) -> None:
     """Rewards and verdicts; ``shape`` adds DAPO's overlong punishment and filtering (training batches only)."""
     import ray
 
-    items = [(t.text, t.answer, t.used_code, t.used_code and not t.code_ok) for t in trajs]
-    verdicts = ray.get(run.grader.grade.remote(items))
+    verdicts = ray.get(run.grader.grade.remote([t.grade_item() for t in trajs]))
     rc, limit = run.cfg.reward, run.cfg.rollout.max_response_tokens
     for t, (reward, correct) in zip(trajs, verdicts, strict=True):
         t.reward, t.correct = reward, correct
@@ -63,11 +74,11 @@ def grade(run: Run, trajs: list[Trajectory], shape: bool = True) -> None:
 
 
 def validate(run: Run, step: int) -> dict[str, float]:
-    t0 = time.perf_counter()
-    trajs, _ = run.collect(run.generate(run.val, greedy=True, n=1))
-    grade(run, trajs, shape=False)
-    metrics = rollout_metrics(trajs, prefix="val/")
-    metrics["time/validate"] = time.perf_counter() - t0
+    times: dict[str, float] = {}
+    with timed(times, "time/validate"):
+        trajs, _ = run.collect(run.generate(run.val, greedy=True, n=1))
+        grade(run, trajs, shape=False)
+    metrics = {**rollout_metrics(trajs, prefix="val/"), **times}
     if run.cfg.trainer.log_samples_every:
         run.tracker.log_samples(step, trajs, limit=8)
     return metrics
@@ -100,27 +111,22 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         version = step  # weights version the learner holds now
         rollouts.fill(ahead)  # rollouts of up to k later steps run while this one trains
 
-        t0 = time.perf_counter()
-        grade(run, trajs)
-        metrics["time/grade"] = time.perf_counter() - t0
+        with timed(metrics, "time/grade"):
+            grade(run, trajs)
         metrics.update(rollout_metrics(trajs))
         metrics.update(staleness_metrics(trajs, version))
-
-        t0 = time.perf_counter()
-        metrics.update(run.learner.train_step(trajs))
-        metrics["time/train"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        with timed(metrics, "time/train"):
+            metrics.update(run.learner.train_step(trajs))
         step += 1
-        run.push_weights(step)
-        metrics["time/sync"] = time.perf_counter() - t0
+        with timed(metrics, "time/sync"):
+            run.push_weights(step)
 
         rollouts.fill(1)  # on-policy: the next rollout starts on the weights just pushed
         if run.val and cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == total):
             metrics.update(run_validation(step))
         if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
-            t0 = time.perf_counter()
-            run.save(step, rollouts.resume_state())
-            metrics["time/save"] = time.perf_counter() - t0
+            with timed(metrics, "time/save"):
+                run.save(step, rollouts.resume_state())
         if cfg.trainer.log_samples_every and step % cfg.trainer.log_samples_every == 0:
             tracker.log_samples(step, trajs)
         metrics["time/step"] = time.perf_counter() - t_step

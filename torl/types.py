@@ -72,6 +72,10 @@ class Trajectory:
     gen_s: float = 0.0  # time spent waiting on the engine
     tool_s: float = 0.0  # time spent waiting on tools (queue + execution)
 
+    def grade_item(self) -> tuple[str, str, bool, bool]:
+        """What the grader needs: (response text, gold answer, used code, attempted code failed)."""
+        return self.text, self.answer, self.used_code, self.used_code and not self.code_ok
+
     def check(self) -> None:
         """Assert per-token alignment; called where trajectories are produced and consumed."""
         n = len(self.response_ids)
