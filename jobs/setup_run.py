@@ -13,13 +13,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict
 from torl.data import load_problems
 from torl.paths import resolve
 from torl.prompts import build_prompt
 from torl.sampler import EncodedProblem, PromptSampler, SamplerState, encode_problems
+
+if TYPE_CHECKING:  # annotations only: importing these starts nothing, but pulls in Ray and torch
+    from ray.actor import ActorHandle
+
+    from actors.learner import LearnerGroup
+    from actors.sandbox import SandboxPool
+    from jobs.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PRESET = REPO / "configs" / "tiny_cpu.yaml"
@@ -169,16 +176,18 @@ def merge_generator_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
 
 @dataclass
 class Run:
+    """One training run's state on the driver: config, data, the actors, and where the step count starts and ends."""
+
     cfg: Config
     model_path: str
     sampler: PromptSampler
     val: list[EncodedProblem]
-    tracker: object
-    sandbox: object = None
-    generators: list = field(default_factory=list)
-    learner: object = None
-    grader: object = None
-    start_step: int = 0
+    tracker: Tracker
+    sandbox: SandboxPool | None = None  # None when tools are off
+    generators: list[ActorHandle] = field(default_factory=list)  # GeneratorActor handles
+    learner: LearnerGroup | None = None
+    grader: ActorHandle | None = None  # GraderActor handle
+    start_step: int = 0  # the step a resumed run continues from
     total_steps: int = 0
 
     def draw(self) -> tuple[list[EncodedProblem], SamplerState]:
