@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jobs.setup_run import Run, prepare_run  # noqa: E402
-from torl.config import Config, ConfigError  # noqa: E402
+from torl.config import Config, ConfigError, split_cli  # noqa: E402
 from torl.config_help import format_help, wants_help  # noqa: E402
 from torl.data import DataError  # noqa: E402
 from torl.grading import overlong_penalty  # noqa: E402
@@ -231,8 +231,7 @@ def final_summary(
         plot(load(out), curves, str(out))
     except (OSError, SystemExit, ValueError) as exc:  # a plotting problem must not hide the result above
         curves = Path(f"(not drawn: {exc})")
-    files = [f for f in argv if not ("=" in f and not f.endswith((".yaml", ".yml")))]
-    preset = " ".join(files) or "configs/tiny_cpu.yaml"
+    preset = " ".join(split_cli(argv)[0]) or "configs/tiny_cpu.yaml"  # argv was parsed once already: it splits
     lines += [
         f"  checkpoint   {ckpt or '(none saved: trainer.save_every=0)'}",
         f"  curves       {curves}",

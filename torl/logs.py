@@ -90,10 +90,12 @@ def route_engine_logs(config_dir: str | Path, log_file: str | Path | None) -> st
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     path = Path(config_dir) / "vllm_logging.json"
     path.write_text(json.dumps(engine_logging_config(str(log_file) if log_file else None)))
-    specs = [os.environ["PYTHONWARNINGS"]] if os.environ.get("PYTHONWARNINGS") else []
+    specs = [s for s in os.environ.get("PYTHONWARNINGS", "").split(",") if s]
     for message, category, _ in BENIGN_PY_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message), category=category)
-        specs.append(f"ignore:{message}:{category.__name__}")  # the engine-core process vLLM spawns reads this
+        spec = f"ignore:{message}:{category.__name__}"  # the engine-core process vLLM spawns reads this
+        if spec not in specs:  # a second engine in the same process (bench/serve.py) must not repeat it
+            specs.append(spec)
     os.environ["PYTHONWARNINGS"] = ",".join(specs)
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
     os.environ["VLLM_CONFIGURE_LOGGING"] = "1"

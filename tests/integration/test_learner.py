@@ -64,18 +64,21 @@ def _batch(seed, model, n_groups=3, n=4):
     return trajs
 
 
-def _reference_step(model, trajs, clip=0.2):
-    """Plain single-process PyTorch: GRPO advantages, clipped ratio, token-mean over the batch, grad clip, AdamW."""
+def _reference_advantages(trajs):
+    """GRPO advantages written out in plain PyTorch: (r - group mean) / (unbiased group std + 1e-6)."""
     by_group = {}
     for t in trajs:
         by_group.setdefault(t.group, []).append(t.reward)
     stats = {g: (torch.tensor(r).mean(), torch.tensor(r).std()) for g, r in by_group.items()}  # unbiased std
+    return [(t.reward - stats[t.group][0]) / (stats[t.group][1] + 1e-6) for t in trajs]
+
+
+def _reference_step(model, trajs, clip=0.2):
+    """Plain single-process PyTorch: GRPO advantages, clipped ratio, token-mean over the batch, grad clip, AdamW."""
     total = sum(sum(t.loss_mask) for t in trajs)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.01)
     loss = 0.0
-    for t in trajs:
-        mean, std = stats[t.group]
-        adv = (t.reward - mean) / (std + 1e-6)
+    for t, adv in zip(trajs, _reference_advantages(trajs), strict=True):
         ratio = torch.exp(_hf_logprobs(model, t.prompt_ids, t.response_ids) - torch.tensor(t.logprobs))
         per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
         loss = loss + (per_tok * torch.tensor(t.loss_mask, dtype=torch.float32)).sum() / total
@@ -295,14 +298,8 @@ def test_injected_mismatch_is_measured_and_truncated(recomputing, tiny_model_dir
     assert m["learner/is_weight_mean"] == pytest.approx(1 + bumped / total * (math.e - 1), abs=1e-4)
     assert m["learner/mismatch_k3"] == pytest.approx(bumped / total * math.exp(-1.0), abs=1e-4)  # e^-1 - 1 + 1
     # Reference: ratio 1 against the learner's own log-probs, each token's -A weighted by its truncated weight.
-    by_group = {}
-    for t in trajs:
-        by_group.setdefault(t.group, []).append(t.reward)
-    stats = {g: (torch.tensor(r).mean(), torch.tensor(r).std()) for g, r in by_group.items()}
     loss = 0.0
-    for t in trajs:
-        mean, std = stats[t.group]
-        adv = float((t.reward - mean) / (std + 1e-6))
+    for t, adv in zip(trajs, map(float, _reference_advantages(trajs)), strict=True):
         w = [2.0 if m_ and i % 3 == 0 else 1.0 for i, m_ in enumerate(t.loss_mask)]
         loss += sum(-adv * wi * m_ for wi, m_ in zip(w, t.loss_mask, strict=True)) / total
     assert m["learner/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
