@@ -2,8 +2,9 @@
 
 Each trajectory awaits the engine for a round, then awaits the sandbox pool for its tool call while the engine keeps
 decoding every other trajectory (continuous batching), then continues from the exact token ids so far. Weight updates
-are loaded in place (safetensors on /dev/shm + ``reload_weights``, docs/platform-notes.md §10) without restarting the
-engine.
+are loaded in place without restarting the engine: broadcast from learner rank 0 over the weight-transfer group
+(``actors/weight_sync.py``), or with ``rollout.weight_sync=file`` through safetensors on /dev/shm and
+``reload_weights`` (docs/platform-notes.md §10).
 
 Not here: the loop's logic, budget, masks and metrics (``torl.rollout``), the TIR text protocol
 (``torl.tool_protocol``), sandboxing (``actors.sandbox``), grading.
@@ -26,6 +27,7 @@ import ray
 
 from torl.config import Config
 from torl.logs import route_engine_logs
+from torl.paths import weight_dir
 from torl.rollout import (
     BatchStats,
     GenRequest,
@@ -72,6 +74,7 @@ class Generator:
         self._version = 0
         self._target: int | None = None
         self._seq = 0
+        self._update_t0 = 0.0  # when the collective push in progress began
         # Engine-idle accounting: time inside a batch when no trajectory is in an engine call, i.e. every unfinished
         # trajectory waits on a tool. Users of peers measure this by hand; here it is `time/engine_idle_tools`.
         self._in_engine = 0
@@ -80,7 +83,7 @@ class Generator:
         # Everything this generator writes outside its memory lives here and goes at shutdown: the weight file of an
         # update, and vLLM's ZMQ IPC sockets, which vLLM leaves in /tmp (three per engine, for good) when the engine
         # process is killed rather than closed, as Ray does to actors.
-        self._run_dir = tempfile.mkdtemp(prefix=f"torl-generator-{os.getpid()}-", dir=_shm_dir())
+        self._run_dir = tempfile.mkdtemp(prefix=f"torl-generator-{os.getpid()}-", dir=weight_dir())
         self._weights_dir = os.path.join(self._run_dir, "weights")
         os.mkdir(self._weights_dir)
         log_file = os.path.join(log_dir, f"engine-{os.getpid()}.log") if log_dir else None
@@ -121,6 +124,13 @@ class Generator:
                     e.chunked_prefill == "on" or (e.chunked_prefill == "auto" and not current_platform.is_cpu())
                 ),
             )
+            if self.cfg.rollout.weight_sync == "collective":
+                from vllm.config.weight_transfer import WeightTransferConfig
+
+                from actors.weight_sync import backend_for, register
+
+                register()  # in this process too, for the in-process engine (the engine's own loads the plugin)
+                args.weight_transfer_config = WeightTransferConfig(backend=backend_for(self.cfg))
             t0 = time.perf_counter()
             self._engine = AsyncLLM.from_engine_args(args)
             log.info("vLLM engine for %s ready in %.1f s", self.model_path, time.perf_counter() - t0)
@@ -426,34 +436,86 @@ class Generator:
                 task.cancel()  # the consumer went away: cancelling the engine iteration aborts the request
 
     # -- weights --------------------------------------------------------------------------------------------------
-    async def update_weights(self, state_dict: Any, version: int) -> dict[str, float]:
-        """Load a full HF state dict (or an ObjectRef to one) into the running engine and tag later tokens ``version``.
+    # An update pauses the engine (pause mode "abort", KV and prefix cache cleared): in-flight calls are cut and
+    # continue on the new weights, so no token is sampled from stale KV and each token's recorded version is exact.
+    async def _pause_for(self, version: int) -> None:
+        await self._update_lock.acquire()  # released by _resume_at, after the last call of the update
+        self._seq += 1
+        self._target = version
+        try:
+            await self._engine.pause_generation(mode="abort", clear_cache=True)
+        except BaseException:
+            await self._resume_at(None)
+            raise
 
-        In-flight calls are cut (pause mode "abort", KV and prefix cache cleared) and continue on the new weights, so
-        no token is sampled from stale KV and each token's recorded version is exact.
-        """
+    async def _resume_at(self, version: int | None) -> None:
+        """Resume generation; ``version`` = the weights now loaded (None = the update failed)."""
+        try:
+            if version is not None:
+                await self._engine.reset_prefix_cache()
+                self._version = version
+        finally:
+            self._target = None
+            await self._engine.resume_generation()
+            self._update_lock.release()
+
+    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join the learner's weight-transfer group (collective route; blocks until learner rank 0 opens it)."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        await self.start()
+        await self._engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+
+    async def begin_weight_update(self, version: int) -> None:
+        """Collective route, first call of a push: pause, and let the engine prepare its layerwise reload."""
+        await self._pause_for(version)
+        try:
+            await self._engine.start_weight_update()
+        except BaseException:
+            await self._resume_at(None)
+            raise
+        self._update_t0 = time.perf_counter()
+
+    async def receive_weights(self, update_info: dict[str, Any]) -> None:
+        """Collective route: take the learner's broadcast of ``update_info``'s tensors into the engine."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        try:
+            await self._engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        except BaseException:
+            log.error("weight push v%s failed while receiving; this engine's weights are now mixed", self._target)
+            await self._resume_at(None)
+            raise
+
+    async def finish_weight_update(self, version: int) -> None:
+        """Collective route, last call of a push: finish the reload, tag later tokens ``version``, resume."""
+        loaded = None
+        try:
+            await self._engine.finish_weight_update(str(version))
+            loaded = version
+        finally:
+            await self._resume_at(loaded)
+        log.info("weights v%d loaded in %.3f s", version, time.perf_counter() - self._update_t0)
+
+    async def update_weights(self, state_dict: Any, version: int) -> dict[str, float]:
+        """File route: load a full HF state dict (or an ObjectRef to one) through a safetensors file and reload."""
         if isinstance(state_dict, ray.ObjectRef):
             state_dict = await state_dict
         await self.start()
         t0 = time.perf_counter()
-        async with self._update_lock:
-            self._seq += 1
-            self._target = version
-            path = None
-            try:
-                await self._engine.pause_generation(mode="abort", clear_cache=True)
-                t1 = time.perf_counter()
-                path = await asyncio.to_thread(self._write_weights, state_dict)
-                t2 = time.perf_counter()
-                await self._engine.collective_rpc("reload_weights", kwargs={"weights_path": self._weights_dir})
-                await self._engine.reset_prefix_cache()
-                self._version = version
-                t3 = time.perf_counter()
-            finally:
-                self._target = None
-                await self._engine.resume_generation()
-                if path is not None:
-                    os.unlink(path)
+        await self._pause_for(version)
+        path, loaded = None, None
+        try:
+            t1 = time.perf_counter()
+            path = await asyncio.to_thread(self._write_weights, state_dict)
+            t2 = time.perf_counter()
+            await self._engine.collective_rpc("reload_weights", kwargs={"weights_path": self._weights_dir})
+            loaded = version
+            t3 = time.perf_counter()
+        finally:
+            await self._resume_at(loaded)
+            if path is not None:
+                os.unlink(path)
         log.info("weights v%d loaded in %.3f s", version, time.perf_counter() - t0)
         return {
             "time/weight_write": t2 - t1,
@@ -474,6 +536,15 @@ class Generator:
             # Tied embeddings must be in the file, or vLLM keeps a stale lm_head silently
             # (docs/platform-notes.md §5, §10).
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        free = shutil.disk_usage(self._weights_dir).free
+        if need > free:
+            # Docker's default /dev/shm is 64 MB: without this check the first push dies in safetensors with ENOSPC.
+            raise OSError(
+                f"weight push needs {need / 2**20:.0f} MiB in {self._weights_dir} but only {free / 2**20:.0f} MiB are"
+                " free: use rollout.weight_sync=collective (no file), or give the container a bigger /dev/shm"
+                " (docker run --shm-size=...)"
+            )
         path = os.path.join(self._weights_dir, "model.safetensors")
         save_file(tensors, path)
         return path
@@ -502,10 +573,6 @@ def _client_stop(lp: ToolLoop, last: RoundOutput, stops: list[str]) -> bool:
         and isinstance(last.stop_reason, str)
         and last.stop_reason in stops
     )
-
-
-def _shm_dir() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 GeneratorActor = ray.remote(Generator)

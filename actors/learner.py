@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import time
+import types
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from torl import checkpoint as ckpt
-from torl.batching import pack, plan_micro_batches
+from torl.batching import pack_responses, plan_micro_batches
 from torl.config import Config, learner_threads
 from torl.grpo import (
     aggregation_weights,
@@ -48,9 +49,9 @@ from torl.grpo import (
     group_advantages,
     policy_loss,
     rollout_correction,
-    token_logprobs,
     zero_variance_groups,
 )
+from torl.logprobs import causal_lm_logprobs
 from torl.types import Trajectory
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,18 @@ def _dtype(name: str) -> torch.dtype:
 def _flat(rows: list[list[Any]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Concatenate per-sequence lists into one flat tensor (the packed token order)."""
     return torch.tensor([x for r in rows for x in r], dtype=dtype, device=device)
+
+
+def _bind_logprobs(model: torch.nn.Module) -> None:
+    """Give ``model`` a ``torl_logprobs(ids, pos, keep, chunk_tokens)`` method (``causal_lm_logprobs``: decoder,
+    then the chunked head, so the micro-batch's full logits never exist) and, when sharded, register it as an FSDP
+    forward method. It calls ``model.model`` and reads ``model.lm_head.weight`` directly, so without the root's
+    pre-forward hook the root's own parameters (embeddings, final norm, head) would still be shards, and without the
+    hooks it installs on the outputs their gradients would not be reduce-scattered. No-op registration unsharded."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    model.torl_logprobs = types.MethodType(causal_lm_logprobs, model)
+    register_fsdp_forward_method(model, "torl_logprobs")
 
 
 class Learner:
@@ -127,8 +140,10 @@ class Learner:
 
     def _build_model(self, trainable: bool) -> torch.nn.Module:
         lc = self.cfg.learner
-        # Master weights stay fp32; param_dtype is the compute dtype under FSDP mixed precision.
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.device)
+        # Master weights stay fp32; param_dtype is the compute dtype under FSDP mixed precision. Loaded in host
+        # memory: sharding moves one layer at a time to the device and keeps this rank's shard, so a GPU never holds
+        # the whole fp32 model (7B: 30 GB) on the way.
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         model.config.use_cache = False
         if trainable and lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -136,6 +151,9 @@ class Learner:
         model.requires_grad_(trainable)
         if self.world_size > 1 or lc.cpu_offload or lc.param_dtype != "float32":
             self._shard(model)
+        else:
+            model.to(self.device)
+        _bind_logprobs(model)
         return model
 
     def _shard(self, model: torch.nn.Module) -> None:
@@ -190,17 +208,15 @@ class Learner:
         ]
         rewards, groups = [t.reward for t in trajs], [t.group for t in trajs]
         adv = group_advantages(rewards, groups, algo.norm_adv_by_std, algo.adv_eps)
-        zero = zero_variance_groups(rewards, groups)
-        # Groups with equal rewards have zero advantage; DAPO drops them instead of diluting the token mean.
-        keep = [i for i, g in enumerate(groups) if not (algo.dynamic_sampling and g in zero)]
-        order = list(dict.fromkeys(groups[i] for i in keep))  # prompts in batch order
+        zero = zero_variance_groups(rewards, groups)  # DAPO's dynamic sampling keeps them out (jobs/train.py)
+        order = list(dict.fromkeys(groups))  # prompts in batch order
         per = lc.mini_batch_prompts or max(len(order), 1)
         minis = [set(order[k : k + per]) for k in range(0, len(order), per)]
         sums: dict[str, float] = defaultdict(float)
         steps = 0
         for _ in range(lc.epochs):
             for mini in minis:
-                idx = [i for i in keep if groups[i] in mini]
+                idx = [i for i, g in enumerate(groups) if g in mini]
                 out = self._optimizer_step([trajs[i] for i in idx], [adv[i] for i in idx], [is_w[i] for i in idx])
                 if out is not None:
                     steps += 1
@@ -212,7 +228,7 @@ class Learner:
             {
                 "learner/optimizer_steps": float(steps),
                 "learner/zero_var_group_share": len(zero) / n_groups,
-                "learner/trained_seqs": float(len(keep)),
+                "learner/trained_seqs": float(len(trajs)),
                 "learner/adv_abs_mean": sum(abs(a) for a in adv) / len(adv),
                 "learner/lr": self.scheduler.get_last_lr()[0],
                 # The learner's own compute; the driver's time/train adds the Ray round trip around it.
@@ -266,8 +282,16 @@ class Learner:
     def _forward_logprobs(
         self, model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep).logits[0]  # [N, V]
-        return token_logprobs(logits, ids[0, keep + 1])  # [N], [N]
+        """Log-probs and entropies [N], [N] of the tokens after ``keep`` in the packed row ``ids`` (chunked head)."""
+        return model.torl_logprobs(ids, pos, keep, self.cfg.learner.logprob_chunk_tokens)
+
+    def _join_collectives(self) -> torch.Tensor:
+        """A one-token pass of a rank whose micro-batch is empty: FSDP's collectives run on every rank, so it takes
+        the same forward as the others. Returns a zero loss attached to the graph (its backward joins too)."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        pos = torch.arange(2, device=self.device)[None]
+        logp, _ = self._forward_logprobs(self.model, ids, pos, torch.zeros(1, dtype=torch.long, device=self.device))
+        return logp.sum() * 0.0
 
     def _micro_step(
         self,
@@ -280,16 +304,8 @@ class Learner:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         algo = self.cfg.algo
         if not sub:
-            # Empty micro-batch: FSDP still needs this rank in the collectives, so run a zero-weight pass.
-            out = self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
-            return out.logits.sum() * 0.0, {}
-        ids, pos = pack([t.prompt_ids + t.response_ids for t in sub])  # [1, L], [1, L]
-        keep_parts, offset = [], 0
-        for t in sub:
-            p, r = len(t.prompt_ids), len(t.response_ids)
-            keep_parts.append(torch.arange(offset + p - 1, offset + p + r - 1))  # positions predicting the response
-            offset += p + r
-        keep = torch.cat(keep_parts)  # [N]
+            return self._join_collectives(), {}
+        ids, pos, keep = pack_responses([(t.prompt_ids, t.response_ids) for t in sub])  # [1, L], [1, L], [N]
         ids, pos, keep = ids.to(self.device), pos.to(self.device), keep.to(self.device)
         dev = self.device
         mask = _flat([t.loss_mask for t in sub], torch.float32, dev)  # [N]
@@ -330,7 +346,7 @@ class Learner:
         local: dict[int, list[float]] = {}
         for mb in plan:
             if not mb:  # the other ranks still run a forward pass: join the collectives
-                self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
+                self._join_collectives()
                 continue
             seqs = [(trajs[i].prompt_ids, trajs[i].response_ids) for i in mb]
             local.update(zip(mb, self._sequence_logprobs(seqs), strict=True))
@@ -341,12 +357,8 @@ class Learner:
         return [local[i] for i in range(len(trajs))]
 
     def _sequence_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
-        ids, pos = pack([p + r for p, r in sequences])  # [1, L], [1, L]
-        keep, offset = [], 0
-        for p, r in sequences:
-            keep.append(torch.arange(offset + len(p) - 1, offset + len(p) + len(r) - 1))
-            offset += len(p) + len(r)
-        logp, _ = self._forward_logprobs(self.model, ids.to(self.device), pos.to(self.device), torch.cat(keep))
+        ids, pos, keep = (x.to(self.device) for x in pack_responses(sequences))  # [1, L], [1, L], [N]
+        logp, _ = self._forward_logprobs(self.model, ids, pos, keep)
         out, start = [], 0
         for _, r in sequences:
             out.append(logp[start : start + len(r)].tolist())
@@ -370,6 +382,26 @@ class Learner:
         if self.tied and "lm_head.weight" not in sd:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         return sd
+
+    def connect_generators(self, generators: list[Any], master: tuple[str, int]) -> None:
+        """Join the weight-transfer group with every generator's engine workers (call on every rank at once).
+
+        Rank 0 hosts the group at ``master`` and sends; the other ranks only take part in the FSDP gathers of each
+        push (``actors/weight_sync.py``).
+        """
+        from actors.weight_sync import GeneratorFleet, LearnerWeights, connect, engine_workers
+
+        rc = self.cfg.rollout
+        self._fleet = GeneratorFleet(generators, engine_workers(self.cfg), rc.weight_sync_timeout_s)
+        source = LearnerWeights(self.model, _dtype(self.cfg.model.dtype), self.tied)
+        self._weight_sender = connect(self.cfg, self._fleet, source, self.rank, master)
+
+    def push_weights(self, version: int) -> dict[str, float]:
+        """Broadcast the current weights to every engine, which tags later tokens ``version``. Collective."""
+        t0 = time.perf_counter()
+        self._fleet.version = version
+        self._weight_sender.send_weights()
+        return {"time/weight_sync": time.perf_counter() - t0}
 
     def rng_state(self) -> dict[str, Any]:
         return ckpt.get_rng_state()
@@ -456,6 +488,15 @@ class LearnerGroup:
 
     def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         return ray.get([a.logprobs.remote(sequences) for a in self.actors])[0]
+
+    def connect_generators(self, generators: list[Any]) -> None:
+        """Form the weight-transfer group of learner rank 0 and every generator's engine (collective route)."""
+        master = ray.get(self.actors[0].master_address.remote())
+        ray.get([a.connect_generators.remote(generators, master) for a in self.actors])
+
+    def push_weights(self, version: int) -> dict[str, float]:
+        """One broadcast of the current weights to all generators (collective route); rank 0's timings."""
+        return ray.get([a.push_weights.remote(version) for a in self.actors])[0]
 
     def state_dict_ref(self) -> ray.ObjectRef:
         """ObjectRef to the full CPU state dict (rank 0's result); waits until every rank left the gather."""

@@ -11,10 +11,12 @@ import copy
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from torl import preflight
 from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict
 from torl.data import load_problems
 from torl.paths import resolve
@@ -67,23 +69,34 @@ def ensure_model(cfg: Config) -> str:
     return str(path)
 
 
-def check_resources(cfg: Config, available: dict[str, float], learner: bool = True) -> None:
+def check_resources(cfg: Config, available: Mapping[str, float], learner: bool = True) -> None:
     """Fail fast when the actors cannot all be placed: Ray would otherwise wait for resources forever.
 
     ``learner=False`` counts only the rollout actors (evaluation starts no learner)."""
-    sandbox = cfg.sandbox.num_workers * cfg.sandbox.num_cpus if cfg.tool.enabled else 0.0
-    learners = cfg.learner.num_workers if learner else 0
-    need = {
-        "CPU": cfg.rollout.num_generators * cfg.rollout.num_cpus + learners * cfg.learner.num_cpus + sandbox,
-        "GPU": cfg.rollout.num_generators * cfg.rollout.num_gpus + learners * cfg.learner.num_gpus,
-    }
-    for kind, amount in need.items():
-        if amount > available.get(kind, 0.0) + 1e-9:
-            raise ConfigError(
-                f"the actors need {amount:g} {kind} but the Ray cluster has {available.get(kind, 0.0):g}: lower "
-                f"rollout/learner/sandbox num_{kind.lower()}s or num_generators/num_workers"
-                + (", or give the local cluster more logical CPUs with ray.num_cpus=N" if kind == "CPU" else "")
-            )
+    failed = [r for r in preflight.resource_rows(cfg, available, learner) if r.status == "FAIL"]
+    if failed:
+        raise ConfigError("; ".join(f"the Ray cluster is too small: {r.message()}" for r in failed))
+
+
+def run_preflight(cfg: Config, model_path: str, resources: Mapping[str, float] | None, total_steps: int = 0) -> None:
+    """Print the preflight table (torl/preflight.py) and stop, naming the fields to change, on what will not fit.
+
+    ``resources``: Ray's cluster totals; None for preflight.only, which counts this machine or the preflight.*
+    overrides. With preflight.enabled=false only the actor counts are checked."""
+    if not (cfg.preflight.enabled or cfg.preflight.only):
+        check_resources(cfg, resources or {})
+        return
+    from torl.checkpoint import list_checkpoints
+
+    report = preflight.check(
+        cfg,
+        preflight.model_shape(model_path),
+        preflight.detect_hardware(cfg, resources),
+        existing_checkpoints=len(list_checkpoints(cfg.trainer.output_dir)),
+        total_steps=total_steps,
+    )
+    print(report.table())
+    report.raise_on_failure()
 
 
 def spawn_rollout_actors(
@@ -174,6 +187,17 @@ def merge_generator_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     return merged
 
 
+def push_weights(cfg: Config, learner: LearnerGroup, generators: list[ActorHandle], version: int) -> None:
+    """The learner's current weights to every generator, which tags the tokens it samples next ``version``."""
+    import ray
+
+    if cfg.rollout.weight_sync == "collective":
+        learner.push_weights(version)
+        return
+    ref = learner.state_dict_ref()
+    ray.get([g.update_weights.remote(ref, version) for g in generators])
+
+
 @dataclass
 class Run:
     """One training run's state on the driver: config, data, the actors, and where the step count starts and ends."""
@@ -215,10 +239,7 @@ class Run:
         return trajs, merge_generator_metrics([m for _, m in results])
 
     def push_weights(self, version: int) -> None:
-        import ray
-
-        ref = self.learner.state_dict_ref()
-        ray.get([g.update_weights.remote(ref, version) for g in self.generators])
+        push_weights(self.cfg, self.learner, self.generators, version)
 
     def save(self, step: int, resume_state: SamplerState) -> None:
         extra = {"step": step, "sampler": {"epoch": resume_state.epoch, "position": resume_state.position}}
@@ -247,9 +268,14 @@ def _resume(run: Run) -> None:
     print(f"[torl] resumed from {ckpt} at step {run.start_step}")
 
 
-def prepare_run(argv: list[str], job: str = "train") -> Run:
+def load_run_config(argv: list[str]) -> Config:
+    """The job's config from presets and overrides (the CPU default without a preset), with absolute paths."""
     files, overrides = split_cli(argv)
-    cfg = with_absolute_paths(load_config(files or [str(DEFAULT_PRESET)], overrides))
+    return with_absolute_paths(load_config(files or [str(DEFAULT_PRESET)], overrides))
+
+
+def prepare_run(argv: list[str], job: str = "train") -> Run:
+    cfg = load_run_config(argv)
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is required (e.g. data.train_files=[synthetic:train] or a parquet path)")
     model_path = ensure_model(cfg)
@@ -275,7 +301,7 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     from actors.learner import LearnerGroup
     from jobs.tracking import Tracker
 
-    check_resources(cfg, ray.cluster_resources())
+    run_preflight(cfg, model_path, ray.cluster_resources(), total)  # before any actor starts
     tracker = Tracker(cfg.wandb, cfg.trainer.output_dir, to_dict(cfg), job=job)
     run = Run(cfg, model_path, sampler, val, tracker, total_steps=total)
     try:
@@ -283,6 +309,8 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
         run.sandbox, run.generators, run.grader = spawn_rollout_actors(cfg, model_path, log_dir=log_dir)
         run.learner = LearnerGroup(cfg, model_path)  # built while the engines start
         ray.get([g.start.remote() for g in run.generators])
+        if cfg.rollout.weight_sync == "collective":
+            run.learner.connect_generators(run.generators)
         _resume(run)
     except BaseException:
         run.close()

@@ -1,6 +1,8 @@
 """Tool-integrated GRPO training (ToRL) on a Ray cluster.
 
     python jobs/train.py [configs/preset.yaml ...] [key=value ...]          # embedded local cluster
+    python jobs/train.py configs/torl_7b.yaml model.path=Qwen2.5-Math-7B preflight.only=true \
+        preflight.gpus=8 preflight.gpu_memory_gb=80 preflight.cpus=96      # will it fit? (no cluster needed)
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py key=value ...
 
 With no preset, configs/tiny_cpu.yaml is used: the project's small base model (built once, cached) trained on the
@@ -17,17 +19,18 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jobs.setup_run import Run, prepare_run  # noqa: E402
+from jobs.setup_run import Run, load_run_config, prepare_run, run_preflight  # noqa: E402
 from torl.config import Config, ConfigError, split_cli  # noqa: E402
 from torl.config_help import format_help, wants_help  # noqa: E402
 from torl.data import DataError  # noqa: E402
+from torl.dynamic_sampling import VariedBatch  # noqa: E402
 from torl.grading import overlong_penalty  # noqa: E402
 from torl.metrics import rollout_metrics  # noqa: E402
 from torl.progress import Progress  # noqa: E402
@@ -114,12 +117,16 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         with timed(metrics, "time/grade"):
             grade(run, trajs)
         metrics.update(rollout_metrics(trajs))
+        if cfg.algo.dynamic_sampling:
+            with timed(metrics, "time/dynamic_sampling"):
+                trajs = keep_varied(run, trajs, step + 1, metrics, bar.write)
         metrics.update(staleness_metrics(trajs, version))
-        with timed(metrics, "time/train"):
-            metrics.update(run.learner.train_step(trajs))
         step += 1
+        if trajs:  # empty only when dynamic sampling found no group with reward variance
+            with timed(metrics, "time/train"):
+                metrics.update(run.learner.train_step(trajs))
         with timed(metrics, "time/sync"):
-            run.push_weights(step)
+            run.push_weights(step)  # also after a skipped update: every step is one weight version
 
         rollouts.fill(1)  # on-policy: the next rollout starts on the weights just pushed
         if run.val and cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == total):
@@ -136,6 +143,29 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
     bar.close()
     rollouts.drain()
     return validations
+
+
+def keep_varied(
+    run: Run, trajs: list[Trajectory], step: int, metrics: dict[str, float], say: Callable[[str], None]
+) -> list[Trajectory]:
+    """DAPO's dynamic sampling (``torl.dynamic_sampling``): this step's groups with reward variance, topped up from
+    further prompt batches (rolled out on the current weights, seeded by ``step``) to ``data.batch_size`` groups."""
+    cfg = run.cfg
+    batch = VariedBatch(cfg.data.batch_size)
+    batch.add(trajs)
+    while not batch.full and batch.draws < cfg.algo.dynamic_sampling_max_draws:
+        prompts, _ = run.draw()
+        extra, _ = run.collect(run.generate(prompts, step=step))
+        grade(run, extra)
+        batch.add(extra)
+    metrics.update(batch.metrics())
+    if not batch.full:
+        say(
+            f"[torl] warning: step {step}: {len(batch.groups)} of {batch.want} prompt groups have reward variance "
+            f"after {batch.draws} rollout batches (algo.dynamic_sampling_max_draws); "
+            + ("training on those" if batch.groups else "no update this step")
+        )
+    return batch.trajectories()
 
 
 class RolloutQueue:
@@ -186,6 +216,10 @@ def main(argv: list[str]) -> int:
         return 0
     t_start = time.perf_counter()
     try:
+        cfg = load_run_config(argv)
+        if cfg.preflight.only:  # the table for this machine or the preflight.* overrides; nothing starts
+            run_preflight(cfg, cfg.model.path, None, cfg.trainer.total_steps)
+            return 0
         run = prepare_run(argv, job="train")
     except (ConfigError, DataError) as exc:
         print(f"[torl] {'config' if isinstance(exc, ConfigError) else 'data'} error: {exc}", file=sys.stderr)

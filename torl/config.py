@@ -153,6 +153,21 @@ class RolloutConfig:
     num_cpus: float = opt(1.0, "Ray CPU resource per generator actor")
     num_gpus: float = opt(0.0, "Ray GPU resource per generator actor (= tensor_parallel_size on GPU clusters)")
     seed: int = opt(1, "base sampling seed; each trajectory derives its own")
+    weight_sync: Literal["collective", "file"] = opt(
+        "collective",
+        "how new weights reach the engines: collective = one broadcast from learner rank 0 to every engine worker"
+        " through vLLM's weight-transfer API (NCCL on GPUs, torl's gloo engine on CPU), streamed in buckets, no"
+        " file and no copy in Ray's object store; file = rank 0 gathers a state dict that each generator writes as"
+        " safetensors and reloads (ToRL's route; for engines that cannot join a group)",
+    )
+    weight_sync_bucket_mb: int = opt(
+        256, "collective route: bytes per broadcast bucket; a transfer holds at most one bucket beyond the model"
+    )
+    weight_sync_timeout_s: float = opt(
+        600.0,
+        "collective route: the longest any collective of a push may wait for a peer; a dead generator or learner"
+        " ends the push with an error instead of a hang",
+    )
     engine: EngineConfig = section(EngineConfig, "the vLLM engine of each generator")
 
 
@@ -188,7 +203,16 @@ class AlgoConfig:
     kl_coef: float = opt(0.0, "ToRL: 0 (no reference model is built when 0)")
     kl_type: Literal["low_var_kl", "k1", "k2"] = opt("low_var_kl", "ToRL/veRL: low_var_kl")
     entropy_coef: float = opt(0.0, "ToRL: 0")
-    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal before training")
+    dynamic_sampling: bool = opt(
+        False,
+        "DAPO: train only on prompt groups whose rewards differ, drawing and rolling out more prompt batches until"
+        " data.batch_size such groups are in hand (ToRL: off)",
+    )
+    dynamic_sampling_max_draws: int = opt(
+        10,
+        "DAPO: the most prompt batches one step may roll out (first included); at the bound the step trains on"
+        " the varied groups it has and warns (DAPO recipe: max_num_gen_batches=10)",
+    )
     max_response_tokens_norm: int = opt(0, "Dr.GRPO's constant divisor; 0 = rollout.max_response_tokens")
     old_logprobs: Literal["recompute", "engine"] = opt(
         "recompute",
@@ -237,6 +261,13 @@ class LearnerConfig:
         " of up to this many tokens; without flash-attention (CPU) attention over the row is dense, O(row^2): "
         "use ~1024 there.",
     )
+    logprob_chunk_tokens: int = opt(
+        1024,
+        "Tokens per chunk of the LM head's log-softmax (torl/logprobs.py): only chunk x vocab fp32 logits exist at"
+        " a time, recomputed in backward, instead of micro_batch_tokens x vocab (40-50 GB at 16384 tokens and"
+        " Qwen's 152k vocab; ~1.2 GB per 1024-token chunk). Same values and gradients; 0 = the whole micro-batch"
+        " at once.",
+    )
     gradient_checkpointing: bool = opt(False, "ToRL: on (GPU preset)")
     param_dtype: str = opt("float32", 'FSDP mixed precision param dtype; "bfloat16" on GPUs')
     cpu_offload: bool = opt(False, "FSDP CPU offload (ToRL: param + optimizer offload)")
@@ -248,6 +279,10 @@ class LearnerConfig:
         " decodes beside it, so each rank keeps to its num_cpus (two threads beside a busy engine ran ~7x "
         "slower than one on 2 cores).",
     )
+
+    def __post_init__(self) -> None:
+        if self.logprob_chunk_tokens < 0:
+            raise ConfigError("learner.logprob_chunk_tokens must be >= 0 (0 = the whole micro-batch at once)")
 
 
 def learner_threads(cfg: Config, cores: int) -> int:
@@ -287,6 +322,31 @@ class TrainerConfig:
         " versions behind; keep algo.old_logprobs=recompute and a rollout correction on)",
     )
     log_samples_every: int = opt(5, "W&B table of sampled trajectories every k steps (0 = never)")
+
+
+@dataclass(frozen=True)
+class PreflightConfig:
+    enabled: bool = opt(
+        True,
+        "Before any actor starts, estimate learner and engine memory, host memory and disk against the hardware, print"
+        " the table and stop naming the field to change when something will not fit (torl/preflight.py). False "
+        "skips the estimates; the actors' CPU/GPU counts are always checked against Ray's.",
+    )
+    only: bool = opt(
+        False,
+        "jobs/train.py: print the preflight table and exit (no data, Ray or actors). With the fields below and "
+        "model.path set to a checkpoint or a known model name (e.g. Qwen2.5-Math-7B) a preset can be checked "
+        "for a cluster from any machine.",
+    )
+    gpus: int = opt(0, "preflight.only: GPUs in the cluster; 0 = this machine's (a running job uses Ray's count)")
+    cpus: int = opt(
+        0, "preflight.only: logical CPUs in the cluster; 0 = ray.num_cpus or this machine's (a job uses Ray's)"
+    )
+    gpus_per_node: int = opt(0, "0 = the GPUs this machine has, or all of the cluster's when it has none")
+    gpu_memory_gb: float = opt(
+        0.0, "GiB per GPU; 0 = this machine's first GPU (a driver without a GPU then leaves GPU memory unchecked)"
+    )
+    host_memory_gb: float = opt(0.0, "GiB of RAM per node; 0 = this machine's")
 
 
 @dataclass(frozen=True)
@@ -389,6 +449,7 @@ class Config:
     ray: RayConfig = section(RayConfig, "the Ray cluster to use or start")
     eval: EvalConfig = section(EvalConfig, "jobs/eval.py")
     serve: ServeConfig = section(ServeConfig, "jobs/serve.py (Ray Serve)")
+    preflight: PreflightConfig = section(PreflightConfig, "memory, disk and GPU checks before any actor starts")
 
     def __post_init__(self) -> None:
         if self.tool.max_calls < 0:
@@ -410,6 +471,10 @@ class Config:
             )
         if self.trainer.max_staleness < 0:
             raise ConfigError("trainer.max_staleness must be >= 0 (0 = on-policy, k = up to k steps ahead)")
+        if self.algo.dynamic_sampling_max_draws < 1:
+            raise ConfigError("algo.dynamic_sampling_max_draws must be >= 1 (the step's own batch counts)")
+        if self.rollout.weight_sync_bucket_mb < 1 or self.rollout.weight_sync_timeout_s <= 0:
+            raise ConfigError("rollout.weight_sync_bucket_mb must be >= 1 and rollout.weight_sync_timeout_s > 0")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ paths in configs still point at it. Without ``TORL_HOME`` the anchor is this che
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,3 +23,10 @@ def resolve(path: str | Path) -> Path:
     """``path`` if absolute, else relative to ``home()``."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else home() / path
+
+
+def weight_dir() -> str:
+    """Where generators keep scratch files (the file route's weight file): /dev/shm when writable (RAM), else the
+    temp dir."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()

@@ -20,11 +20,15 @@ CLIP = 0.5  # below the tiny model's gradient norm, so clipping is exercised
 def _cfg(num_workers=2, micro_batch_tokens=40, **algo):
     # The parity tests check the PPO ratio against the old log-probs the batch carries: engine log-probs, no
     # correction. The learner's own old log-probs and the rollout correction have tests of their own below.
+    # A log-prob chunk of 7 tokens splits every micro-batch unevenly: the reference computes the full logits.
     algo = {"old_logprobs": "engine", "rollout_correction": "none", **algo}
+    lc = LearnerConfig(
+        num_workers=num_workers, num_cpus=1, micro_batch_tokens=micro_batch_tokens, logprob_chunk_tokens=7
+    )
     return Config(
         algo=AlgoConfig(**algo),
         optim=OptimConfig(lr=LR, grad_clip=CLIP),
-        learner=LearnerConfig(num_workers=num_workers, num_cpus=1, micro_batch_tokens=micro_batch_tokens),
+        learner=lc,
         trainer=TrainerConfig(keep_last=1),
     )
 
@@ -226,14 +230,12 @@ def test_masked_behaviour_logprobs_and_masked_tokens_do_not_matter(single):
     assert single._optimizer_step(trajs, _advantages(trajs), _ones(trajs)) is None
 
 
-def test_dynamic_sampling_and_mini_batches(single):
+def test_mini_batches_and_epochs(single):
+    """One optimizer step per prompt group per epoch; groups with equal rewards are trained as given (dynamic
+    sampling keeps them out of the batch before it gets here, tests/unit/test_dynamic_sampling.py) and reported."""
     state = {k: v.clone() for k, v in single.model.state_dict().items()}
     cfg = single.cfg
-    single.cfg = replace(
-        cfg,
-        algo=replace(cfg.algo, dynamic_sampling=True),
-        learner=LearnerConfig(num_workers=1, mini_batch_prompts=1, epochs=2),
-    )
+    single.cfg = replace(cfg, learner=LearnerConfig(num_workers=1, mini_batch_prompts=1, epochs=2))
     try:
         trajs = _batch(7, single.model, n_groups=3)
         for t in trajs[:4]:  # group 0: all rewards equal
@@ -245,8 +247,8 @@ def test_dynamic_sampling_and_mini_batches(single):
         single.cfg = cfg
         single.model.load_state_dict(state)
     assert m["learner/zero_var_group_share"] == pytest.approx(1 / 3)
-    assert m["learner/trained_seqs"] == 8
-    assert m["learner/optimizer_steps"] == 4  # 2 remaining prompts x 2 epochs
+    assert m["learner/trained_seqs"] == 12
+    assert m["learner/optimizer_steps"] == 6  # 3 prompts x 2 epochs
 
 
 def _exact(trajs, model):

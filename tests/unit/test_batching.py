@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from torl.batching import balance, pack, pack_by_budget, plan_micro_batches
+from torl.batching import balance, pack, pack_by_budget, pack_responses, plan_micro_batches
 
 
 def _lengths(n, seed=0):
@@ -59,3 +59,12 @@ def test_pack_positions_restart_per_sequence():
     assert ids.dtype == torch.long
     with pytest.raises(ValueError):
         pack([[1], []])
+
+
+def test_pack_responses_keeps_the_positions_that_predict_response_tokens():
+    ids, pos, keep = pack_responses([([5, 6], [7, 8]), ([9], []), ([10, 11, 12], [13])])
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 0, 1, 2, 3]]
+    assert ids[0, keep + 1].tolist() == [7, 8, 13]  # the response tokens, flat and in order
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        pack_responses([([], [1, 2])])

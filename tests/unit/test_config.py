@@ -91,6 +91,8 @@ def test_cross_field_checks():
         load_config([], ["tool.max_calls=-1"])
     with pytest.raises(ConfigError, match="not divisible"):
         load_config([], ["data.batch_size=10", "learner.mini_batch_prompts=3"])
+    with pytest.raises(ConfigError, match="learner.logprob_chunk_tokens"):
+        load_config([], ["learner.logprob_chunk_tokens=-1"])
 
 
 def test_split_cli():

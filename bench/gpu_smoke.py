@@ -1,0 +1,220 @@
+"""One GRPO learner step of a Qwen2.5-Math-1.5B-shaped model on one GPU: tokens/s, peak memory and MFU.
+
+    .venv/bin/python bench/gpu_smoke.py            # GPU: the 1.5B shape in bf16, one 16384-token micro-batch
+    .venv/bin/python bench/gpu_smoke.py --tiny     # CPU: a tiny shape in fp32, 256 tokens, seconds
+
+Torch and transformers only (no Ray, no vLLM, no network), so it runs on a bare GPU machine in minutes: a randomly
+initialised Qwen2 of Qwen2.5-Math-1.5B's shape with gradient checkpointing (configs/torl_1.5b.yaml), one packed row of
+(prompt, response) sequences of ToRL-like lengths (``torl.batching.pack_responses``, position ids restarting per
+sequence). Each step is the learner's micro-step with the project's functions: the decoder and the chunked head
+(``torl.logprobs.causal_lm_logprobs`` at ``learner.logprob_chunk_tokens``), ``torl.grpo.aggregation_weights`` and
+``policy_loss`` as ``actors/learner.py`` calls them, backward, grad clip, AdamW. The old log-probs come from a no-grad
+pass first, as with ``algo.old_logprobs=recompute``.
+
+Figures: tokens/s of the last step (the first pays for CUDA warm-up); peak memory (``torch.cuda.max_memory_allocated``
+over the whole run; on CPU the process's peak RSS); MFU = model FLOPs / step time / the card's bf16 dense peak, with
+model FLOPs = 6 x (params - head) x tokens + 6 x head x response tokens (the head only runs where a log-prob is
+needed) + 6 x layers x hidden x sum(sequence length^2) (causal attention, forward and backward). Gradient
+checkpointing's recompute is not counted, as usual for MFU. Unlike the learner (FSDP mixed precision: fp32 master
+weights and AdamW states, bf16 compute) the weights and AdamW states here are bf16, so the memory figure is a lower
+bound for the learner's by about 12 bytes per parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from torl.batching import pack_responses
+from torl.config import Config
+from torl.grpo import aggregation_weights, group_advantages, policy_loss
+from torl.logprobs import causal_lm_logprobs
+
+# bf16 dense tensor-core peaks (vendor datasheets, no sparsity); the first name contained in the device name wins.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+)
+
+
+def model_config(tiny: bool) -> Qwen2Config:
+    """Qwen2.5-Math-1.5B's shape (its config.json, with a 4096 context and rope_theta 10000), or a tiny one."""
+    if tiny:
+        shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+        shape |= {"intermediate_size": 128, "vocab_size": 512}
+    else:
+        shape = {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2}
+        shape |= {"intermediate_size": 8960, "vocab_size": 151936}
+    return Qwen2Config(
+        **shape, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=4096, use_cache=False
+    )
+
+
+@dataclass
+class Batch:
+    """One packed micro-batch and the flat [N] loss inputs over its response tokens."""
+
+    ids: torch.Tensor  # [1, L]
+    pos: torch.Tensor  # [1, L]
+    keep: torch.Tensor  # [N]
+    lengths: list[int]  # prompt + response length of each sequence
+    adv: torch.Tensor  # [N]
+    mask: torch.Tensor  # [N]
+    weights: torch.Tensor  # [N]
+
+
+def make_batch(tokens: int, vocab: int, device: torch.device, seed: int = 0) -> Batch:
+    """(prompt, response) pairs filling ``tokens`` (lengths up to ToRL's limits, 400 and 3072, scaled down for a
+    row shorter than the default micro-batch), groups of 4 with 0/1 rewards, tokens 20-39 of each response masked
+    (a tool output)."""
+    cfg, rng = Config(), random.Random(seed)
+    scale = min(1.0, tokens / cfg.learner.micro_batch_tokens)
+    limits = (cfg.prompt.max_prompt_tokens, cfg.rollout.max_response_tokens)
+    max_prompt, max_resp = (max(1, int(n * scale)) for n in limits)
+    pairs, left = [], tokens
+    while left > 1:
+        p = min(rng.randint(max(1, max_prompt // 4), max_prompt), left // 2)
+        r = min(rng.randint(max(1, max_resp // 4), max_resp), left - p)
+        pairs.append(([rng.randrange(vocab) for _ in range(p)], [rng.randrange(vocab) for _ in range(r)]))
+        left -= p + r
+    ids, pos, keep = pack_responses(pairs)
+    groups = [i // 4 for i in range(len(pairs))]
+    adv_seq = group_advantages([float(rng.random() < 0.5) for _ in pairs], groups)
+    adv = torch.cat([torch.full((len(r),), a) for (_, r), a in zip(pairs, adv_seq, strict=True)])  # [N]
+    mask = torch.cat([(torch.arange(len(r)) // 20 != 1).float() for _, r in pairs])  # [N]
+    seq_index = torch.cat([torch.full((len(r),), j) for j, (_, r) in enumerate(pairs)])  # [N]
+    algo = cfg.algo
+    norm = algo.max_response_tokens_norm or max_resp
+    weights = aggregation_weights(mask, seq_index, algo.loss_agg, int(mask.sum()), len(pairs), norm)  # [N]
+    lengths = [len(p) + len(r) for p, r in pairs]
+    ids, pos, keep, adv, mask, weights = (t.to(device) for t in (ids, pos, keep, adv, mask, weights))
+    return Batch(ids, pos, keep, lengths, adv, mask, weights)
+
+
+def learner_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch, old: torch.Tensor, chunk: int
+) -> float:
+    """Forward, loss, backward, grad clip and AdamW step, as ``Learner._micro_step`` and ``_optimizer_step``."""
+    cfg = Config()
+    algo = cfg.algo
+    logp, entropy = causal_lm_logprobs(model, batch.ids, batch.pos, batch.keep, chunk)  # [N], [N]
+    loss, _ = policy_loss(
+        logp,
+        old,
+        batch.adv,
+        batch.mask,
+        batch.weights,
+        clip_low=algo.clip_low,
+        clip_high=algo.clip_high,
+        entropy=entropy,
+        entropy_coef=algo.entropy_coef,
+    )
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def model_flops(model: torch.nn.Module, cfg: Qwen2Config, batch: Batch) -> float:
+    """Forward + backward model FLOPs of one step (see the module docstring)."""
+    params = sum(p.numel() for p in model.parameters())  # the tied head counted once
+    head = cfg.vocab_size * cfg.hidden_size
+    dense = 6 * (params - head) * batch.ids.shape[1] + 6 * head * batch.keep.numel()
+    attention = 6 * cfg.num_hidden_layers * cfg.hidden_size * sum(n * n for n in batch.lengths)
+    return float(dense + attention)
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    if override is not None:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no peak for a CPU; pass --peak-tflops"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops, f"bf16 dense, {name}"
+    return None, f"{name} not in the table; pass --peak-tflops"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (peak RSS of the process)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny model and 256 tokens in fp32 (the CPU check)")
+    ap.add_argument("--tokens", type=int, help="micro-batch tokens (default 16384, --tiny 256)")
+    ap.add_argument("--chunk", type=int, help="log-prob chunk (default learner.logprob_chunk_tokens, --tiny 64)")
+    ap.add_argument("--steps", type=int, default=2, help="learner steps; tokens/s is the last one's")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak, overriding the table")
+    args = ap.parse_args()
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
+    device = torch.device(args.device)
+    tokens = args.tokens or (256 if args.tiny else Config().learner.micro_batch_tokens)
+    chunk = args.chunk if args.chunk is not None else (64 if args.tiny else Config().learner.logprob_chunk_tokens)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    cfg = model_config(args.tiny)
+    with device:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    o = Config().optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    batch = make_batch(tokens, cfg.vocab_size, device)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"device: {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}".rstrip())
+    print(
+        f"model: Qwen2, {params / 1e6:.1f}M params, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size}, {dtype}, gradient checkpointing"
+    )
+    print(
+        f"batch: {batch.ids.shape[1]} tokens in one packed row, {len(batch.lengths)} sequences, "
+        f"{batch.keep.numel()} response tokens, log-prob chunk {chunk}"
+    )
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        old, _ = causal_lm_logprobs(model, batch.ids, batch.pos, batch.keep, chunk)  # [N], the proximal policy
+    _sync(device)
+    print(f"old log-probs (no grad): {time.perf_counter() - t0:.2f} s")
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        loss = learner_step(model, opt, batch, old, chunk)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        print(f"step {step}: loss {loss:.6f}, {seconds:.2f} s")
+    print(f"tokens/s: {batch.ids.shape[1] / seconds:.0f}")
+    print(f"peak memory: {_peak_memory(device)}")
+    peak, source = peak_tflops(device, args.peak_tflops)
+    achieved = model_flops(model, cfg, batch) / seconds / 1e12
+    mfu = f"{100 * achieved / peak:.1f}% of {peak:g} TFLOPS" if peak else "n/a"
+    print(f"MFU: {mfu} ({achieved:.3g} TFLOPS achieved; {source})")
+    if not math.isfinite(loss):
+        raise SystemExit(f"non-finite loss {loss}")
+
+
+if __name__ == "__main__":
+    main()

