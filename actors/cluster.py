@@ -14,10 +14,14 @@ import ray
 
 log = logging.getLogger(__name__)
 
-# Environment every process of a local cluster needs: loopback for Ray and vLLM, offline model hubs.
-LOCAL_ENV = {
+# Loopback addresses: right for the embedded local cluster only. On a real cluster each node finds its own address,
+# so these are never pushed to the workers of a cluster the job connects to.
+LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes Ray's node IP 127.0.0.1 (docs/platform-notes.md §2)
     "VLLM_HOST_IP": "127.0.0.1",
+}
+# Every process of any cluster: model hubs offline (models are paths), quiet loaders.
+LOCAL_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -25,9 +29,10 @@ LOCAL_ENV = {
 }
 
 
-def apply_local_env() -> None:
-    """Set the loopback/offline variables in this process (children inherit them) without overriding the user's."""
-    for key, value in LOCAL_ENV.items():
+def apply_local_env(loopback: bool = True) -> None:
+    """Set the offline variables, and with ``loopback`` the loopback ones, in this process (children inherit them)
+    without overriding the user's."""
+    for key, value in {**LOCAL_ENV, **(LOOPBACK_ENV if loopback else {})}.items():
         os.environ.setdefault(key, value)
 
 
@@ -38,13 +43,14 @@ def init_ray(address: str = "", num_cpus: int = 0) -> None:
     """
     if ray.is_initialized():
         return
-    apply_local_env()
     address = address or os.environ.get("RAY_ADDRESS", "")
-    runtime_env = {"env_vars": {k: os.environ[k] for k in LOCAL_ENV}}
+    apply_local_env(loopback=not address)
     if address:
         log.info("connecting to Ray cluster at %s", address)
+        runtime_env = {"env_vars": {k: os.environ[k] for k in LOCAL_ENV}}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
+    runtime_env = {"env_vars": {k: os.environ[k] for k in {**LOCAL_ENV, **LOOPBACK_ENV}}}
     kwargs = {"num_cpus": num_cpus} if num_cpus else {}
     # Ray's INFO lines (token file written, instance started) are routine; its warnings still print.
     ray.init(

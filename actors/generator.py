@@ -75,6 +75,7 @@ class Generator:
         self._target: int | None = None
         self._seq = 0
         self._update_t0 = 0.0  # when the collective push in progress began
+        self._joined = False  # in a weight-transfer group (collective route)
         # Engine-idle accounting: time inside a batch when no trajectory is in an engine call, i.e. every unfinished
         # trajectory waits on a tool. Users of peers measure this by hand; here it is `time/engine_idle_tools`.
         self._in_engine = 0
@@ -464,7 +465,10 @@ class Generator:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
         await self.start()
+        if self._joined:  # a new group (a generator was replaced): leave the old one first
+            await self._engine.shutdown_weight_transfer_engine()
         await self._engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+        self._joined = True
 
     async def begin_weight_update(self, version: int) -> None:
         """Collective route, first call of a push: pause, and let the engine prepare its layerwise reload."""
@@ -476,23 +480,20 @@ class Generator:
             raise
         self._update_t0 = time.perf_counter()
 
-    async def receive_weights(self, update_info: dict[str, Any]) -> None:
-        """Collective route: take the learner's broadcast of ``update_info``'s tensors into the engine."""
+    async def receive_weights(self, update_info: dict[str, Any], version: int) -> None:
+        """Collective route, the rest of a push: take the learner's broadcast of ``update_info``'s tensors into the
+        engine, finish its reload, tag later tokens ``version`` and resume (one call: the push's latency is Ray
+        round trips on a small model)."""
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-        try:
-            await self._engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
-        except BaseException:
-            log.error("weight push v%s failed while receiving; this engine's weights are now mixed", self._target)
-            await self._resume_at(None)
-            raise
-
-    async def finish_weight_update(self, version: int) -> None:
-        """Collective route, last call of a push: finish the reload, tag later tokens ``version``, resume."""
         loaded = None
         try:
+            await self._engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
             await self._engine.finish_weight_update(str(version))
             loaded = version
+        except BaseException:
+            log.error("weight push v%s failed in this engine; its weights may be mixed", version)
+            raise
         finally:
             await self._resume_at(loaded)
         log.info("weights v%d loaded in %.3f s", version, time.perf_counter() - self._update_t0)

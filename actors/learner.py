@@ -52,7 +52,7 @@ from torl.grpo import (
     zero_variance_groups,
 )
 from torl.logprobs import causal_lm_logprobs
-from torl.types import Trajectory
+from torl.types import LearnerDied, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class Learner:
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
         self.optimizer_steps = 0
+        self._fleet: Any = None  # the generators, seen from learner rank 0 (collective weight route)
+        self._weight_sender: Any = None  # this rank's end of the weight-transfer group
 
     # ---- setup -------------------------------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
@@ -391,6 +393,8 @@ class Learner:
         """
         from actors.weight_sync import GeneratorFleet, LearnerWeights, connect, engine_workers
 
+        if self._weight_sender is not None:  # re-forming the group after a generator was replaced
+            self._weight_sender.shutdown()
         rc = self.cfg.rollout
         self._fleet = GeneratorFleet(generators, engine_workers(self.cfg), rc.weight_sync_timeout_s)
         source = LearnerWeights(self.model, _dtype(self.cfg.model.dtype), self.tied)
@@ -458,6 +462,19 @@ class Learner:
 LearnerActor = ray.remote(Learner)
 
 
+def _on_every_rank(refs: list[ray.ObjectRef], what: str) -> list[Any]:
+    """Results of one call per rank. A rank that died is reported at once, even while the others still wait for it
+    inside a collective (they would only time out much later)."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerDied(f"learner rank {refs.index(done[0])} died during {what}: {exc}") from exc
+    return ray.get(refs)
+
+
 class LearnerGroup:
     """Driver-side handle on N learner actors in one placement group (see the module docstring)."""
 
@@ -484,19 +501,20 @@ class LearnerGroup:
 
     def train_step(self, trajs: list[Trajectory]) -> dict[str, float]:
         ref = ray.put(trajs)  # one copy in the object store, read by every rank
-        return ray.get([a.train_step.remote(ref) for a in self.actors])[0]
+        return _on_every_rank([a.train_step.remote(ref) for a in self.actors], "a training step")[0]
 
     def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
-        return ray.get([a.logprobs.remote(sequences) for a in self.actors])[0]
+        return _on_every_rank([a.logprobs.remote(sequences) for a in self.actors], "log-probs")[0]
 
     def connect_generators(self, generators: list[Any]) -> None:
         """Form the weight-transfer group of learner rank 0 and every generator's engine (collective route)."""
         master = ray.get(self.actors[0].master_address.remote())
-        ray.get([a.connect_generators.remote(generators, master) for a in self.actors])
+        calls = [a.connect_generators.remote(generators, master) for a in self.actors]
+        _on_every_rank(calls, "joining the generators")
 
     def push_weights(self, version: int) -> dict[str, float]:
         """One broadcast of the current weights to all generators (collective route); rank 0's timings."""
-        return ray.get([a.push_weights.remote(version) for a in self.actors])[0]
+        return _on_every_rank([a.push_weights.remote(version) for a in self.actors], "a weight push")[0]
 
     def state_dict_ref(self) -> ray.ObjectRef:
         """ObjectRef to the full CPU state dict (rank 0's result); waits until every rank left the gather."""
@@ -507,17 +525,19 @@ class LearnerGroup:
 
     def save(self, step_dir: str | Path, extra: dict[str, Any]) -> Path:
         """Atomic checkpoint at ``step_dir``, then keep only the last ``trainer.keep_last`` beside it."""
-        rng = ray.get([a.rng_state.remote() for a in self.actors])
-        ray.get([a.save.remote(str(step_dir), extra, rng) for a in self.actors])
+        rng = _on_every_rank([a.rng_state.remote() for a in self.actors], "a checkpoint")
+        _on_every_rank([a.save.remote(str(step_dir), extra, rng) for a in self.actors], "a checkpoint")
         ckpt.prune_checkpoints(Path(step_dir).parent, self.cfg.trainer.keep_last)
         return Path(step_dir)
 
     def load(self, step_dir: str | Path) -> dict[str, Any]:
-        return ray.get([a.load.remote(str(step_dir)) for a in self.actors])[0]
+        return _on_every_rank([a.load.remote(str(step_dir)) for a in self.actors], "loading a checkpoint")[0]
 
     def shutdown(self) -> None:
         try:
             ray.get([a.shutdown.remote() for a in self.actors], timeout=60)
+        except Exception as exc:  # noqa: BLE001 - a dead or stuck rank must not keep the job alive
+            log.warning("learner shutdown: %s", exc)
         finally:
             for a in self.actors:
                 ray.kill(a)

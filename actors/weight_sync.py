@@ -40,6 +40,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from torl.config import Config
+from torl.types import GeneratorDied
 from torl.weight_buckets import TensorMeta, bucket_bytes_of, pack, plan_buckets, unpack
 
 log = logging.getLogger(__name__)
@@ -334,8 +335,12 @@ class GeneratorFleet:
                     f"generator {i} did not finish {what} within rollout.weight_sync_timeout_s={self.timeout_s}"
                 ) from exc
             except ray.exceptions.RayActorError as exc:
-                raise RuntimeError(f"generator {i} died during {what} (weight push v{self.version}): {exc}") from exc
+                message = f"generator {i} died during {what} (weight push v{self.version}): {exc}"
+                raise GeneratorDied(i, message) from exc
             except ray.exceptions.RayTaskError as exc:
+                if type(exc.cause).__name__ == "EngineDeadError":
+                    message = f"generator {i}'s engine died during {what} (weight push v{self.version}): {exc}"
+                    raise GeneratorDied(i, message) from exc
                 raise RuntimeError(f"generator {i} failed during {what} (weight push v{self.version}): {exc}") from exc
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
@@ -350,10 +355,11 @@ class GeneratorFleet:
         self._all("pausing for new weights", [g.begin_weight_update.remote(self.version) for g in self.generators])
 
     def update_weights(self, update_info: Any) -> None:
-        self._all("receiving weights", [g.receive_weights.remote(update_info) for g in self.generators])
+        calls = [g.receive_weights.remote(update_info, self.version) for g in self.generators]
+        self._all("receiving weights", calls)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._all("loading new weights", [g.finish_weight_update.remote(self.version) for g in self.generators])
+        """Nothing left: each generator's receive call finishes its engine's update as soon as its data is in."""
 
 
 def register() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torl import preflight
+from torl.checkpoint import run_identity
 from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict
 from torl.data import load_problems
 from torl.paths import resolve
@@ -108,7 +109,6 @@ def spawn_rollout_actors(
     The engines start building right away (``start`` is idempotent: callers ``ray.get`` it when they need the
     engines, meanwhile doing other set-up). If anything fails, what was already started is stopped.
     """
-    from actors.generator import GeneratorActor
     from actors.grader import GraderActor
     from actors.sandbox import SandboxPool
 
@@ -116,17 +116,44 @@ def spawn_rollout_actors(
     try:
         sandbox = SandboxPool.create(cfg.sandbox, name=sandbox_name) if cfg.tool.enabled else None
         for _ in range(cfg.rollout.num_generators):
-            generators.append(
-                GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
-                    cfg, model_path, sandbox, log_dir
-                )
-            )
-            generators[-1].start.remote()
+            generators.append(spawn_generator(cfg, model_path, sandbox, log_dir))
         grader = GraderActor.remote(cfg.reward)
     except BaseException:
         stop_rollout_actors(sandbox, generators, grader)
         raise
     return sandbox, generators, grader
+
+
+def spawn_generator(cfg: Config, model_path: str, sandbox: Any, log_dir: str | None) -> ActorHandle:
+    """One generator actor; its engine starts building at once (``start`` is idempotent)."""
+    from actors.generator import GeneratorActor
+
+    generator = GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
+        cfg, model_path, sandbox, log_dir
+    )
+    generator.start.remote()
+    return generator
+
+
+def dead_generator(exc: BaseException, index: int | None = None) -> int | None:
+    """Which generator a failed call lost (``index``: the one the call went to), or None when the failure is not a
+    dead generator. Dead: its actor died (killed, OOM, node lost), or its vLLM engine process did (the live actor
+    then raises vLLM's EngineDeadError for every call), or a weight push reported one (``GeneratorDied``, possibly
+    through the learner). Other errors are bugs or bad input and stop the run."""
+    import ray
+
+    from torl.types import GeneratorDied
+
+    if isinstance(exc, GeneratorDied):
+        return exc.index
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return index
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        if isinstance(exc.cause, GeneratorDied):
+            return exc.cause.index
+        if type(exc.cause).__name__ == "EngineDeadError":
+            return index
+    return None
 
 
 def stop_rollout_actors(sandbox: Any, generators: list, grader: Any) -> None:
@@ -194,8 +221,24 @@ def push_weights(cfg: Config, learner: LearnerGroup, generators: list[ActorHandl
     if cfg.rollout.weight_sync == "collective":
         learner.push_weights(version)
         return
+    from torl.types import GeneratorDied
+
     ref = learner.state_dict_ref()
-    ray.get([g.update_weights.remote(ref, version) for g in generators])
+    for i, call in enumerate([g.update_weights.remote(ref, version) for g in generators]):
+        try:
+            ray.get(call)
+        except ray.exceptions.RayActorError as exc:
+            raise GeneratorDied(i, f"generator {i} died during weight push v{version}: {exc}") from exc
+
+
+@dataclass
+class Shard:
+    """One generator's part of a rollout, kept so a replacement generator can roll it out again."""
+
+    index: int  # which generator
+    requests: list  # GenRequest
+    greedy: bool
+    ref: Any  # ObjectRef to the generator's (trajectories, metrics)
 
 
 @dataclass
@@ -211,6 +254,9 @@ class Run:
     generators: list[ActorHandle] = field(default_factory=list)  # GeneratorActor handles
     learner: LearnerGroup | None = None
     grader: ActorHandle | None = None  # GraderActor handle
+    identity: dict[str, Any] = field(default_factory=dict)  # what a checkpoint must share to resume (checkpoint.py)
+    version: int = 0  # the weights the generators hold (the last push)
+    generator_restarts: int = 0
     start_step: int = 0  # the step a resumed run continues from
     total_steps: int = 0
 
@@ -219,7 +265,9 @@ class Run:
         before = copy.copy(self.sampler.state)
         return self.sampler.next_batch(), before
 
-    def generate(self, batch: list[EncodedProblem], greedy: bool = False, n: int | None = None, step: int = 0) -> list:
+    def generate(
+        self, batch: list[EncodedProblem], greedy: bool = False, n: int | None = None, step: int = 0
+    ) -> list[Shard]:
         """Fan ``batch`` out over the generators; ``step`` (the training step it serves) seeds its sampling."""
         from torl.rollout import GenRequest
 
@@ -228,21 +276,72 @@ class Run:
             GenRequest(e.problem.id, i, e.prompt_ids, answer=e.problem.answer, n=n, step=step)
             for i, e in enumerate(batch)
         ]
-        shards = [requests[i :: len(self.generators)] for i in range(len(self.generators))]
-        return [g.generate.remote(s, greedy) for g, s in zip(self.generators, shards, strict=True) if s]
+        parts = [(i, requests[i :: len(self.generators)]) for i in range(len(self.generators))]
+        return [Shard(i, part, greedy, self.generators[i].generate.remote(part, greedy)) for i, part in parts if part]
 
-    def collect(self, refs: list) -> tuple[list, dict[str, float]]:
+    def collect(self, shards: list[Shard]) -> tuple[list, dict[str, float]]:
+        """The shards' trajectories and merged metrics. A shard whose generator died is rolled out again, whole, by
+        its replacement (seeds are derived per request, so it samples what the dead one would have)."""
         import ray
 
-        results = ray.get(refs)
+        results = []
+        for shard in shards:
+            while True:
+                try:
+                    results.append(ray.get(shard.ref))
+                    break
+                except Exception as exc:
+                    if dead_generator(exc, shard.index) is None:
+                        raise
+                    self.replace_generator(shard.index, exc)
+                    self.push_weights(self.version)
+                    shard.ref = self.generators[shard.index].generate.remote(shard.requests, shard.greedy)
         trajs = [t for ts, _ in results for t in ts]
         return trajs, merge_generator_metrics([m for _, m in results])
 
+    def replace_generator(self, index: int, cause: BaseException) -> None:
+        """A new generator in place of dead generator ``index`` (the caller pushes it the weights); at most
+        ``trainer.max_actor_restarts`` times per run, so a fault that repeats stops the run with its cause."""
+        import ray
+
+        limit = self.cfg.trainer.max_actor_restarts
+        if self.generator_restarts >= limit:
+            raise RuntimeError(
+                f"generator {index} died and {self.generator_restarts} generator(s) were already replaced in this run"
+                f" (trainer.max_actor_restarts={limit}); stopping. Last cause: {cause}"
+            ) from cause
+        self.generator_restarts += 1
+        n = self.generator_restarts
+        print(f"[torl] generator {index} died ({type(cause).__name__}); replacing it ({n} of {limit} replacements)")
+        ray.kill(self.generators[index], no_restart=True)
+        log_dir = str(Path(self.cfg.trainer.output_dir) / "logs")
+        self.generators[index] = spawn_generator(self.cfg, self.model_path, self.sandbox, log_dir)
+        ray.get(self.generators[index].start.remote())
+        if self.cfg.rollout.weight_sync == "collective":
+            self.learner.connect_generators(self.generators)  # a new group: the old one lost a member
+
+    def fault_metrics(self) -> dict[str, float]:
+        return {"faults/generator_restarts": float(self.generator_restarts)}
+
     def push_weights(self, version: int) -> None:
-        push_weights(self.cfg, self.learner, self.generators, version)
+        """Every generator to weights ``version``, replacing any that died on the way (bounded, see below)."""
+        while True:
+            try:
+                push_weights(self.cfg, self.learner, self.generators, version)
+                break
+            except Exception as exc:
+                index = dead_generator(exc)
+                if index is None:
+                    raise
+                self.replace_generator(index, exc)
+        self.version = version
 
     def save(self, step: int, resume_state: SamplerState) -> None:
-        extra = {"step": step, "sampler": {"epoch": resume_state.epoch, "position": resume_state.position}}
+        extra = {
+            "step": step,
+            "sampler": {"epoch": resume_state.epoch, "position": resume_state.position},
+            "identity": self.identity,
+        }
         self.learner.save(str(Path(self.cfg.trainer.output_dir) / f"step_{step:06d}"), extra)
 
     def close(self) -> None:
@@ -253,18 +352,29 @@ class Run:
 
 
 def _resume(run: Run) -> None:
-    from torl.checkpoint import latest_checkpoint
+    from torl.checkpoint import identity_differences, latest_checkpoint, read_trainer_state
 
     cfg = run.cfg.trainer
     if cfg.resume == "never":
+        run.tracker.keep_steps_before(0)
         return
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
     if not ckpt:
+        run.tracker.keep_steps_before(0)
         return
+    saved = read_trainer_state(ckpt).get("identity")
+    if saved is None:
+        print(f"[torl] warning: {ckpt} records no run identity (written by an older torl); resuming unchecked")
+    elif (diffs := identity_differences(saved, run.identity)) and not cfg.resume_force:
+        raise ConfigError(
+            f"{ckpt} was written by a different run:\n  " + "\n  ".join(diffs) + "\nResume anyway with "
+            "trainer.resume_force=true, or start afresh with trainer.resume=never or another trainer.output_dir"
+        )
     extra = run.learner.load(str(ckpt))
     run.start_step = int(extra["step"])
     run.sampler.state = SamplerState(**extra["sampler"])
     run.push_weights(run.start_step)
+    run.tracker.keep_steps_before(run.start_step + 1)  # the steps after the checkpoint are redone: logged once
     print(f"[torl] resumed from {ckpt} at step {run.start_step}")
 
 
@@ -304,6 +414,7 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     run_preflight(cfg, model_path, ray.cluster_resources(), total)  # before any actor starts
     tracker = Tracker(cfg.wandb, cfg.trainer.output_dir, to_dict(cfg), job=job)
     run = Run(cfg, model_path, sampler, val, tracker, total_steps=total)
+    run.identity = run_identity(to_dict(cfg), model_path, cfg.model.tokenizer_path or model_path)
     try:
         log_dir = str(Path(cfg.trainer.output_dir) / "logs")
         run.sandbox, run.generators, run.grader = spawn_rollout_actors(cfg, model_path, log_dir=log_dir)

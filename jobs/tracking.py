@@ -68,6 +68,24 @@ class Tracker:
         path.write_text(rid)
         return rid
 
+    def keep_steps_before(self, step: int) -> None:
+        """Drop the local rows (metrics.jsonl, samples.jsonl) of ``step`` and later: a resumed run redoes those
+        steps, and each step is to appear once. Rewritten atomically, so a crash here loses nothing kept."""
+        self.jsonl.close()
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = self.out / name
+            if not path.is_file():
+                continue
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
+            if len(kept) == len(lines):
+                continue
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+            print(f"[torl] {name}: dropped {len(lines) - len(kept)} rows of steps >= {step} (they are redone)")
+        self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in finish)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")

@@ -35,7 +35,7 @@ from torl.grading import overlong_penalty  # noqa: E402
 from torl.metrics import rollout_metrics  # noqa: E402
 from torl.progress import Progress  # noqa: E402
 from torl.sampler import SamplerState  # noqa: E402
-from torl.types import Trajectory  # noqa: E402
+from torl.types import LearnerDied, Trajectory  # noqa: E402
 
 # What the progress bar shows per step, and the held-out line per validation: (metric, label, format).
 STEP_FIGURES = [
@@ -136,6 +136,7 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
                 run.save(step, rollouts.resume_state())
         if cfg.trainer.log_samples_every and step % cfg.trainer.log_samples_every == 0:
             tracker.log_samples(step, trajs)
+        metrics.update(run.fault_metrics())
         metrics["time/step"] = time.perf_counter() - t_step
         metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / max(metrics["time/step"], 1e-9)
         tracker.log(step, metrics)
@@ -232,6 +233,13 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("[torl] interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
+    except LearnerDied as exc:
+        from torl.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(run.cfg.trainer.output_dir)
+        where = f"from {last}" if last else "from the start (no checkpoint yet)"
+        print(f"[torl] stopped: {exc}\n[torl] run the same command again to resume {where}", file=sys.stderr)
+        return 1
     finally:
         run.close()
     print(final_summary(run, validations, time.perf_counter() - t_start, wandb_at, argv))

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate  # the job's `python` is then the project's interpreter
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token  # loopback node IP; token auth on both sides
+# A loopback cluster: Ray's node IP and vLLM's address are 127.0.0.1 (the job itself pushes no address to the workers
+# of a cluster it connects to); token auth on both sides.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 VLLM_HOST_IP=127.0.0.1 RAY_AUTH_MODE=token
 case "${1:-}" in
   start)
     [ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ] || ray get-auth-token --generate >/dev/null

@@ -12,6 +12,7 @@ Not here: gathering sharded state (``actors/learner.py``); deciding when to save
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -148,3 +149,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _file_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def run_identity(config: dict[str, Any], model_path: str | Path, tokenizer_path: str | Path) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it, as flat ``{field: value}``.
+
+    The model by its directory name and its ``config.json`` (not its path: a moved checkout is the same run), the
+    tokenizer by its files' digests, the whole algorithm section, and what positions the data sampler: a resumed
+    sampler state means nothing over other data, batches or seeds. Everything else (steps, logging, resources,
+    rollout engine settings) may change between a run and its resume.
+    """
+    model, tok = Path(model_path), Path(tokenizer_path)
+    identity: dict[str, Any] = {
+        "model": model.resolve().name,
+        "model config.json": _file_digest(model / "config.json"),
+        "tokenizer.json": _file_digest(tok / "tokenizer.json"),
+        "tokenizer vocab.json": _file_digest(tok / "vocab.json"),
+    }
+    identity.update({f"algo.{k}": v for k, v in sorted(config["algo"].items())})
+    for key in ("train_files", "batch_size", "seed", "shuffle"):
+        identity[f"data.{key}"] = config["data"][key]
+    identity["rollout.n"] = config["rollout"]["n"]
+    return json.loads(json.dumps(identity))  # as it reads back from trainer_state.json (tuples become lists)
+
+
+def identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Each field where a checkpoint's run and this run differ, as ``field: checkpoint X, now Y``."""
+    return [
+        f"{key}: checkpoint {saved.get(key)!r}, now {now.get(key)!r}"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    ]

@@ -316,6 +316,16 @@ class TrainerConfig:
     keep_last: int = opt(2, "checkpoints kept")
     output_dir: str = opt("runs/default", "checkpoints, metrics.jsonl, samples")
     resume: str = opt("auto", "auto = last complete checkpoint in output_dir if any; never; or a checkpoint path")
+    max_actor_restarts: int = opt(
+        3,
+        "dead generators (actor or engine process) replaced per run before the run stops with the cause; each"
+        " replacement gets the current weights and rolls out the dead one's unfinished requests again",
+    )
+    resume_force: bool = opt(
+        False,
+        "resume even from a checkpoint written by a different run (other model, tokenizer, algo.* or data"
+        " sampling fields); without it such a resume is refused with the differences listed",
+    )
     max_staleness: int = opt(
         0,
         "0 = strictly on-policy (ToRL); k = roll out steps t+1..t+k while training step t (tokens at most k"

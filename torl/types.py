@@ -93,3 +93,21 @@ class Trajectory:
     def code_ok(self) -> bool:
         """True when code was attempted and every call ran without error."""
         return bool(self.tool_calls) and all(c.status == "ok" for c in self.tool_calls)
+
+
+class LearnerDied(RuntimeError):
+    """A learner rank is gone (killed, OOM, node lost): its shard of the model and optimizer went with it, so the run
+    stops, and ``trainer.resume=auto`` continues from the last checkpoint (jobs/train.py says so)."""
+
+
+class GeneratorDied(RuntimeError):
+    """Generator ``index`` is gone (its actor or its vLLM engine process died) mid-call; the training driver
+    replaces it. Raised where the index is known but the driver is not (the learner's weight push)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(index, message)  # both in args, so it survives pickling through Ray
+        self.index = index
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

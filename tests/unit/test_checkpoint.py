@@ -73,3 +73,32 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(state)
     b = (random.random(), float(np.random.rand()), torch.rand(3))
     assert a[:2] == b[:2] and torch.equal(a[2], b[2])
+
+
+def _identity(tmp_path, **changes):
+    from torl.config import load_config, to_dict
+
+    model = tmp_path / "Qwen-tiny"
+    if not model.is_dir():
+        model.mkdir()
+        (model / "config.json").write_text('{"hidden_size": 64}')
+        (model / "tokenizer.json").write_text('{"vocab": 1}')
+    cfg = to_dict(load_config([], [f"{k}={v}" for k, v in changes.items()]))
+    return ckpt.run_identity(cfg, model, model)
+
+
+def test_run_identity_names_what_differs(tmp_path):
+    base = _identity(tmp_path)
+    assert ckpt.identity_differences(base, _identity(tmp_path)) == []
+    assert ckpt.identity_differences(base, _identity(tmp_path, **{"trainer.total_steps": 99})) == []  # may change
+    diffs = ckpt.identity_differences(base, _identity(tmp_path, **{"algo.clip_high": 0.28, "data.batch_size": 7}))
+    assert diffs == ["algo.clip_high: checkpoint 0.2, now 0.28", "data.batch_size: checkpoint 128, now 7"]
+    (tmp_path / "Qwen-tiny" / "tokenizer.json").write_text('{"vocab": 2}')
+    assert [d.split(":")[0] for d in ckpt.identity_differences(base, _identity(tmp_path))] == ["tokenizer.json"]
+
+
+def test_run_identity_survives_the_json_round_trip(tmp_path):
+    identity = _identity(tmp_path, **{"data.train_files": "[a.parquet,b.parquet]"})
+    ckpt.write_trainer_state(tmp_path, {"identity": identity})
+    (tmp_path / ckpt.MARKER).write_text("ok\n")
+    assert ckpt.identity_differences(ckpt.read_trainer_state(tmp_path)["identity"], identity) == []

@@ -1,0 +1,99 @@
+"""Faults during a real training run of the tiny model: processes are killed with SIGKILL, as the OOM killer or a
+lost node would, while the job runs in this process (the test's Ray cluster).
+
+- A dead generator actor, and a dead vLLM engine process under a live actor: the job replaces the generator, brings
+  it to the current weights, rolls out the lost shard again and carries on; every step is trained and logged once.
+- A dead learner rank: the job stops with a message that says how to resume; a resume under a different algorithm
+  is refused naming the field; the same command resumes from the last checkpoint and each step is logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from test_train import _args  # the training test's arguments (tests/integration is on sys.path)
+
+from jobs.train import main as train_main
+
+
+def _rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _actor_processes(kind: str) -> list[psutil.Process]:
+    """Live Ray worker processes running actors of class ``kind`` (Ray titles them ``ray::<Class>...``)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith(f"ray::{kind}"):
+            found.append(proc)
+    return found
+
+
+def _engine_of(generator: psutil.Process) -> psutil.Process:
+    engines = [c for c in generator.children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
+    assert engines, "the generator has no engine-core process"
+    return engines[0]
+
+
+def _kill_after(out: Path, plan: list[tuple[int, str]], done: list[str]) -> threading.Thread:
+    """Kill, once step N's row is in metrics.jsonl, what ``plan`` names for it: a generator, its engine, a learner."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 600
+        for step, what in plan:
+            while not any(r["step"] == step for r in _rows(out)):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+            kind = "Learner" if what == "learner" else "Generator"
+            victim = _actor_processes(kind)[0]
+            if what == "engine":
+                victim = _engine_of(victim)
+            os.kill(victim.pid, signal.SIGKILL)
+            done.append(what)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_dead_generator_and_dead_engine_are_replaced(ray_cluster, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    killed: list[str] = []
+    killer = _kill_after(out, [(1, "generator"), (2, "engine")], killed)
+    args = [*_args(tiny_model_dir, out, 4, 0), "trainer.val_every=0", "trainer.max_actor_restarts=2"]
+    assert train_main(args) == 0
+    killer.join(timeout=5)
+    assert killed == ["generator", "engine"]
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # each step once, none lost
+    assert all(r["rollout/trajectories"] == 16 for r in rows[1:])
+    assert rows[-1]["faults/generator_restarts"] == 2
+    assert rows[-1]["rollout/policy_version"] == 3  # the replacement samples on the current weights
+
+
+def test_dead_learner_stops_the_run_and_the_same_command_resumes(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*_args(tiny_model_dir, out, 3, 0), "trainer.val_every=0", "trainer.save_every=1"]
+    killed: list[str] = []
+    killer = _kill_after(out, [(2, "learner")], killed)
+    assert train_main(args) == 1
+    killer.join(timeout=5)
+    err = capsys.readouterr().err
+    assert "learner rank 0 died" in err and "run the same command again to resume from" in err
+    assert "step_000002" in err
+
+    # A different algorithm is another run: refused, naming the field, before anything is loaded.
+    assert train_main([*args, "algo.clip_high=0.28"]) == 2
+    assert "algo.clip_high: checkpoint 0.2, now 0.28" in capsys.readouterr().err
+
+    assert train_main(args) == 0
+    assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3]  # step 3 (cut short by the kill) logged once
