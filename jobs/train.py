@@ -106,6 +106,7 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
 
     ahead = cfg.trainer.max_staleness
     rollouts = RolloutQueue(run, start=step, total=total)
+    saved: dict[str, float] = {}
     rollouts.fill(1)
     while step < total:
         t_step = time.perf_counter()
@@ -131,16 +132,20 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         rollouts.fill(1)  # on-policy: the next rollout starts on the weights just pushed
         if run.val and cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == total):
             metrics.update(run_validation(step))
-        if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
-            with timed(metrics, "time/save"):
-                run.save(step, rollouts.resume_state())
         if cfg.trainer.log_samples_every and step % cfg.trainer.log_samples_every == 0:
             tracker.log_samples(step, trajs)
         metrics.update(run.fault_metrics())
+        metrics.update(saved)  # the previous step's checkpoint, if one was written
         metrics["time/step"] = time.perf_counter() - t_step
         metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / max(metrics["time/step"], 1e-9)
+        # Logged before the checkpoint: a stop between the two then redoes this step and logs it again (the resume
+        # drops its first row), where the other order would lose the row of a step that is never redone.
         tracker.log(step, metrics)
         bar.update(1, **tracker.figures(metrics, STEP_FIGURES))
+        saved = {}
+        if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
+            with timed(saved, "time/save"):
+                run.save(step, rollouts.resume_state())
     bar.close()
     rollouts.drain()
     return validations

@@ -97,3 +97,48 @@ def test_dead_learner_stops_the_run_and_the_same_command_resumes(ray_cluster, ti
 
     assert train_main(args) == 0
     assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3]  # step 3 (cut short by the kill) logged once
+
+
+def test_sigterm_stops_the_job_cleanly_and_the_next_start_resumes(tiny_model_dir, tmp_path):
+    """What `ray job stop` does: SIGTERM to the driver, here while it saves a checkpoint every step. The job exits
+    130 after shutting its actors down; no temporary or marker-less checkpoint is left that a resume could pick,
+    and the next start continues from the last complete one. Its own Ray instance, as a submitted job has."""
+    import subprocess
+    import sys
+
+    from torl.checkpoint import MARKER, latest_checkpoint
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    args = [*_args(tiny_model_dir, out, 4, 0), "trainer.val_every=0", "trainer.save_every=1"]
+    env = {**os.environ, "TORL_PROGRESS": "lines"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/train.py", *args],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not any(r["step"] == 1 for r in _rows(out)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.02)
+    while not list(out.glob(".step_*")) and time.monotonic() < deadline:  # step 2's save under way, if caught
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted; the last complete checkpoint is kept" in output
+    assert not list(out.glob(".step_*")), "a temporary checkpoint directory was left behind"
+    assert all((d / MARKER).is_file() for d in out.glob("step_*"))
+    last = latest_checkpoint(out)
+    assert last is not None
+    done = json.loads((last / "trainer_state.json").read_text())["step"]
+
+    assert train_main(args) == 0
+    assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3, 4]
+    assert done >= 1

@@ -67,7 +67,9 @@ def test_train_steps_update_weights_and_reach_the_generator(ray_cluster, tiny_mo
     assert (out / "samples.jsonl").is_file()
 
 
-def test_resume_continues_from_the_last_checkpoint(ray_cluster, tiny_model_dir, tmp_path):
+def test_resume_continues_from_the_last_checkpoint_exactly(ray_cluster, tiny_model_dir, tmp_path):
+    """Stopped after step 2 and resumed, the run's step 3 equals an uninterrupted run's step 3 (on-policy: the same
+    weights, optimizer and RNG state, prompts and sampling seeds)."""
     out = tmp_path / "run"
     assert train_main(_args(tiny_model_dir, out, 2, 0)) == 0
     assert train_main([*_args(tiny_model_dir, out, 3, 0), "trainer.val_before_train=true"]) == 0
@@ -75,6 +77,12 @@ def test_resume_continues_from_the_last_checkpoint(ray_cluster, tiny_model_dir, 
     assert steps == [0, 1, 2, 3], steps  # no second validation at step 0, no retrained steps
     state = json.loads((out / "step_000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["sampler"]["position"] == 3 * 4
+
+    whole = tmp_path / "uninterrupted"
+    assert train_main(_args(tiny_model_dir, whole, 3, 0)) == 0
+    resumed, straight = _metrics(out)[-1], _metrics(whole)[-1]
+    for key in ("reward/mean", "response/length_mean", "rollout/tokens", "learner/loss", "learner/grad_norm"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key
 
 
 @pytest.mark.parametrize(
