@@ -8,8 +8,9 @@ parquet/jsonl path, or synthetic:<split>. Greedy by default (ToRL validates gree
 docs/torl-behaviour.md ("Evaluation")); ``eval.greedy=false eval.n=8`` samples with rollout.temperature for pass@k /
 mean@k. Problems stream through the generators in small chunks with a bounded number in flight; each finished problem
 is graded and appended to ``<out>/trajectories.jsonl`` at once, so an interrupted run resumes where it stopped.
-Outputs: trajectories.jsonl, results.json, results.txt (the table), run.json (the setup a resume must match) and W&B
-when enabled.
+Outputs: trajectories.jsonl, results.json, results.txt (the table), pass_rates.jsonl (per problem: samples, correct,
+pass rate; jobs/prepare_data.py balances difficulty with it), run.json (the setup a resume must match) and W&B when
+enabled.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torl.evaluation import (  # noqa: E402
     flat_metrics,
     format_table,
     summarize,
+    write_pass_rates,
 )
 
 # Generator metrics that add up over chunks (counts and seconds); rates and ratios are recomputed from records.
@@ -308,6 +310,7 @@ def main(argv: list[str]) -> dict:
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = format_table(summary)
     (out / "results.txt").write_text(table + "\n")
+    write_pass_rates(out / "pass_rates.jsonl", records)
     print(table)
     log_wandb(cfg, out, summary, records)
     return summary

@@ -33,6 +33,7 @@ from torl.data import DataError  # noqa: E402
 from torl.dynamic_sampling import VariedBatch  # noqa: E402
 from torl.grading import overlong_penalty  # noqa: E402
 from torl.metrics import rollout_metrics  # noqa: E402
+from torl.problem_rewards import record_problem_rewards  # noqa: E402
 from torl.progress import Progress  # noqa: E402
 from torl.sampler import SamplerState  # noqa: E402
 from torl.types import LearnerDied, Trajectory  # noqa: E402
@@ -117,6 +118,7 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
 
         with timed(metrics, "time/grade"):
             grade(run, trajs)
+        record_problem_rewards(cfg.trainer.output_dir, step + 1, trajs)  # LIMR's per-problem reward curves
         metrics.update(rollout_metrics(trajs))
         if cfg.algo.dynamic_sampling:
             with timed(metrics, "time/dynamic_sampling"):

@@ -4,7 +4,8 @@ Formats: veRL/ToRL parquet (``prompt[1].content`` is the question, ToRL's templa
 ``reward_model.ground_truth`` the answer; ``extra_info.id`` dedups ToRL's 4 copies of each AIME problem), the five
 benchmark jsonl files (``problem``/``question`` and ``answer``/``final_answer`` fields), LIMR's ``save_to_disk``
 arrow directory (read with pyarrow, no ``datasets``), generic jsonl/parquet with question/answer fields, and
-``synthetic:<split>`` from ``torl.tasks``. AIME25's corrupted rows (a form feed where ``\\f`` of ``\\frac`` was)
+``synthetic:<split>`` from ``torl.tasks``. Other field names are named with ``FieldNames`` (dotted paths reach into
+nested fields). AIME25's corrupted rows (a form feed where ``\\f`` of ``\\frac`` was)
 are replaced by the clean text from ToRL's parquet.
 
 Not here: prompt templating (``torl/prompts.py``), tokenisation, length filtering and batching.
@@ -40,6 +41,23 @@ class DataError(ValueError):
     """A data file the loader cannot use; the message names the file (and row)."""
 
 
+class EmptyField(DataError):
+    """A row whose question or answer field is present but empty: a bad row, not a bad file (data preparation
+    counts these instead of stopping)."""
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """Where a row keeps its question, answer and id when the defaults do not fit ("" = detect as usual).
+
+    Dotted paths reach into nested fields and lists: ``reward_model.ground_truth``, ``messages.1.content``.
+    """
+
+    question: str = ""
+    answer: str = ""
+    id: str = ""
+
+
 @dataclass(frozen=True)
 class Problem:
     id: str  # unique within a load: "<source>/<id in the file>" (row index when the file has no id)
@@ -65,27 +83,29 @@ def load_benchmark(name: str, skip_bad_rows: bool = False) -> list[Problem]:
     return load_problems(shared_data_dir() / BENCHMARKS[name], skip_bad_rows=skip_bad_rows)
 
 
-def load_problems(spec: str | Path, skip_bad_rows: bool = False, dedup: bool = True, seed: int = 0) -> list[Problem]:
-    """Problems from a file, an arrow directory, a ``BENCHMARKS`` name or ``synthetic:<split>[:n]``.
+def load_problems(
+    spec: str | Path, skip_bad_rows: bool = False, dedup: bool = True, seed: int = 0, fields: FieldNames = FieldNames()
+) -> list[Problem]:
+    """Problems from a file, a directory of them, a ``BENCHMARKS`` name or ``synthetic:<split>[:n]``.
 
     Relative paths that do not exist are also looked up under ``shared_data_dir()`` (so ``math500/test.jsonl`` works
     anywhere). Rows without a question or answer raise ``DataError`` naming file and row, or are skipped and counted
     when ``skip_bad_rows``. ``dedup`` drops repeated ids (ToRL's parquet repeats each AIME problem 4 times).
-    ``seed`` only matters for synthetic splits.
+    ``seed`` only matters for synthetic splits; ``fields`` names non-standard question/answer/id fields.
     """
     spec_str = str(spec)
     if spec_str.startswith("synthetic:"):
         return _load_synthetic(spec_str, seed)
     if spec_str in BENCHMARKS and not Path(spec_str).exists():  # a benchmark name, e.g. data.val_files=[torl_val]
         return load_benchmark(spec_str, skip_bad_rows=skip_bad_rows)
-    path = _resolve(Path(spec_str))
-    rows = _read_rows(path)
+    path = resolve_path(Path(spec_str))
+    rows = read_rows(path)
     problems: list[Problem] = []
     bad = dupes = 0
     seen: set[str] = set()
     for index, row in enumerate(rows):
         try:
-            problem = _to_problem(row, index, path)
+            problem = row_to_problem(row, index, path, fields)
         except DataError:
             if not skip_bad_rows:
                 raise
@@ -111,7 +131,8 @@ def load_problems(spec: str | Path, skip_bad_rows: bool = False, dedup: bool = T
 # Reading rows
 
 
-def _resolve(path: Path) -> Path:
+def resolve_path(path: Path) -> Path:
+    """``path`` itself when it exists, else the same relative path under ``shared_data_dir()``."""
     if path.exists():
         return path
     if not path.is_absolute():
@@ -124,10 +145,13 @@ def _resolve(path: Path) -> Path:
     raise DataError(f"data file not found: {path}")
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Every row of a data file or directory as a dict; ``DataError`` names the file (and line) it cannot read."""
     if path.is_dir():
-        return _read_arrow_dir(path)
+        return [row for f in data_files(path) for row in read_rows(f)]
     suffix = path.suffix.lower()
+    if suffix == ".json" and _starts_with(path, b"["):
+        return _read_json_array(path)
     if suffix in (".jsonl", ".json"):
         return list(_read_jsonl(path))
     if suffix == ".parquet":
@@ -153,6 +177,23 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             yield row
 
 
+def _starts_with(path: Path, first: bytes) -> bool:
+    with path.open("rb") as f:
+        return f.read(4096).lstrip().startswith(first)
+
+
+def _read_json_array(path: Path) -> list[dict[str, Any]]:
+    """A ``.json`` file holding one list of row objects (how some released prompt sets are stored)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON: {exc}") from exc
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {index}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
 def _read_arrow_file(path: Path) -> list[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.ipc as ipc
@@ -165,17 +206,22 @@ def _read_arrow_file(path: Path) -> list[dict[str, Any]]:
     return table.to_pylist()
 
 
-def _read_arrow_dir(path: Path) -> list[dict[str, Any]]:
-    """A ``datasets.save_to_disk`` directory: a split dir with ``*.arrow`` shards, or a DatasetDict (train split)."""
+def data_files(path: Path) -> list[Path]:
+    """The files behind a data path: itself, or for a directory its shards in name order. A ``datasets.save_to_disk``
+    directory holds ``*.arrow`` shards (a DatasetDict: those of its train split); other directories hold parquet or
+    jsonl files (``train_math_hard/``)."""
+    if not path.is_dir():
+        return [path]
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         if "train" not in splits:
             raise DataError(f"{path}: DatasetDict without a train split ({splits}); point at a split directory")
         path = path / "train"
-    shards = sorted(path.glob("*.arrow"))
-    if not shards:
-        raise DataError(f"{path}: directory holds no .arrow files")
-    return [row for shard in shards for row in _read_arrow_file(shard)]
+    for pattern in ("*.arrow", "*.parquet", "*.jsonl"):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise DataError(f"{path}: directory holds no .arrow, .parquet or .jsonl files")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,28 +252,57 @@ def _source_of(row: dict[str, Any], path: Path) -> str:
     return stem
 
 
-def _to_problem(row: dict[str, Any], index: int, path: Path) -> Problem:
-    where = f"{path} row {index}"
+def _field(row: dict[str, Any], name: str, where: str) -> Any:
+    """The value at a dotted path (``reward_model.ground_truth``, ``messages.1.content``); DataError if absent."""
+    value: Any = row
+    for part in name.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list | tuple) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise DataError(f"{where}: no field {name!r}; fields are {sorted(row)}")
+    return value
+
+
+def _standard_fields(row: dict[str, Any]) -> tuple[str | None, str | None, Any]:
+    """(question, answer, id) from the field names torl knows; None for a question or answer field the row lacks."""
     if "prompt" in row and "reward_model" in row:  # veRL/ToRL schema
-        prompt = row["prompt"]
         # ToRL's tir_base_0309 uses prompt[1].content (the user turn) and ignores the system message.
-        user = [m for m in prompt or [] if isinstance(m, dict) and m.get("role") == "user"]
+        user = [m for m in row["prompt"] or [] if isinstance(m, dict) and m.get("role") == "user"]
         question = _text(user[-1].get("content")) if user else ""
         answer = _text((row["reward_model"] or {}).get("ground_truth"))
-        raw_id = (row.get("extra_info") or {}).get("id")
-    else:
-        question = next((_text(row[k]) for k in _QUESTION_FIELDS if _text(row.get(k))), "")
-        answer = next((_text(row[k]) for k in _ANSWER_FIELDS if _text(row.get(k))), "")
-        raw_id = next((row[k] for k in _ID_FIELDS if row.get(k) is not None and row.get(k) != ""), None)
-        if not any(k in row for k in _QUESTION_FIELDS) or not any(k in row for k in _ANSWER_FIELDS):
-            raise DataError(
-                f"{where}: no question field ({'/'.join(_QUESTION_FIELDS)}) or answer field "
-                f"({'/'.join(_ANSWER_FIELDS)}); fields are {sorted(row)}"
-            )
+        return question, answer, (row.get("extra_info") or {}).get("id")
+    question = next((_text(row[k]) for k in _QUESTION_FIELDS if _text(row.get(k))), "")
+    answer = next((_text(row[k]) for k in _ANSWER_FIELDS if _text(row.get(k))), "")
+    raw_id = next((row[k] for k in _ID_FIELDS if row.get(k) is not None and row.get(k) != ""), None)
+    return (
+        question if any(k in row for k in _QUESTION_FIELDS) else None,
+        answer if any(k in row for k in _ANSWER_FIELDS) else None,
+        raw_id,
+    )
+
+
+def row_to_problem(row: dict[str, Any], index: int, path: Path, fields: FieldNames = FieldNames()) -> Problem:
+    """One row as a ``Problem``: ``DataError`` naming file and row when a field is missing, ``EmptyField`` when the
+    question or answer is empty."""
+    where = f"{path} row {index}"
+    question, answer, raw_id = _standard_fields(row)
+    if fields.question:
+        question = _text(_field(row, fields.question, where))
+    if fields.answer:
+        answer = _text(_field(row, fields.answer, where))
+    if fields.id:
+        raw_id = _field(row, fields.id, where)
+    if question is None or answer is None:
+        raise DataError(
+            f"{where}: no question field ({'/'.join(_QUESTION_FIELDS)}) or answer field "
+            f"({'/'.join(_ANSWER_FIELDS)}); fields are {sorted(row)} (name yours with question_field/answer_field)"
+        )
     if not question:
-        raise DataError(f"{where}: empty question")
+        raise EmptyField(f"{where}: empty question")
     if not answer:
-        raise DataError(f"{where}: empty answer")
+        raise EmptyField(f"{where}: empty answer")
     source = _source_of(row, path)
     return Problem(
         id=f"{source}/{raw_id if raw_id is not None else index}", source=source, question=question, answer=answer

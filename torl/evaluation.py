@@ -166,6 +166,49 @@ def finished_keys(records: Iterable[EvalRecord], n: int) -> set[tuple[str, str]]
     return {k for k, rs in latest_records(records).items() if {r.sample for r in rs} >= set(range(n))}
 
 
+def problem_pass_rates(records: Iterable[EvalRecord]) -> list[dict[str, Any]]:
+    """One row per problem: benchmark, problem_id, source, samples, correct, pass_rate (the share of its samples that
+    were correct). Data preparation balances difficulty with these (``torl/prepare/balance.py``)."""
+    rows = []
+    for (bench, pid), rs in latest_records(records).items():
+        correct = sum(r.correct for r in rs)
+        rows.append(
+            {
+                "benchmark": bench,
+                "problem_id": pid,
+                "source": rs[0].source,
+                "samples": len(rs),
+                "correct": correct,
+                "pass_rate": correct / len(rs),
+            }
+        )
+    return rows
+
+
+def write_pass_rates(path: str | Path, records: Iterable[EvalRecord]) -> None:
+    """``pass_rates.jsonl`` beside an evaluation's results: ``problem_pass_rates`` one JSON line each."""
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in problem_pass_rates(records)), encoding="utf-8")
+
+
+def read_pass_rates(path: str | Path) -> dict[str, float]:
+    """``{problem_id: pass_rate}`` from a ``pass_rates.jsonl`` or the evaluation directory holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pass_rates.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path}: no pass-rate file (jobs/eval.py writes pass_rates.jsonl in its output directory)")
+    rates = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rates[str(row["problem_id"])] = float(row["pass_rate"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{lineno}: not a pass-rate row ({exc})") from exc
+    return rates
+
+
 def check_run_meta(path: str | Path, meta: dict[str, Any]) -> None:
     """Write the settings that make results comparable, or check them against an earlier run in the same place.
 

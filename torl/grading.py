@@ -365,6 +365,19 @@ def is_equivalent(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
         return False
 
 
+def is_verifiable(gold: str, timeout_s: float = 5.0) -> bool:
+    """Whether a gold answer can be graded at all: a plain number (units dropped) can; anything else must parse in
+    math-verify and verify against itself, else no response could ever be judged equal to it by ``is_equivalent``.
+    Raises when the math-verify helper cannot start (a broken install must not reject every answer)."""
+    if not isinstance(gold, str) or not gold.strip() or len(gold) > MAX_ANSWER_CHARS:
+        return False
+    norm = normalize_answer(gold)
+    if parse_number(norm) is not None or parse_number(_strip_unit(norm)) is not None:
+        return True
+    math = wrap_math(norm)
+    return _shared_worker().check(math, math, timeout_s)
+
+
 def score(
     response_text: str, gold: str, cfg: RewardConfig, attempted_code: bool = False, code_failed: bool = False
 ) -> tuple[float, bool]:

@@ -115,6 +115,11 @@ def test_every_shipped_preset_loads(preset):
     text = path.read_text()
     if preset.startswith("base_model") or "\napplications:" in "\n" + text:
         pytest.skip("not a run config (model recipe or Ray Serve deployment file)")
+    if preset.startswith("data_"):  # jobs/prepare_data.py's own config
+        from torl.prepare.config import load_prepare_config
+
+        load_prepare_config([str(path)], [])
+        return
     load_config([str(path)])
 
 

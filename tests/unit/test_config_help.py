@@ -7,13 +7,14 @@ from pathlib import Path
 
 from torl.config import Config
 from torl.config_help import format_help, markdown, sections
+from torl.prepare.config import PrepareConfig, SourceConfig
 from torl.pretrain import BaseModelRecipe
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_field_has_help():
-    for cls in (Config, BaseModelRecipe):
+    for cls in (Config, BaseModelRecipe, PrepareConfig, SourceConfig):
         missing = [fd.key for _, _, fields in sections(cls) for fd in fields if not fd.help.strip()]
         assert not missing, f"fields without help: {missing}"
     assert all(f.metadata.get("help") for f in dataclasses.fields(Config)), "a config section has no help"

@@ -7,7 +7,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from torl.data import BENCHMARKS, DataError, Problem, load_benchmark, load_problems, shared_data_dir
+from torl.data import (
+    BENCHMARKS,
+    DataError,
+    EmptyField,
+    FieldNames,
+    Problem,
+    load_benchmark,
+    load_problems,
+    shared_data_dir,
+)
 
 # SOURCES.md row counts (raw rows, before dedup).
 RAW_ROWS = {
@@ -167,3 +176,37 @@ def test_synthetic_spec_dispatches_to_tasks():
     assert problems == load_problems("synthetic:test:5", seed=3)
     with pytest.raises(DataError, match="bad synthetic spec"):
         load_problems("synthetic:test:many")
+
+
+def test_configured_fields_with_dotted_paths(tmp_path):
+    rows = [{"meta": {"uid": "a1"}, "body": {"text": "1+1?"}, "sol": [{"final": 2}]}]
+    f = _write_jsonl(tmp_path / "custom.jsonl", rows)
+    with pytest.raises(DataError, match="custom.jsonl row 0: no question field"):
+        load_problems(f)  # nothing to detect
+    fields = FieldNames(question="body.text", answer="sol.0.final", id="meta.uid")
+    assert load_problems(f, fields=fields) == [Problem("custom/a1", "custom", "1+1?", "2")]
+    with pytest.raises(DataError, match=r"custom.jsonl row 0: no field 'sol.1.final'"):
+        load_problems(f, fields=FieldNames(question="body.text", answer="sol.1.final"))
+
+
+def test_json_array_file_and_directory_of_parquet(tmp_path):
+    f = tmp_path / "probs.json"
+    f.write_text(json.dumps([{"problem": "a?", "answer": "1"}, {"problem": "b?", "answer": "2"}]))
+    assert [p.question for p in load_problems(f)] == ["a?", "b?"]
+    f.write_text(json.dumps([{"problem": "a?", "answer": "1"}, 3]))
+    with pytest.raises(DataError, match=r"probs.json row 1: expected a JSON object"):
+        load_problems(f)
+    d = tmp_path / "pool"
+    d.mkdir()
+    for i, name in enumerate(["part-b.parquet", "part-a.parquet"]):
+        pq.write_table(pa.table({"question": [f"q{i}?"], "answer": [str(i)]}), d / name)
+    assert [p.question for p in load_problems(d)] == ["q1?", "q0?"]  # files in name order
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no .arrow, .parquet or .jsonl files"):
+        load_problems(tmp_path / "empty")
+
+
+def test_empty_fields_are_their_own_error_class(tmp_path):
+    f = _write_jsonl(tmp_path / "e.jsonl", [{"question": "q", "answer": ""}])
+    with pytest.raises(EmptyField, match="e.jsonl row 0: empty answer"):
+        load_problems(f)

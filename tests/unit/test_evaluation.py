@@ -13,7 +13,10 @@ from torl.evaluation import (
     flat_metrics,
     format_table,
     pass_at_k,
+    problem_pass_rates,
+    read_pass_rates,
     summarize,
+    write_pass_rates,
 )
 from torl.types import ToolCall, Trajectory
 
@@ -156,3 +159,18 @@ def test_summarize_sampling_pass_and_mean_at_k_and_sources():
 def test_benchmark_without_records_is_left_out():
     s = summarize([rec("aime24", "1", True)], ["aime24", "amc23"])
     assert list(s["benchmarks"]) == ["aime24"]
+
+
+def test_eval_pass_rates_round_trip(tmp_path):
+    records = [rec("train.parquet", "ds/a", c, sample=i) for i, c in enumerate([True, False, True, True])]
+    records += [rec("train.parquet", "ds/b", False, sample=i) for i in range(4)]
+    rows = problem_pass_rates(records)
+    assert [(r["problem_id"], r["samples"], r["correct"], r["pass_rate"]) for r in rows] == [
+        ("ds/a", 4, 3, 0.75),
+        ("ds/b", 4, 0, 0.0),
+    ]
+    write_pass_rates(tmp_path / "pass_rates.jsonl", records)
+    assert read_pass_rates(tmp_path) == {"ds/a": 0.75, "ds/b": 0.0}
+    (tmp_path / "pass_rates.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="pass_rates.jsonl:1"):
+        read_pass_rates(tmp_path)
