@@ -27,21 +27,17 @@ def _values_and_grads(chunk, use_logp=True, use_entropy=True, **kw):
     """logp, entropy and the gradients of a loss mixing both with per-token weights, as the policy loss does."""
     hidden, weight, bias, targets = _inputs(**kw)
     logp, ent = hidden_logprobs(hidden, weight, bias, targets, chunk)
-    g = torch.Generator().manual_seed(1)
-    loss = 0.0
-    if use_logp:
-        loss = loss + (torch.randn(N, generator=g) * logp).sum()
-    if use_entropy:
-        loss = loss + (torch.randn(N, generator=g) * ent).sum()
-    loss.backward()
-    grads = [hidden.grad, weight.grad] + ([bias.grad] if bias is not None else [])
-    return [logp.detach(), ent.detach()], grads
+    return _backward(logp, ent, hidden, weight, bias, use_logp, use_entropy)
 
 
 def _reference(use_logp=True, use_entropy=True, **kw):
     """The full [N, V] logits through token_logprobs, what the learner computed before chunking."""
     hidden, weight, bias, targets = _inputs(**kw)
     logp, ent = token_logprobs(F.linear(hidden, weight, bias), targets)
+    return _backward(logp, ent, hidden, weight, bias, use_logp, use_entropy)
+
+
+def _backward(logp, ent, hidden, weight, bias, use_logp, use_entropy):
     g = torch.Generator().manual_seed(1)
     loss = 0.0
     if use_logp:
