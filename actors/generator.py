@@ -353,7 +353,7 @@ class Generator:
                     )
         else:
             trajs = list(await asyncio.gather(*(one(lp) for lp in loops)))
-        metrics = batch_metrics(trajs, BatchStats(time.perf_counter() - t0, loops), settings.tool)
+        metrics = batch_metrics(trajs, BatchStats(time.perf_counter() - t0, loops))
         metrics["rollout/policy_version"] = float(self._version)
         # Idle is only meaningful while a batch runs; before the first call the open span is the actor's start-up.
         metrics["time/engine_idle_tools"] = self._idle_total() - idle0

@@ -42,8 +42,6 @@ from torl.evaluation import (  # noqa: E402
     write_pass_rates,
 )
 
-# Generator metrics that add up over chunks (counts and seconds); rates and ratios are recomputed from records.
-SUMMED = ("rollout/tokens", "tool/calls")
 NAMED_BENCHMARKS = ("aime24", "aime25", "math500", "olympiadbench", "amc23", "torl_val")
 
 
@@ -192,7 +190,7 @@ def stream(cfg: Config, generators: list, grader, items: list[Item], store: Resu
     import ray
 
     from torl.progress import Progress
-    from torl.rollout import GenRequest
+    from torl.rollout import COUNTS, GenRequest
 
     n, greedy, size = cfg.eval.n, cfg.eval.greedy, cfg.eval.chunk_size
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
@@ -210,7 +208,8 @@ def stream(cfg: Config, generators: list, grader, items: list[Item], store: Resu
         (ref,), _ = ray.wait(list(inflight), num_returns=1)
         chunk = inflight.pop(ref)
         trajs, metrics = ray.get(ref)
-        totals.update({k: v for k, v in metrics.items() if k in SUMMED or k.startswith("time/")})
+        # Counts and seconds add up over chunks; rates and ratios are recomputed from the records.
+        totals.update({k: v for k, v in metrics.items() if k in COUNTS or k.startswith("time/")})
         verdicts = ray.get(grader.grade.remote([t.grade_item() for t in trajs]))
         records = to_records(chunk, trajs, verdicts, n)
         store.append(records)

@@ -22,6 +22,7 @@ from torl.config import Config, ConfigError, load_config, replace, split_cli, to
 from torl.data import load_problems
 from torl.paths import resolve
 from torl.prompts import build_prompt
+from torl.rollout import merge_batch_metrics
 from torl.sampler import EncodedProblem, PromptSampler, SamplerState, encode_problems
 
 if TYPE_CHECKING:  # annotations only: importing these starts nothing, but pulls in Ray and torch
@@ -186,34 +187,6 @@ def load_encoded(cfg: Config, specs: tuple[str, ...], tokenizer, limit: int = 0)
     return encode_problems(problems, render, encode, max_len)
 
 
-# Generator metrics that are counts add up over generators; wall times take the slowest; the rest are averaged.
-_SUMMED = (
-    "rollout/trajectories",
-    "rollout/tokens",
-    "rollout/obs_tokens",
-    "tool/calls",
-    "tool/requests",
-    "tool/timeouts",
-    "tool/sandbox_errors",
-    "tool/unexecuted_requests",
-    "tool/stop_missed",
-    "rollout/preempted",
-)
-
-
-def merge_generator_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    merged: dict[str, float] = {}
-    for key in {k for m in parts for k in m}:
-        values = [m[key] for m in parts if key in m]
-        if key in _SUMMED or key == "rollout/tokens_per_s":
-            merged[key] = sum(values)
-        elif key == "time/rollout":
-            merged[key] = max(values)
-        else:
-            merged[key] = sum(values) / len(values)
-    return merged
-
-
 def push_weights(cfg: Config, learner: LearnerGroup, generators: list[ActorHandle], version: int) -> None:
     """The learner's current weights to every generator, which tags the tokens it samples next ``version``."""
     import ray
@@ -297,7 +270,7 @@ class Run:
                     self.push_weights(self.version)
                     shard.ref = self.generators[shard.index].generate.remote(shard.requests, shard.greedy)
         trajs = [t for ts, _ in results for t in ts]
-        return trajs, merge_generator_metrics([m for _, m in results])
+        return trajs, merge_batch_metrics([m for _, m in results])
 
     def replace_generator(self, index: int, cause: BaseException) -> None:
         """A new generator in place of dead generator ``index`` (the caller pushes it the weights); at most

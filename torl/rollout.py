@@ -305,7 +305,41 @@ class BatchStats:
     loops: Sequence[ToolLoop] = field(default_factory=list)
 
 
-def batch_metrics(trajs: Sequence[Trajectory], stats: BatchStats, tool: ToolConfig) -> dict[str, float]:
+# How batch metrics combine. Counts (and throughput) add up over generators sharing a batch and over the chunks of an
+# evaluation; the batch's wall time is its slowest generator's; every other metric is a mean or a rate, averaged.
+COUNTS = frozenset(
+    {
+        "rollout/trajectories",
+        "rollout/tokens",
+        "rollout/obs_tokens",
+        "rollout/preempted",
+        "tool/calls",
+        "tool/requests",
+        "tool/timeouts",
+        "tool/sandbox_errors",
+        "tool/unexecuted_requests",
+        "tool/stop_missed",
+    }
+)
+ADDED_RATES = frozenset({"rollout/tokens_per_s"})
+SLOWEST = frozenset({"time/rollout"})
+
+
+def merge_batch_metrics(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One batch's metrics from its generators' parts (each ``batch_metrics`` of its shard)."""
+    merged: dict[str, float] = {}
+    for key in {k for m in parts for k in m}:
+        values = [m[key] for m in parts if key in m]
+        if key in COUNTS or key in ADDED_RATES:
+            merged[key] = sum(values)
+        elif key in SLOWEST:
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged
+
+
+def batch_metrics(trajs: Sequence[Trajectory], stats: BatchStats) -> dict[str, float]:
     """Flat, slash-namespaced metrics of one batch of trajectories (the driver logs them to W&B)."""
     n = max(len(trajs), 1)
     sampled = sum(sum(t.loss_mask) for t in trajs)

@@ -213,7 +213,7 @@ def test_metrics_and_warnings():
     t_ok = run(lp_ok, Script([sampled("```python\nx\n```\n", stop_reason=STOP), sampled("a")]))
     lp_len = make_loop(max_calls=1, max_resp=3)
     t_len = run(lp_len, Script([sampled("abcdef", finish="length")]))
-    m = batch_metrics([t_ok, t_len], BatchStats(2.0, [lp_ok, lp_len]), ToolConfig())
+    m = batch_metrics([t_ok, t_len], BatchStats(2.0, [lp_ok, lp_len]))
     assert m["tool/calls"] == 1 and m["tool/code_ratio"] == 0.5 and m["tool/exec_success"] == 1.0
     assert m["response/cutoff_rate"] == 0.5 and m["rollout/tokens"] == sum(t_ok.loss_mask) + 3
     assert m["rollout/tokens_per_s"] == m["rollout/tokens"] / 2.0
@@ -222,11 +222,11 @@ def test_metrics_and_warnings():
     # Requests that never execute, and a stop string the model writes but that never fires, are reported.
     lp_bad = make_loop(max_calls=1)
     t_bad = run(lp_bad, Script([sampled("```python\nx", stop_reason=STOP), sampled("``` output ```output 1")]))
-    m = batch_metrics([t_bad], BatchStats(1.0, [lp_bad]), ToolConfig())
+    m = batch_metrics([t_bad], BatchStats(1.0, [lp_bad]))
     assert m["tool/unexecuted_requests"] == 1 and len(tool_warnings(m, ToolConfig())) == 1
     lp_miss = make_loop(max_calls=1)
     t_miss = run(lp_miss, Script([sampled("```python\nx\n```\n```output\n1")]))
-    m = batch_metrics([t_miss], BatchStats(1.0, [lp_miss]), ToolConfig())
+    m = batch_metrics([t_miss], BatchStats(1.0, [lp_miss]))
     assert m["tool/stop_missed"] == 1 and "never fired" in tool_warnings(m, ToolConfig())[0]
 
 
@@ -241,3 +241,16 @@ def test_seeds_are_deterministic_and_distinct():
 def test_settings_from_config_overrides():
     s = LoopSettings.from_config(Config(), max_calls=3, tools=False)
     assert s.tool.max_calls == 3 and not s.tool.enabled and s.max_response_tokens == 3072
+
+
+def test_generator_parts_merge_by_kind():
+    from torl.rollout import merge_batch_metrics
+
+    a = {"rollout/tokens": 10.0, "rollout/tokens_per_s": 5.0, "time/rollout": 2.0, "tool/code_ratio": 0.5}
+    b = {"rollout/tokens": 30.0, "rollout/tokens_per_s": 15.0, "time/rollout": 3.0, "tool/code_ratio": 1.0}
+    assert merge_batch_metrics([a, b]) == {
+        "rollout/tokens": 40.0,  # counts add up
+        "rollout/tokens_per_s": 20.0,  # generators decode side by side
+        "time/rollout": 3.0,  # the batch waits for the slowest
+        "tool/code_ratio": 0.75,  # rates are averaged
+    }
