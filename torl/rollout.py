@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from torl import tool_protocol
 from torl.config import Config, ToolConfig
+from torl.tool_protocol import LoopState
 from torl.types import ExecResult, FinishReason, ToolCall, Trajectory
 
 log = logging.getLogger(__name__)
@@ -187,26 +188,25 @@ class ToolLoop:
             self.preemptions += 1
             return None
         self.rounds += 1
-        stops = self._stops()
-        if out.finish_reason == "abort":
-            self._finish("abort")
-        elif out.finish_reason == "length":
-            self._finish("length")
-        elif stops and tool_protocol.is_tool_request(out.finish_reason, out.stop_reason, stops[0]):
-            self.requests += 1
-            code = tool_protocol.last_code_block(self._round_text)
-            if code is None:
-                # ToRL quirk (iii): a stop without a complete block executes nothing; generation continues with the
-                # stop-string tokens kept (ToRL loses that text).
-                self.unexecuted += 1
-                self._round_text = ""
-                return None
-            self._tail = self._tail_after_stop(out.token_ids, stops[0])
-            self.pending_code = code
-            return code
-        else:
+        if out.finish_reason in ("abort", "length"):
+            self._finish(out.finish_reason)
+            return None
+        tool = self.s.tool
+        code = tool_protocol.last_code_block(self._round_text)
+        state = tool_protocol.next_state(out.finish_reason, out.stop_reason, code, self.calls, tool)
+        if state is LoopState.STOP:
             self._finish("eos")
-        return None
+            return None
+        self.requests += 1
+        if state is LoopState.GENERATE:
+            # ToRL quirk (iii): a stop without a complete block executes nothing; generation continues with the
+            # stop-string tokens kept (ToRL loses that text).
+            self.unexecuted += 1
+            self._round_text = ""
+            return None
+        self._tail = self._tail_after_stop(out.token_ids, tool.stop)
+        self.pending_code = code
+        return code
 
     def _tail_after_stop(self, ids: list[int], stop: str) -> str:
         """Characters the last sampled tokens carry past the stop string (vLLM cuts text, not tokens)."""
