@@ -6,8 +6,9 @@ Runs the training job in this process (its own local Ray cluster) for ``--steps`
 ``--every`` seconds, the RSS of each Ray actor process (``ray::<Class>``: generators, learner, sandbox workers,
 grader) and of each process below it (vLLM's engine core, the sandbox zygote). The step a sample belongs to is the
 number of rows in the run's metrics.jsonl. After a warm-up (the first 10% of steps: allocators and caches filling)
-it fits a least-squares line of RSS against step per process and prints MB per 100 steps (a leak shows as a steady
-positive slope; the target is under 5). A process that was replaced (a fault) shows as two rows.
+it fits a least-squares line of RSS against step per process and prints MB per 100 steps, also over the second half
+alone (a leak shows as a steady positive slope in both; caches filling, such as the engine's KV blocks being touched
+for the first time, flatten out; the target is under 5). A process that was replaced (a fault) shows as two rows.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def _label(proc: psutil.Process) -> str | None:
 
 
 def sample(into: dict[tuple[str, int], list[tuple[int, float]]], step: int) -> None:
-    """One RSS reading (MB) of every actor process and its descendants, keyed by (role, pid)."""
-    for proc in psutil.process_iter():
+    """One RSS reading (MB) of every actor process of this run's cluster (all descend from this process: it
+    started Ray) and of the processes below them, keyed by (role, pid)."""
+    for proc in psutil.Process().children(recursive=True):
         try:
             label = _label(proc)
             if label is None:
@@ -83,6 +85,8 @@ def main() -> None:
         metrics = out / "metrics.jsonl"
         while not done.is_set():
             step = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+            if step > args.steps:  # every step logged: what follows is the shutdown, not the run
+                break
             sample(readings, step)
             done.wait(args.every)
 
@@ -96,13 +100,18 @@ def main() -> None:
     faults = rows[-1].get("faults/generator_restarts", 0) if rows else 0
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n{len(rows)} steps in {minutes:.1f} min (exit {rc}), generator restarts {faults:g}")
-    warm = args.steps // 10
-    print(f"{'process':34}{'pid':>8}{'samples':>9}{'RSS start MB':>14}{'RSS end MB':>12}{'MB / 100 steps':>16}")
+    warm, half = args.steps // 10, args.steps // 2
+    print("MB / 100 steps: least-squares slope of RSS after the warm-up, and over the second half alone")
+    print(f"{'process':30}{'pid':>8}{'samples':>9}{'RSS start MB':>14}{'RSS end MB':>12}{'slope':>9}{'2nd half':>10}")
     for (label, pid), points in sorted(readings.items()):
         kept = [p for p in points if p[0] >= warm]
-        if len(kept) < 3:
+        late = [p for p in points if p[0] >= half]
+        if len(kept) < 3 or len(late) < 3:
             continue
-        print(f"{label:34}{pid:>8}{len(kept):>9}{kept[0][1]:>14.0f}{kept[-1][1]:>12.0f}{slope_per_100(kept):>16.2f}")
+        print(
+            f"{label:30}{pid:>8}{len(kept):>9}{kept[0][1]:>14.0f}{kept[-1][1]:>12.0f}"
+            f"{slope_per_100(kept):>9.2f}{slope_per_100(late):>10.2f}"
+        )
 
 
 if __name__ == "__main__":
