@@ -4,7 +4,9 @@
 ``cfg.num_cpus``, restarted by Ray when they die). The pool object itself is a plain client holding the actor handles:
 pass it into generator actors and ``await pool.run(code)`` there. Routing is least-loaded (by this client's own
 in-flight count) and sticky per session id; a bounded number of requests in flight per client gives backpressure
-(``queue_fill()``). Every failure of the sandbox itself comes back as ``ExecResult(status="sandbox_error")``: a dead
+(``queue_fill()``). ``create`` logs one loud warning when workers run with partial isolation
+(``sandbox.isolation=best`` on a host missing a layer), and ``isolation_metrics()`` gives the level for the run's
+metrics. Every failure of the sandbox itself comes back as ``ExecResult(status="sandbox_error")``: a dead
 worker fails only the requests that were on it, and Ray restarts it for the next ones.
 
 Not here: isolation and limits (``torl/sandbox/``), turning results into observations (``torl.tool_protocol``).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import zlib
 from collections import Counter
@@ -23,6 +26,7 @@ import ray
 
 from torl.config import SandboxConfig
 from torl.sandbox.client import Zygote, sandbox_error
+from torl.sandbox.isolation import LEVEL_VALUE, warning
 from torl.types import ExecResult
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,7 @@ class SandboxWorker:
     async def ready(self) -> dict[str, Any]:
         """Start the zygote (preloading takes about a second) and report how it isolates snippets."""
         await self._zygote.start()
-        return dict(self._zygote.info, restarts=self._zygote.restarts)
+        return dict(self._zygote.info, restarts=self._zygote.restarts, worker_pid=os.getpid())
 
     async def run(self, code: str, session: str | None = None) -> ExecResult:
         return await self._zygote.run(code, session)
@@ -60,11 +64,12 @@ class SandboxWorker:
 class SandboxPool:
     """Client of the sandbox workers; picklable (only the config and the actor handles travel)."""
 
-    def __init__(self, cfg: SandboxConfig, workers: list[Any]) -> None:
+    def __init__(self, cfg: SandboxConfig, workers: list[Any], isolation: list[dict[str, Any]] | None = None) -> None:
         if not workers:
             raise ValueError("SandboxPool needs at least one worker actor")
         self.cfg = cfg
         self.workers = list(workers)
+        self.isolation = list(isolation or [])  # each worker's report (``torl.sandbox.isolation.Report.as_dict``)
         self._reset_local()
 
     def _reset_local(self) -> None:
@@ -79,15 +84,18 @@ class SandboxPool:
         self._max_queue_s = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "workers": self.workers}
+        return {"cfg": self.cfg, "workers": self.workers, "isolation": self.isolation}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.cfg, self.workers = state["cfg"], state["workers"]
+        self.cfg, self.workers, self.isolation = state["cfg"], state["workers"], state["isolation"]
         self._reset_local()
 
     @classmethod
     def create(cls, cfg: SandboxConfig, name: str = "torl_sandbox") -> SandboxPool:
-        """Spawn the worker actors (named ``{name}:{i}``), wait until every zygote is up, return the client."""
+        """Spawn the worker actors (named ``{name}:{i}``), wait until every zygote is up, return the client.
+
+        Raises (Ray wraps it) when ``sandbox.isolation=strict`` and a worker's host lacks a layer: the message names
+        what is missing and how to get it."""
         workers = [
             SandboxWorkerActor.options(
                 name=f"{name}:{rank}",
@@ -101,7 +109,11 @@ class SandboxPool:
         ]
         infos = ray.get([w.ready.remote() for w in workers])
         log.info("sandbox pool %r up: %s", name, infos)
-        return cls(cfg, workers)
+        reports = [info["isolation"] for info in infos]
+        loud = warning(reports)
+        if loud:
+            log.warning(loud)
+        return cls(cfg, workers, reports)
 
     @classmethod
     def attach(cls, cfg: SandboxConfig, name: str = "torl_sandbox") -> SandboxPool:
@@ -177,6 +189,14 @@ class SandboxPool:
             }
         )
         return out
+
+    def isolation_level(self) -> str:
+        """The weakest isolation among the workers at start: "full", "partial" or "none"."""
+        return min((r["level"] for r in self.isolation), key=LEVEL_VALUE.__getitem__, default="none")
+
+    def isolation_metrics(self) -> dict[str, float]:
+        """``sandbox/isolation`` for the run's metrics: 2 full, 1 partial (see the warning), 0 none."""
+        return {"sandbox/isolation": LEVEL_VALUE[self.isolation_level()]}
 
     def shutdown(self) -> None:
         """Stop the zygotes and kill the worker actors (no restart)."""

@@ -1,10 +1,13 @@
 """Benchmark of the sandbox pool: executions/s and p50/p99 latency vs a fresh ``python -c`` process per snippet.
 
 Workloads: (a) ``print(1)``, (b) a sympy snippet, (c) a mix in which 5 % of snippets run past the timeout. Each at
-1, 2 and 8 concurrent callers, through the real Ray pool (isolation on), and the same through ``subprocess.run``
-of a fresh interpreter (no isolation at all) as the baseline, in the same run. Prints a table and the ratios.
+1, 2 and 8 concurrent callers, through the real Ray pool at each ``sandbox.isolation`` level asked for (the
+``isolation`` column shows the level asked for and the one reached, e.g. ``strict:full``), and the same through
+``subprocess.run`` of a fresh interpreter (no isolation at all) as the baseline, in the same run. Prints a table
+and the ratios. To measure what a non-root user gets, run it as one, e.g. with the test environments' launcher:
+``python tests/integration/sandbox_envs.py non-root -- .venv/bin/python bench/sandbox.py`` (as root).
 
-    python bench/sandbox.py [--workers 2] [--per-worker 4] [--n 200] [--timeout 1.0]
+    python bench/sandbox.py [--isolation strict,best,none] [--workers 2] [--per-worker 4] [--n 300] [--timeout 1.0]
 """
 
 from __future__ import annotations
@@ -85,34 +88,45 @@ def main() -> None:
     ap.add_argument("--n-fresh", type=int, default=40, help="snippets per fresh-process cell")
     ap.add_argument("--timeout", type=float, default=1.0)
     ap.add_argument("--callers", default="1,2,8")
+    ap.add_argument("--isolation", default="strict,best,none", help="sandbox.isolation levels, one pool each")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     init_ray(num_cpus=4)
-    cfg = SandboxConfig(
-        num_workers=args.workers, concurrency_per_worker=args.per_worker, timeout_s=args.timeout, num_cpus=0.1
-    )
-    pool = SandboxPool.create(cfg, name="bench_sandbox")
-    asyncio.run(pool_run(pool, ["print(1)", SYMPY] * 20, 4))  # warm both workers
+    callers_list = [int(c) for c in args.callers.split(",")]
+    names = ("print(1)", "sympy", "mix")
+    base = {(n, c): fresh_run(workload(n, args.n_fresh), c, args.timeout) for n in names for c in callers_list}
     print(f"load average before: {os.getloadavg()}")
     print(
-        f"{'workload':10} {'callers':>7} | {'pool/s':>8} {'p50 ms':>8} {'p99 ms':>8} | {'fresh/s':>8} {'p50 ms':>8}"
-        f" {'p99 ms':>8} | {'ratio':>6}  statuses"
+        f"{'isolation':13} {'workload':10} {'callers':>7} | {'pool/s':>8} {'p50 ms':>8} {'p99 ms':>8} | "
+        f"{'fresh/s':>8} {'p50 ms':>8} {'p99 ms':>8} | {'ratio':>6}  statuses"
     )
-    try:
-        for name in ("print(1)", "sympy", "mix"):
-            for callers in (int(c) for c in args.callers.split(",")):
-                n = args.n if name != "mix" else max(args.n // 2, 40)
-                ours, statuses = asyncio.run(pool_run(pool, workload(name, n), callers))
-                base = fresh_run(workload(name, args.n_fresh), callers, args.timeout)
-                print(
-                    f"{name:10} {callers:>7} | {ours['rate']:8.1f} {ours['p50_ms']:8.1f} {ours['p99_ms']:8.1f} | "
-                    f"{base['rate']:8.1f} {base['p50_ms']:8.1f} {base['p99_ms']:8.1f} | "
-                    f"{ours['rate'] / base['rate']:5.1f}x  {statuses}",
-                    flush=True,
-                )
-    finally:
-        print(f"load average after: {os.getloadavg()}")
-        pool.shutdown()
+    for level in args.isolation.split(","):
+        cfg = SandboxConfig(
+            num_workers=args.workers,
+            concurrency_per_worker=args.per_worker,
+            timeout_s=args.timeout,
+            num_cpus=0.1,
+            isolation=level,
+        )
+        pool = SandboxPool.create(cfg, name=f"bench_sandbox_{level}")
+        reached = f"{level}:{pool.isolation_level()}"
+        try:
+            asyncio.run(pool_run(pool, ["print(1)", SYMPY] * 20, 4))  # warm both workers
+            for name in names:
+                for callers in callers_list:
+                    n = args.n if name != "mix" else max(args.n // 2, 40)
+                    ours, statuses = asyncio.run(pool_run(pool, workload(name, n), callers))
+                    fresh = base[name, callers]
+                    print(
+                        f"{reached:13} {name:10} {callers:>7} | {ours['rate']:8.1f} {ours['p50_ms']:8.1f} "
+                        f"{ours['p99_ms']:8.1f} | {fresh['rate']:8.1f} {fresh['p50_ms']:8.1f} "
+                        f"{fresh['p99_ms']:8.1f} | "
+                        f"{ours['rate'] / fresh['rate']:5.1f}x  {statuses}",
+                        flush=True,
+                    )
+        finally:
+            pool.shutdown()
+    print(f"load average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

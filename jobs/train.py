@@ -137,6 +137,8 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         if cfg.trainer.log_samples_every and step % cfg.trainer.log_samples_every == 0:
             tracker.log_samples(step, trajs)
         metrics.update(run.fault_metrics())
+        if run.sandbox is not None:
+            metrics.update(run.sandbox.isolation_metrics())  # sandbox/isolation: 2 full, 1 partial, 0 none
         metrics.update(saved)  # the previous step's checkpoint, if one was written
         metrics["time/step"] = time.perf_counter() - t_step
         metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / max(metrics["time/step"], 1e-9)

@@ -97,9 +97,14 @@ class SandboxConfig:
     max_open_files: int = opt(64, "RLIMIT_NOFILE")
     max_file_mb: int = opt(64, "RLIMIT_FSIZE: largest file a snippet can write")
     preload: tuple[str, ...] = opt(("sympy", "numpy", "math", "fractions", "itertools"), "imported once in the zygote")
-    isolate_network: bool = opt(True, "new network namespace per snippet (no network)")
-    private_mounts: bool = opt(True, "new mount namespace: /tmp, /var/tmp, /dev/shm are the snippet's scratch dir")
-    drop_privileges: bool = opt(True, "setuid to an unused uid (one per concurrent snippet) where possible")
+    isolation: Literal["strict", "best", "none"] = opt(
+        "strict",
+        "strict: refuse to start unless every layer (a uid or user namespace of the snippet's own; network, mount and "
+        "PID namespaces; the seccomp filter; Landlock) is available, naming what is missing and how to get it. best: "
+        "use what is available, warn once and report the level (ready info, metric sandbox/isolation). none: no "
+        "isolation, for trusted code only (UNSAFE: model-written code runs as the trainer). See README.md, "
+        '"Sandbox isolation".',
+    )
     uid_base: int = opt(
         200000, "first uid snippets run as; worker k prefers uid_base + 1000 k (+ slot), else a free block"
     )

@@ -1,16 +1,28 @@
-"""Hostile snippets against the real sandbox pool (Ray actors + zygotes): each must leave the sandbox up, give the
-caller a clear result and leave the host unharmed; afterwards the pool still answers and no stray process is left."""
+"""Hostile snippets against the real sandbox: each must leave the sandbox up, give the caller a clear result and
+leave the host unharmed; afterwards the sandbox still answers and no stray process is left.
+
+The whole suite runs in each environment of ``sandbox_envs`` (root, root without CAP_SYS_ADMIN, a Docker-like
+seccomp profile, a non-root user, a non-root user without user namespaces): in the first through the Ray pool, in
+the others through a zygote started in that environment. Where ``sandbox.isolation=strict`` refuses, the suite runs
+under ``best``, and checks what the layers that are left contain.
+"""
 
 import asyncio
 import os
+import pwd
+import shutil
 import socket
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from sandbox_envs import ENVS, Env, EnvZygote
 
 from torl.config import SandboxConfig
+from torl.paths import weight_dir
 
 CFG = SandboxConfig(
     num_workers=2,
@@ -22,52 +34,133 @@ CFG = SandboxConfig(
     uid_base=230000,  # a range of its own, so stray checks cannot confuse it with other pools
     num_cpus=0.1,
 )
-UIDS: set[int] = set()  # the uids the pool's zygotes claimed (filled by the fixture)
-HOST_FILE = Path(__file__).resolve().parents[2] / ".sandbox_hostile_marker"  # inside the checkout, outside scratch
+ROOT = Path(__file__).resolve().parents[2]
+HOST_FILE = ROOT / ".sandbox_hostile_marker"  # inside the checkout, outside scratch
+SECRET = "torl-hostile-secret-7f3a"
 
 
-@pytest.fixture(scope="module")
-def pool(ray_cluster):
-    import ray
+class Target:
+    """The sandbox under test in one environment: ``run`` like the pool's, the processes that must survive, strays."""
 
-    from actors.sandbox import SandboxPool
+    def __init__(self, env: Env, request) -> None:
+        self.env = env
+        self.level = "strict" if env.strict_starts else "best"
+        cfg = SandboxConfig(**{**CFG.__dict__, "isolation": self.level})
+        self.pool = self.zygote = None
+        if env.name == "root":
+            import ray
 
-    p = SandboxPool.create(CFG, name="hostile")
-    for info in ray.get([w.ready.remote() for w in p.workers]):
-        UIDS.update(range(info["uid_base"], info["uid_base"] + info["uid_block"]))
-    yield p
-    p.shutdown()
+            from actors.sandbox import SandboxPool
+
+            request.getfixturevalue("ray_cluster")
+            self.pool = SandboxPool.create(cfg, name="hostile")
+            self.infos = ray.get([w.ready.remote() for w in self.pool.workers])
+            self.workers = [i["worker_pid"] for i in self.infos]
+        else:
+            self.loop = asyncio.new_event_loop()
+            self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+            self.thread.start()
+            self.zygote = EnvZygote(cfg, env)
+            self.call(self.zygote.start())
+            self.infos = [self.zygote.info]
+            self.workers = [os.getpid()]  # the zygote's client: here, this test process
+        self.uids = {
+            u
+            for i in self.infos
+            if i["isolation"]["identity"] == "uid"
+            for u in range(i["uid_base"], i["uid_base"] + i["uid_block"])
+        }
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def run(self, code: str, session: str | None = None):
+        if self.pool is not None:
+            return await self.pool.run(code, session)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.zygote.run(code, session), self.loop))
+
+    @property
+    def report(self) -> dict:
+        return self.infos[0]["isolation"]
+
+    def protected(self) -> list[int]:
+        """Processes no snippet may kill: the zygotes and their clients (Ray workers, or this test)."""
+        return [i["pid"] for i in self.infos] + self.workers
+
+    def strays(self) -> list[int]:
+        """Live processes a snippet started: by snippet uid (root), else by the zygote's uid minus the zygote and
+        the inits of its PID namespaces."""
+        zygotes = {i["pid"] for i in self.infos}
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in zygotes:
+                continue
+            try:
+                uid = os.stat(f"/proc/{entry}").st_uid
+                if self.uids:
+                    if uid in self.uids:
+                        out.append(int(entry))
+                elif uid == self.env.uid:
+                    with open(f"/proc/{entry}/status") as f:
+                        nspid = next(line for line in f if line.startswith("NSpid:")).split()
+                    if nspid[-1] != "1":
+                        out.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, StopIteration):
+                pass
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        else:
+            self.call(self.zygote.close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module", params=list(ENVS))
+def pool(request):
+    if shutil.which("setpriv") is None and request.param != "root":
+        pytest.skip("needs util-linux setpriv")
+    target = Target(ENVS[request.param], request)
+    yield target
+    target.close()
 
 
 def run(pool, code, session=None):
     return asyncio.run(pool.run(code, session))
 
 
-def sandbox_pids():
-    """Live processes running as one of this pool's snippet uids."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid in UIDS:
-                    out.append(int(entry))
-            except FileNotFoundError:
-                pass
-    return out
-
-
-def wait_no_strays(timeout=3.0):
+def wait_no_strays(pool, timeout=3.0):
     deadline = time.monotonic() + timeout
-    while (left := sandbox_pids()) and time.monotonic() < deadline:
+    while (left := pool.strays()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 
 
 @pytest.fixture(autouse=True)
 def healthy_after(request, pool):
+    before = pool.protected()
     yield
     res = run(pool, "print(6 * 7)")
     assert res.status == "ok" and res.stdout == "42\n", f"sandbox unhealthy after {request.node.name}: {res}"
+    if pool.pool is not None:  # the Ray workers' zygotes: same processes as before (none was killed and restarted)
+        import ray
+
+        infos = ray.get([w.ready.remote() for w in pool.pool.workers])
+        assert [i["pid"] for i in infos] + [i["worker_pid"] for i in infos] == before
+    else:
+        assert pool.zygote.info["pid"] == before[0] and pool.zygote.restarts == 0
+
+
+def test_reported_level(pool):
+    """strict where the environment has every layer; elsewhere best, reporting exactly what it lacks."""
+    want = {"docker-seccomp": ["namespaces"], "non-root-no-userns": ["identity", "namespaces"]}
+    report = pool.report
+    assert report["requested"] == pool.level and report["missing"] == want.get(pool.env.name, [])
+    assert report["level"] == ("full" if pool.env.strict_starts else "partial")
+    assert report["seccomp"] and report["landlock"] >= 1
+    assert report["identity"] == {"non-root": "userns", "non-root-no-userns": None}.get(pool.env.name, "uid")
 
 
 # --- time -------------------------------------------------------------------------------------------------------
@@ -99,14 +192,15 @@ def test_cpu_burn_in_threads_times_out(pool):
 def test_fork_bomb(pool):
     res = run(pool, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
     assert res.status in ("timeout", "killed", "error")
-    assert not wait_no_strays()
+    assert not wait_no_strays(pool)
 
 
 def test_subprocess_bomb_hits_process_limit(pool):
     code = "import subprocess\nps = [subprocess.Popen(['sleep', '30']) for _ in range(100)]\nprint(len(ps))"
     res = run(pool, code)
-    assert res.status == "error" and ("BlockingIOError" in res.stderr or "Resource temporarily" in res.stderr)
-    assert not wait_no_strays()
+    if pool.report["identity"] is not None:  # else RLIMIT_NPROC is a ceiling shared with the trainer's user
+        assert res.status == "error" and ("BlockingIOError" in res.stderr or "Resource temporarily" in res.stderr)
+    assert not wait_no_strays(pool)
 
 
 def test_background_process_is_gone_afterwards(pool):
@@ -122,27 +216,41 @@ def test_background_process_is_gone_afterwards(pool):
     )
     res = run(pool, code)
     assert res.status == "ok" and res.stdout == "spawned\n"
-    assert not wait_no_strays()
+    assert not wait_no_strays(pool)
 
 
-def test_kill_parent(pool):
-    res = run(pool, "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
-    assert res.status == "error" and "PermissionError" in res.stderr
+def test_kill_minus_one(pool):
+    """kill(-1) signals every process the caller may signal: none of the trainer's (``healthy_after`` checks)."""
+    res = run(
+        pool, "import os\ntry:\n    os.kill(-1, 9)\nexcept OSError as e:\n    print(type(e).__name__)\nprint('alive')"
+    )
+    assert res.status == "ok" and res.stdout.endswith("alive\n"), res
+
+
+def test_kill_zygote_and_worker_by_pid(pool):
+    targets = pool.protected()
+    code = (
+        f"import os\nfor p in {targets!r}:\n    try:\n        os.kill(p, 9)\n        print('killed', p)\n"
+        "    except OSError as e:\n        print(type(e).__name__)"
+    )
+    res = run(pool, code)
+    assert res.status == "ok" and "killed" not in res.stdout, res
+    assert set(res.stdout.split()) <= {"PermissionError", "ProcessLookupError"}
 
 
 def test_kill_every_pid(pool):
     code = (
-        "import os\nn = 0\nfor p in os.listdir('/proc'):\n    if p.isdigit() and int(p) != os.getpid():\n"
-        "        try:\n            os.kill(int(p), 9)\n            n += 1\n"
-        "        except OSError:\n            pass\nprint('killed', n)"
+        f"import os\nfor p in range(1, {max(pool.protected()) + 1}):\n    if p != os.getpid():\n        try:\n"
+        "            os.kill(p, 9)\n        except OSError:\n            pass\nprint('done')"
     )
     res = run(pool, code)
-    assert res.status == "ok" and res.stdout == "killed 0\n"
+    assert res.status == "ok" and res.stdout == "done\n", res
 
 
 def test_setuid_root_refused(pool):
     res = run(pool, "import os\nos.setuid(0)")
-    assert res.status == "error" and "PermissionError" in res.stderr
+    # EINVAL in a user namespace where uid 0 is not mapped, EPERM elsewhere
+    assert res.status == "error" and ("PermissionError" in res.stderr or "Invalid argument" in res.stderr), res
 
 
 def test_os_exit(pool):
@@ -242,9 +350,12 @@ def test_write_outside_scratch(pool):
 
 def test_tmp_writes_stay_private(pool):
     res = run(pool, "open('/tmp/torl_hostile_tmp', 'w').write('x')\nopen('/dev/shm/torl_hostile_shm', 'w').write('x')")
-    assert res.status == "ok"
     assert not Path("/tmp/torl_hostile_tmp").exists() and not Path("/dev/shm/torl_hostile_shm").exists()
-    assert run(pool, "import os\nprint(os.listdir('/tmp'))").stdout == "[]\n"  # the next snippet sees a clean dir
+    if pool.report["namespaces"]:  # a private /tmp and /dev/shm; without a mount namespace Landlock denies them
+        assert res.status == "ok"
+        assert run(pool, "import os\nprint(os.listdir('/tmp'))").stdout == "[]\n"  # the next snippet sees a clean dir
+    else:
+        assert res.status == "error" and "PermissionError" in res.stderr
 
 
 def test_environment_has_no_secrets(pool):
@@ -253,7 +364,8 @@ def test_environment_has_no_secrets(pool):
     for bad in ("RAY", "WANDB", "VLLM", "API_KEY", "TOKEN", "SECRET"):
         assert bad not in res.stdout
     code = (
-        "import os\nfound = []\nfor p in os.listdir('/proc'):\n    try:\n"
+        "import os\nfound = []\ntry:\n    pids = os.listdir('/proc')\nexcept OSError:\n    pids = []\n"
+        "for p in pids:\n    try:\n"
         "        data = open(f'/proc/{p}/environ', 'rb').read()\n    except OSError:\n        continue\n"
         "    if b'RAY_' in data or b'WANDB' in data:\n        found.append(p)\nprint(found)"
     )
@@ -265,6 +377,77 @@ def test_home_secrets_unreadable(pool):
     shown = sorted({p.split("/")[2] for p in (sys.base_prefix, sys.prefix) if p.startswith("/root/")})
     res = run(pool, "import os\nprint(os.listdir('/root'))\nprint(open('/root/.netrc').read())")
     assert res.status == "error" and res.stdout.strip() in (str(shown), ""), res
+
+
+@pytest.fixture(scope="module")
+def secrets(pool):
+    """The invoking user's secrets and the run's files as a trainer has them, each file holding SECRET.
+
+    Root's are under /root (a ~/.netrc only if there is none); the non-root user's home is made in the checkout.
+    The output dir is world-readable and its checkpoint dir world-writable, so that only the sandbox stands in the
+    way; the weight-sync dir is made as a generator makes it."""
+    uid = pool.env.uid
+    home = Path(pwd.getpwuid(0).pw_dir) if uid is None else ROOT / ".sandbox_hostile_home"
+    out = ROOT / ".sandbox_hostile_run"
+    files = [home / ".ray" / "torl-hostile", home / ".cache" / "torl-hostile", out / "metrics.jsonl"]
+    files += [Path("/dev/shm/torl-hostile-secret")]
+    if not (home / ".netrc").exists():
+        files.append(home / ".netrc")
+    weights = Path(tempfile.mkdtemp(prefix="torl-generator-hostile-", dir=weight_dir()))
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o755)
+    os.chmod(out / "checkpoints", 0o777)
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"machine example.invalid login torl password {SECRET}\n")
+    if uid is not None:
+        os.chmod(home, 0o700)
+        for path in (home, *home.rglob("*"), out, *out.rglob("*"), weights):
+            os.chown(path, uid, uid)
+    yield {"home": home, "out": out, "weights": weights, "files": files}
+    for path in files:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(weights, ignore_errors=True)
+    if uid is not None:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_secrets_and_run_files_unreadable(pool, secrets):
+    """~/.netrc, ~/.ray, ~/.cache, the run's output dir and /dev/shm: nothing read, nothing listed."""
+    paths = [str(p) for p in secrets["files"]]
+    dirs = [str(secrets["home"] / ".ray"), str(secrets["out"]), "/dev/shm"]
+    code = (
+        f"import os\nfor p in {paths!r}:\n    try:\n        print(open(p).read())\n    except OSError as e:\n"
+        f"        print(type(e).__name__)\nfor d in {dirs!r}:\n    try:\n        print(os.listdir(d))\n"
+        "    except OSError as e:\n        print(type(e).__name__)"
+    )
+    res = run(pool, code)
+    assert res.status == "ok", res
+    assert SECRET not in res.stdout and "torl-hostile" not in res.stdout and "metrics.jsonl" not in res.stdout, res
+
+
+def test_writes_to_checkpoints_and_weights_refused(pool, secrets):
+    targets = [secrets["out"] / "checkpoints" / "step_1", secrets["weights"] / "model.safetensors"]
+    targets.append(secrets["out"] / "metrics.jsonl")
+    code = (
+        f"for p in {[str(t) for t in targets]!r}:\n    try:\n        open(p, 'a').write('pwned')\n"
+        "        print('wrote', p)\n    except OSError as e:\n        print(type(e).__name__)"
+    )
+    res = run(pool, code)
+    assert res.status == "ok" and "wrote" not in res.stdout, res
+    assert not targets[0].exists() and not targets[1].exists() and "pwned" not in targets[2].read_text()
+
+
+def test_snippet_cannot_unshare_or_mount(pool):
+    code = (
+        "import ctypes, os, subprocess\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "for flags in (0x10000000, 0x10020000, 0x40000000, 0x20000000):\n    print(libc.unshare(flags), end=' ')\n"
+        "print(libc.mount(b'tmpfs', os.getcwd().encode(), b'tmpfs', 0, None))\n"
+        "print(subprocess.run(['unshare', '-r', 'true'], stderr=subprocess.DEVNULL).returncode != 0)"
+    )
+    res = run(pool, code)
+    assert res.status == "ok" and res.stdout == "-1 -1 -1 -1 -1\nTrue\n", res
 
 
 def test_network_connection(pool):
@@ -301,7 +484,11 @@ def test_concurrent_snippets_cannot_meet(pool):
         codes = [_meet("torl-meet", role) for _ in range(4) for role in ("listen", "connect")]
         return await asyncio.gather(*(pool.run(code) for code in codes))
 
-    assert [r.stdout for r in asyncio.run(go())] == ["alone\n"] * 8
+    outs = [r.stdout for r in asyncio.run(go())]
+    if pool.report["namespaces"]:
+        assert outs == ["alone\n"] * 8
+    else:  # abstract names are shared with the host: a second listener's bind fails, but Landlock stops the meeting
+        assert "met\n" not in outs and outs[1::2] == ["alone\n"] * 4, outs
 
 
 def test_listener_left_behind_dies_with_its_snippet(pool):
@@ -319,7 +506,7 @@ def test_listener_left_behind_dies_with_its_snippet(pool):
     first, later = asyncio.run(go())
     assert all(r.stdout == "left\n" for r in first), first
     assert [r.stdout for r in later] == ["alone\n"] * 8
-    assert not wait_no_strays()
+    assert not wait_no_strays(pool)
 
 
 # --- code errors and the script contract ------------------------------------------------------------------------
@@ -361,4 +548,4 @@ def test_concurrent_mix(pool):
 
 
 def test_no_stray_process_left(pool):
-    assert not wait_no_strays()
+    assert not wait_no_strays(pool)

@@ -2,10 +2,13 @@
 when a worker actor or its zygote dies mid-request."""
 
 import asyncio
+import os
+import pickle
 import shutil
 import time
 
 import pytest
+from sandbox_envs import ENVS, EnvZygote
 
 from torl.config import SandboxConfig
 
@@ -147,20 +150,46 @@ def test_concurrent_snippets_never_lose_output(pool):
     assert not wrong, f"{len(wrong)} of {len(results)} snippets lost or swapped output: {wrong[:5]}"
 
 
-def test_network_isolation_off_keeps_the_rest_of_the_sandbox():
-    """isolate_network=false (a user's choice) still gives private mounts, so the unprivileged snippet can import
-    the stdlib the zygote did not preload; it once lost them and failed on `import socket`."""
+def test_isolation_none_runs_trusted_code_unconfined():
+    """sandbox.isolation=none: no layer at all (the snippet reads the checkout, runs as this user); limits stay."""
     from torl.sandbox.client import Zygote
 
     async def go():
-        z = Zygote(SandboxConfig(isolate_network=False, uid_base=240000))
+        z = Zygote(SandboxConfig(isolation="none", uid_base=240000, timeout_s=1.0))
         try:
-            return await z.run("import socket, tempfile\nprint(tempfile.gettempdir(), socket.gethostname() != '')")
+            await z.start()
+            info = z.info
+            code = f"import os, socket\nsocket.socket().close()\nprint(os.getuid(), len(open({__file__!r}).read()))"
+            return info, await z.run(code), await z.run("while True: pass")
         finally:
             await z.close()
 
-    res = asyncio.run(go())
-    assert res.status == "ok" and res.stdout == "/tmp True\n", res
+    info, res, loop = asyncio.run(go())
+    assert info["isolation"]["level"] == "none" and info["isolation"]["exposed"]
+    assert res.status == "ok" and res.stdout == f"{os.getuid()} {len(open(__file__).read())}\n", res
+    assert loop.status == "timeout"
+
+
+@pytest.mark.parametrize("env", [name for name, env in ENVS.items() if not env.strict_starts])
+def test_strict_refuses_where_a_layer_is_missing(env):
+    """strict starts with full protection or not at all: here it refuses, naming what is missing and how to get it."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs util-linux setpriv")
+
+    async def go():
+        z = EnvZygote(SandboxConfig(uid_base=240000), ENVS[env])
+        with pytest.raises(RuntimeError) as exc:
+            await z.start()
+        return str(exc.value)
+
+    msg = asyncio.run(go())
+    assert msg.startswith("sandbox.isolation=strict: this host lacks") and "network, mount and PID namespaces" in msg
+    assert "sandbox.isolation=best" in msg
+
+
+def test_pool_reports_its_isolation(pool):
+    assert pool.isolation_level() == "full" and pool.isolation_metrics() == {"sandbox/isolation": 2.0}
+    assert pickle.loads(pickle.dumps(pool)).isolation_metrics() == {"sandbox/isolation": 2.0}
 
 
 def test_request_the_zygote_cannot_handle_gets_an_answer():
@@ -208,33 +237,3 @@ def test_zygotes_on_one_machine_never_share_uids():
     uids, bases, again = asyncio.run(go())
     assert bases == (250000, 251000) and again == 250000
     assert [int(r.stdout) // 1000 for r in uids] == [250, 251]
-
-
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv to drop CAP_SYS_ADMIN")
-def test_root_without_cap_sys_admin_isolates_with_a_user_namespace():
-    """Root in a container usually lacks CAP_SYS_ADMIN: no netns or mounts, so children use a user+net namespace.
-    Entered before dropping to the snippet's uid, that namespace could not reach the scratch dir (setup failed)."""
-    import json
-    import subprocess
-
-    from torl.sandbox.client import ZYGOTE_ENV, zygote_command
-
-    cmd = ["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--"]
-    cmd += zygote_command(SandboxConfig(uid_base=310000))
-    code = (
-        "import math, os\nnet = [line.split(':')[0].strip() for line in open('/proc/self/net/dev').readlines()[2:]]\n"
-    )
-    code += "print(math.factorial(5), net, os.getcwd().startswith('/tmp/torl-sandbox-'))"
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(ZYGOTE_ENV, HOME="/tmp"), text=True
-    )
-    try:
-        ready = json.loads(proc.stdout.readline())
-        proc.stdin.write(json.dumps({"op": "run", "id": 7, "code": code}) + "\n")
-        proc.stdin.flush()
-        reply = json.loads(proc.stdout.readline())
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
-    assert ready["net_mode"] == "userns" and ready["private_mounts"] is False
-    assert reply["id"] == 7 and reply["status"] == "ok" and reply["stdout"] == "120 ['lo'] True\n", reply

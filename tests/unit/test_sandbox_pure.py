@@ -1,4 +1,5 @@
-"""Pure parts of the sandbox: output capping, status mapping, environment scrubbing, limits, reply parsing."""
+"""Pure parts of the sandbox: output capping, status mapping, environment scrubbing, limits, reply parsing, and the
+isolation levels (what strict, best and none make of the layers a host has)."""
 
 import json
 import os
@@ -6,8 +7,10 @@ import os
 import pytest
 
 from torl.config import ConfigError, SandboxConfig
-from torl.sandbox.child import Limits, exit_code_of, hidden_prefixes, run_code, snippet_env
+from torl.sandbox.child import Limits, exit_code_of, run_code, snippet_env
 from torl.sandbox.client import ZYGOTE_ENV, result_from_reply, zygote_command, zygote_limits
+from torl.sandbox.isolation import Available, IsolationUnavailable, assess, warning
+from torl.sandbox.namespaces import hidden_prefixes
 from torl.sandbox.zygote import CappedBuffer, classify
 
 
@@ -61,7 +64,7 @@ def test_zygote_env_and_command_carry_no_secrets(monkeypatch):
 
 def test_limits_round_trip_and_reject_unknown_keys():
     limits = Limits.from_json(json.dumps(zygote_limits(SandboxConfig(timeout_s=3.0))))
-    assert limits.timeout_s == 3.0 and limits.isolate_network
+    assert limits.timeout_s == 3.0 and limits.isolation == "strict"
     with pytest.raises(ValueError, match="unknown zygote limit"):
         Limits.from_json('{"timeout": 1}')
 
@@ -105,3 +108,44 @@ def test_run_code_runs_as_script(capsys):
     assert run_code("1/0", ns) == 1
     err = capsys.readouterr().err
     assert "ZeroDivisionError" in err and 'File "<snippet>", line 1' in err and "run_code" not in err
+
+
+FULL = Available(identity="uid", namespaces=True, seccomp=True, landlock=7)
+DOCKER = Available(identity="uid", namespaces=False, seccomp=True, landlock=7)
+BARE_USER = Available(identity=None, namespaces=False, seccomp=True, landlock=5)
+
+
+def test_strict_runs_only_with_every_layer():
+    report = assess("strict", FULL)
+    assert report.level == "full" and report.missing == () and report.exposed == ()
+    with pytest.raises(IsolationUnavailable) as exc:
+        assess("strict", BARE_USER)
+    msg = str(exc.value)
+    assert "a user identity of the snippet's own" in msg and "network, mount and PID namespaces" in msg
+    assert "user.max_user_namespaces" in msg and "seccomp=unconfined" in msg and "sandbox.isolation=best" in msg
+    assert "Landlock" not in msg.split("Ways")[0]  # present layers are not listed as missing
+
+
+def test_best_reports_what_is_missing_and_exposed():
+    report = assess("best", DOCKER)
+    assert report.level == "partial" and report.missing == ("namespaces",)
+    assert len(report.exposed) == 1 and "pathname UNIX sockets" in report.exposed[0]
+    bare = assess("best", BARE_USER)
+    assert bare.missing == ("identity", "namespaces")
+    assert any("kill(-1)" in e for e in bare.exposed)  # Landlock ABI 5 cannot scope signals
+    assert not any("kill(-1)" in e for e in assess("best", Available(None, False, True, 6)).exposed)
+    assert bare.as_dict()["missing"] == ["identity", "namespaces"] and bare.as_dict()["landlock"] == 5
+
+
+def test_none_uses_no_layer_and_says_so():
+    report = assess("none", FULL)
+    assert report.level == "none" and not report.used.seccomp and report.used.identity is None
+    assert "isolation is off" in report.exposed[0]
+
+
+def test_one_warning_for_partial_workers():
+    full, partial = assess("best", FULL).as_dict(), assess("best", DOCKER).as_dict()
+    assert warning([full, full]) is None and warning([assess("none", FULL).as_dict()]) is None
+    text = warning([full, partial])
+    assert text.startswith("SANDBOX ISOLATION IS PARTIAL") and "1 of 2 workers" in text
+    assert "network, mount and PID namespaces" in text and "pathname UNIX sockets" in text

@@ -1,10 +1,13 @@
 """What runs inside a forked sandbox child: isolation steps, then the snippet as ``__main__``.
 
 The zygote (``torl.sandbox.zygote``) forks and calls ``stateless_child`` or ``session_child``; both never return.
-Isolation, in order: new session, the slot's own network namespace (no network, loopback down) and mount namespace
-(scratch bound over /tmp, /var/tmp and /dev/shm; an unreadable home replaced by a tmpfs showing only the Python
-prefix), both built once per slot and joined per snippet (``make_slot_namespaces``), stdin from /dev/null, pipes on
-fd 1/2, every other inherited fd closed, a scrubbed environment, rlimits, and an unprivileged uid of its own.
+Isolation, in order, each step where the zygote found it available (``torl.sandbox.isolation``): new session, the
+slot's own network namespace (no network, loopback down) and mount namespace (scratch bound over /tmp, /var/tmp and
+/dev/shm; an unreadable home replaced by a tmpfs showing only the Python prefix), built once per slot and joined per
+snippet (``torl.sandbox.namespaces``; the zygote forks the child straight into the slot's PID namespace), stdin
+from /dev/null, pipes on fd 1/2, the slot's Landlock rules (``torl.sandbox.landlock_rules``), every other inherited
+fd closed, a scrubbed environment, rlimits, an unprivileged uid of its own (or, for a non-root zygote, an unmapped
+uid in a user namespace of its own), and last the seccomp filter (``torl.sandbox.seccomp_filter``).
 Standard library only. Not here: timeouts, output caps and killing leftovers (the zygote does those from outside).
 """
 
@@ -27,13 +30,8 @@ from typing import Any, NoReturn
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_BIND = 4096
-MS_MOVE = 8192
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 SNIPPET_FILENAME = "<snippet>"
@@ -52,9 +50,7 @@ class Limits:
     max_open_files: int = 64
     max_file_mb: int = 64
     preload: list[str] = field(default_factory=list)
-    isolate_network: bool = True
-    private_mounts: bool = True
-    drop_privileges: bool = True
+    isolation: str = "strict"  # strict | best | none (torl.sandbox.isolation)
     uid_base: int = 200000
     uid_block: int = 1000  # uids a zygote may use from its base (its slots: concurrent snippets + live sessions)
     session_idle_s: float = 600.0
@@ -106,130 +102,62 @@ def exit_code_of(exc: SystemExit) -> int:
 libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _check(ret: int, what: str) -> None:
+def check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def hidden_prefixes(paths: list[str]) -> list[tuple[str, str]]:
-    """``(top, path)`` for each path an unprivileged uid cannot reach because ``top`` (an ancestor) is not o+x.
+@dataclass
+class ChildSetup:
+    """How to isolate one child: built by the zygote for the child's slot, used after fork.
 
-    The venv's base Python lives under /root (mode 0700), so a snippet running as another uid could not import a
-    stdlib module that the zygote did not preload; the child re-exposes just that prefix (docs/platform-notes.md §7).
+    ``namespaces``: ``(fd, CLONE_NEW*)`` of the slot's network and mount namespaces; ``uid``: the slot's own uid (root
+    zygotes); ``nested_userns``: enter an unmapped user namespace instead (non-root zygotes); ``nproc``: the
+    RLIMIT_NPROC to set, or None; ``landlock``: the slot's ruleset (``landlock_rules.slot_ruleset``) or None;
+    ``seccomp``: the filter (``seccomp_filter.Program``) or None.
     """
-    out = []
-    for path in dict.fromkeys(os.path.realpath(p) for p in paths):
-        parts = path.strip("/").split("/")
-        for i in range(1, len(parts)):
-            top = "/" + "/".join(parts[:i])
-            if not os.stat(top).st_mode & 0o001:
-                out.append((top, path))
-                break
-    return out
+
+    limits: Limits
+    scratch: str
+    out_fd: int
+    err_fd: int
+    namespaces: tuple[tuple[int, int], ...] = ()
+    uid: int | None = None
+    nested_userns: bool = False
+    nproc: int | None = None
+    landlock: Any = None
+    seccomp: Any = None
 
 
-def _mount_scratch(scratch: str, hidden: list[tuple[str, str]]) -> None:
-    """In a fresh private mount namespace: scratch bound over /tmp, /var/tmp and /dev/shm (writes land in scratch and
-    vanish with it), unreadable homes replaced by an empty tmpfs that shows only the Python prefix."""
-    for i, (top, path) in enumerate(hidden):
-        stage = f"{scratch}/.prefix{i}"
-        os.mkdir(stage)
-        _check(libc.mount(path.encode(), stage.encode(), None, MS_BIND | MS_REC, None), f"bind {path}")
-        _check(libc.mount(b"tmpfs", top.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755,size=64k"), "tmpfs")
-        os.makedirs(path, exist_ok=True)
-        _check(libc.mount(stage.encode(), path.encode(), None, MS_MOVE, None), f"move {path}")
-        os.rmdir(stage)
-    for target in ("/var/tmp", "/dev/shm", "/tmp"):  # /tmp last: the scratch path itself lives under it
-        if os.path.isdir(target):
-            _check(libc.mount(scratch.encode(), target.encode(), None, MS_BIND, None), f"bind {target}")
-
-
-def make_slot_namespaces(
-    scratch: str, hidden: list[tuple[str, str]], network: bool, mounts: bool
-) -> tuple[tuple[int, int], ...]:
-    """Build a slot's network and/or mount namespaces once; return ``(fd, CLONE_NEW*)`` pairs that keep them alive.
-
-    A short-lived helper child unshares them (and sets up the private mounts for ``scratch``), the caller opens them
-    through /proc, and the helper exits. Children of the slot then ``setns`` into them. Isolation stays per snippet:
-    a slot runs one snippet at a time, the zygote kills every process a snippet leaves behind before the slot is
-    reused (so no socket or listener survives into the next snippet), a fresh namespace has its loopback down, and
-    snippets run unprivileged, so they cannot change the mounts. Needs CAP_SYS_ADMIN (the zygote probes for it).
-    """
-    flags = (CLONE_NEWNET if network else 0) | (CLONE_NEWNS if mounts else 0)
-    if not flags:
-        return ()
-    ready_r, ready_w = os.pipe()
-    hold_r, hold_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.close(ready_r)
-            os.close(hold_w)
-            _check(libc.unshare(flags), "unshare")
-            if flags & CLONE_NEWNS:
-                _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
-                _mount_scratch(scratch, hidden)
-            os.write(ready_w, b"1")
-            os.read(hold_r, 1)  # wait until the parent holds the namespaces open
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(ready_w)
-    os.close(hold_r)
-    try:
-        if os.read(ready_r, 1) != b"1":
-            os.waitpid(pid, 0)
-            raise OSError(f"building the sandbox namespaces of {scratch} failed")
-        kinds = [(name, flag) for name, flag in (("net", CLONE_NEWNET), ("mnt", CLONE_NEWNS)) if flags & flag]
-        return tuple((os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag) for name, flag in kinds)
-    finally:
-        os.close(ready_r)
-        os.close(hold_w)  # the helper's read returns, it exits; the namespaces live on through our fds
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-
-
-def enter_sandbox(
-    limits: Limits,
-    scratch: str,
-    uid: int | None,
-    out_fd: int,
-    err_fd: int,
-    net_mode: str,
-    hidden: list[tuple[str, str]],
-    namespaces: tuple[tuple[int, int], ...] = (),
-    extra_fds: tuple = (),
-) -> str:
+def enter_sandbox(setup: ChildSetup, extra_fds: tuple = ()) -> str:
     """Isolate this freshly forked child; ``extra_fds`` end up as fds 3, 4, ...; returns the snippet's cwd/HOME.
 
-    ``namespaces`` are ``(fd, CLONE_NEW*)`` of namespaces the zygote already built for this child's slot (see
-    ``make_slot_namespaces``): joining them is cheap, while creating a network namespace per snippet cost ~1 ms here
-    plus kernel clean-up work, and building the private mounts another ~1.3 ms.
+    Joining the slot's namespaces is cheap, while creating a network namespace per snippet cost ~1 ms here plus
+    kernel clean-up work, and building the private mounts another ~1.3 ms (``torl.sandbox.namespaces``).
     """
+    limits = setup.limits
     os.setsid()  # own session and process group: the zygote kills the whole group
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM):  # SIGPIPE stays ignored, as in any Python script
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    home = scratch
-    for fd, nstype in namespaces:  # as root: the slot's network and mount namespaces
-        _check(libc.setns(fd, nstype), f"setns({nstype:#x})")
+    home = setup.scratch
+    for fd, nstype in setup.namespaces:  # with the zygote's capabilities: the slot's network and mount namespaces
+        check(libc.setns(fd, nstype), f"setns({nstype:#x})")
         if nstype == CLONE_NEWNS:
             home = "/tmp"
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    os.dup2(out_fd, 1)
-    os.dup2(err_fd, 2)
+    os.dup2(setup.out_fd, 1)
+    os.dup2(setup.err_fd, 2)
     parked = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in extra_fds]
     for i, fd in enumerate(parked):
         os.dup2(fd, 3 + i, inheritable=False)
-    os.closerange(
-        3 + len(parked), 65536
-    )  # nothing of the zygote (its protocol pipe, other jobs' pipes) stays reachable
+    if setup.landlock is not None:
+        setup.landlock.restrict()  # uses the ruleset's fd, which the next line closes
+    # Nothing of the zygote (its protocol pipe, other jobs' pipes, namespace fds) stays reachable.
+    os.closerange(3 + len(parked), 65536)
     os.chdir(home)
     os.environ.clear()
     os.environ.update(snippet_env(home))
@@ -244,18 +172,21 @@ def enter_sandbox(
     ):
         hard = resource.RLIM_INFINITY if res == resource.RLIMIT_CPU and extra_fds else value
         resource.setrlimit(res, (value, hard))
-    if uid is not None:
+    if setup.nested_userns:
+        # Before RLIMIT_NPROC: the kernel counts processes per user namespace and uid, and holds the new namespace's
+        # parent level to the limit in force when it was created (docs/platform-notes.md §13).
+        check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    if setup.nproc is not None:
         # RLIMIT_NPROC counts processes per uid and is ignored for root (docs/platform-notes.md §7): each concurrent
-        # snippet gets its own uid so the limit is per snippet and snippets cannot signal one another.
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+        # snippet gets its own uid (or user namespace) so the limit is per snippet.
+        resource.setrlimit(resource.RLIMIT_NPROC, (setup.nproc, setup.nproc))
+    if setup.uid is not None:
         os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    if net_mode == "userns":
-        # No CAP_SYS_ADMIN (an unprivileged zygote, or root in a container): a user+net namespace instead, entered
-        # last, as the snippet's own uid. Entered as root, the new namespace could no longer reach the scratch dir.
-        _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
+        os.setgid(setup.uid)
+        os.setuid(setup.uid)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set after setuid, which clears it
+    if setup.seccomp is not None:
+        setup.seccomp.install()  # last: it denies the unshare above
     sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - lives as long as the process
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
     sys.stderr = io.TextIOWrapper(
@@ -313,11 +244,11 @@ def _report_setup_failure(err_fd: int) -> None:
             continue
 
 
-def stateless_child(code: str, setup: tuple) -> NoReturn:
+def stateless_child(code: str, setup: ChildSetup) -> NoReturn:
     try:
-        enter_sandbox(*setup)
+        enter_sandbox(setup)
     except BaseException:  # noqa: BLE001 - a setup failure must never fall back into the zygote's loop
-        _report_setup_failure(setup[4])
+        _report_setup_failure(setup.err_fd)
         os._exit(125)
     status = 1
     try:
@@ -327,15 +258,15 @@ def stateless_child(code: str, setup: tuple) -> NoReturn:
         os._exit(status)
 
 
-def session_child(ctrl_fd: int, done_fd: int, setup: tuple) -> NoReturn:
+def session_child(ctrl_fd: int, done_fd: int, setup: ChildSetup) -> NoReturn:
     """Serve one session: read a JSON line per snippet on fd 3, run it in the same globals, answer on fd 4."""
     status = 125
     try:
-        limits: Limits = setup[0]
+        limits = setup.limits
         try:
-            enter_sandbox(*setup, extra_fds=(ctrl_fd, done_fd))
+            enter_sandbox(setup, extra_fds=(ctrl_fd, done_fd))
         except BaseException:  # noqa: BLE001
-            _report_setup_failure(setup[4])
+            _report_setup_failure(setup.err_fd)
             os._exit(125)
         ctrl = os.fdopen(3, "rb")
         namespace = _fresh_main()

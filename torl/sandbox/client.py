@@ -54,9 +54,7 @@ def zygote_limits(cfg: SandboxConfig, rank: int = 0) -> dict[str, Any]:
         "max_open_files": cfg.max_open_files,
         "max_file_mb": cfg.max_file_mb,
         "preload": list(cfg.preload),
-        "isolate_network": cfg.isolate_network,
-        "private_mounts": cfg.private_mounts,
-        "drop_privileges": cfg.drop_privileges,
+        "isolation": cfg.isolation,
         "uid_base": cfg.uid_base + rank * UIDS_PER_WORKER,
         "uid_block": UIDS_PER_WORKER,
         "session_idle_s": cfg.session_idle_s,
@@ -125,7 +123,7 @@ class Zygote:
                 return
             self.restarts += 1
             self.proc = await asyncio.create_subprocess_exec(
-                *zygote_command(self.cfg, self.rank),
+                *self.command(),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=dict(ZYGOTE_ENV, HOME=self.cfg.scratch_root),
@@ -137,9 +135,18 @@ class Zygote:
                 code = await self.proc.wait()
                 self.proc = None
                 raise RuntimeError(f"sandbox zygote exited with code {code} before it was ready (see its stderr)")
-            self.info = json.loads(line)
+            info = json.loads(line)
+            if info.get("status") == "refused":  # sandbox.isolation=strict on a host without every layer
+                await self.proc.wait()
+                self.proc = None
+                raise RuntimeError(info["stderr"])
+            self.info = info
             self._reader = asyncio.get_running_loop().create_task(self._read_replies(self.proc))
             log.info("sandbox zygote %s ready (rank %d): %s", self.info.get("pid"), self.rank, self.info)
+
+    def command(self) -> list[str]:
+        """The zygote's argv (tests wrap it to start the zygote as another user or under a seccomp profile)."""
+        return zygote_command(self.cfg, self.rank)
 
     async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
         while True:

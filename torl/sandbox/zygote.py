@@ -1,13 +1,15 @@
 """The zygote: a warm, clean Python process forking one isolated child per snippet (docs/platform-notes.md §7, §10).
 
 Started by ``torl.sandbox.client.Zygote`` as ``python -E -s -c ...zygote.main(...)`` with a minimal environment (no
-RAY_*, no API keys, no VLLM vars), it preloads sympy/numpy once and then serves newline-delimited JSON requests on
-stdin, answering on stdout. Each snippet runs in a forked child that enters a new session, joins its slot's network
-namespace (no network) and mount namespace (a private /tmp), gets rlimits, drops to an unprivileged uid of its own,
-chdirs into a private scratch directory and ``exec``s the code as ``__main__`` (a script, like ToRL's Sandbox
-Fusion: the last expression is not echoed). The zygote enforces the wall timeout and the output cap and kills whatever
-the snippet left behind: its process group, and, because the zygote is a child subreaper, any orphan that escaped
-into a new session.
+RAY_*, no API keys, no VLLM vars), it first sets up the isolation layers the host allows (``torl.sandbox.layers``;
+under ``sandbox.isolation=strict`` it refuses to start without all of them), preloads sympy/numpy once and then
+serves newline-delimited JSON requests on stdin, answering on stdout. Each snippet runs in a forked child, born in
+its slot's PID namespace, that enters a new session, joins its slot's network namespace (no network) and mount
+namespace (a private /tmp), takes the slot's Landlock rules, gets rlimits, drops to an unprivileged uid of its own,
+installs the seccomp filter, chdirs into a private scratch directory and ``exec``s the code as ``__main__`` (a
+script, like ToRL's Sandbox Fusion: the last expression is not echoed). The zygote enforces the wall timeout and the
+output cap and kills whatever the snippet left behind: its process group, and, because the zygote is a child
+subreaper, any orphan that escaped into a new session.
 
 Persistent sessions keep one long-lived child per session id that runs successive snippets in the same globals.
 
@@ -17,10 +19,12 @@ Not here: request routing, Ray, the ExecResult record (see ``torl.sandbox.client
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import importlib
 import json
 import os
+import resource
 import selectors
 import shutil
 import signal
@@ -29,20 +33,24 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from torl.sandbox import landlock_rules
 from torl.sandbox.child import (
     CLONE_NEWNET,
     CLONE_NEWNS,
-    CLONE_NEWUSER,
+    CLONE_NEWPID,
     PR_SET_CHILD_SUBREAPER,
     PR_SET_PDEATHSIG,
     SETUP_FAILED,
+    ChildSetup,
     Limits,
-    hidden_prefixes,
+    check,
     libc,
-    make_slot_namespaces,
     session_child,
     stateless_child,
 )
+from torl.sandbox.isolation import IsolationUnavailable
+from torl.sandbox.layers import Layers, set_up
+from torl.sandbox.namespaces import SlotNamespaces, hidden_prefixes, make_slot_namespaces
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers (unit-tested).
@@ -114,8 +122,7 @@ class Job:
     session: Session | None = None
     out_fd: int = -1
     err_fd: int = -1
-    scratch: str = ""
-    uid: int | None = None
+    slot: int = -1
     wait_status: int | None = None
     timed_out: bool = False
     over_output: bool = False
@@ -131,16 +138,16 @@ class Session:
     done_fd: int
     out_fd: int
     err_fd: int
-    scratch: str
-    uid: int | None
+    slot: int
     last_used: float
     job: Job | None = None
     pending: bytes = b""
 
 
 class Zygote:
-    def __init__(self, limits: Limits, proto_in: int, proto_out: int) -> None:
+    def __init__(self, limits: Limits, proto_in: int, proto_out: int, layers: Layers) -> None:
         self.limits = limits
+        self.layers = layers
         self.proto_in, self.proto_out = proto_in, proto_out
         self.sel = selectors.DefaultSelector()
         self.jobs: dict[int, Job] = {}  # stateless jobs by child pid
@@ -148,26 +155,26 @@ class Zygote:
         self.inbuf = b""
         self.free_slots: list[int] = []  # slot i = uid uid_base+i with scratch dir <root>/i, reused between jobs
         self.num_slots = 0
-        self.slot_ns: dict[int, tuple[tuple[int, int], ...]] = {}  # slot -> its namespaces' (fd, type), if any
+        self.slot_ns: dict[int, SlotNamespaces] = {}  # slot -> its namespaces, if the host allows them
+        self.slot_setup: dict[int, ChildSetup] = {}  # slot -> how its children isolate themselves
         self.root = os.path.realpath(os.path.join(limits.scratch_root, f"torl-sandbox-{os.getpid()}"))
         _remove_stale_roots(limits.scratch_root)
         os.makedirs(self.root, mode=0o711, exist_ok=True)
         os.chmod(self.root, 0o711)
-        self.privileged = limits.drop_privileges and os.geteuid() == 0
+        self.privileged = layers.identity == "uid"  # snippets get uids of their own
         # Two pools on one machine (training beside evaluation or serving) would otherwise hand out the same uids,
         # and snippets of one could signal the other's processes.
         self.uid_base, self._uid_lock = limits.uid_base, None
         if self.privileged:
             self.uid_base, self._uid_lock = claim_uid_block(limits.uid_base, limits.uid_block)
         self.hidden = hidden_prefixes([sys.base_prefix, sys.prefix]) if self.privileged else []
-        self.net_mode = self._probe_network()
-        self.mounts = limits.private_mounts and _can_unshare(CLONE_NEWNS)  # root without CAP_SYS_ADMIN cannot
-        if self.hidden and not self.mounts:
+        self.namespaces = layers.pid_home is not None  # network, mount and PID namespaces per slot
+        if self.hidden and not self.namespaces:
             sys.stderr.write(
                 f"[zygote] snippets run as uid {self.uid_base}+ and cannot read the Python installation under "
                 f"{self.hidden[0][0]} (not world-readable), and no mount namespace is available to re-expose it: "
-                "only preloaded modules will import. Use a Python outside that directory, grant CAP_SYS_ADMIN, "
-                "or set sandbox.drop_privileges=false.\n"
+                "only preloaded modules will import. Use a Python outside that directory or allow namespaces "
+                '(README.md, "Sandbox isolation").\n'
             )
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of snippets become our children, so we can kill them
         wake_r, wake_w = os.pipe()
@@ -179,18 +186,6 @@ class Zygote:
         os.set_blocking(proto_in, False)
         self.sel.register(proto_in, selectors.EVENT_READ, ("proto", None))
         self.sel.register(wake_r, selectors.EVENT_READ, ("wake", None))
-
-    def _probe_network(self) -> str:
-        """Find how children can lose the network: a new netns (root) or a user+net namespace (unprivileged)."""
-        if not self.limits.isolate_network:
-            return "none"
-        for mode, flags in (("netns", CLONE_NEWNET), ("userns", CLONE_NEWUSER | CLONE_NEWNET)):
-            if _can_unshare(flags):
-                return mode
-        raise RuntimeError(
-            "isolate_network is on but this host allows neither unshare(CLONE_NEWNET) nor a user "
-            "namespace; set sandbox.isolate_network=false to run snippets with network access"
-        )
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -220,8 +215,7 @@ class Zygote:
                     "id": rid,
                     "status": "ok",
                     "pid": os.getpid(),
-                    "net_mode": self.net_mode,
-                    "privileged": self.privileged,
+                    "isolation": self.layers.report.as_dict(),
                     "jobs": len(self.jobs),
                     "sessions": len(self.sessions),
                 }
@@ -229,12 +223,12 @@ class Zygote:
         else:
             self.reply({"id": rid, "status": "sandbox_error", "stderr": f"unknown op {op!r}"})
 
-    def _new_child_io(self) -> tuple[str, int | None, tuple, tuple[int, int], tuple[int, int]]:
-        """A free slot's scratch dir, uid and child setup (``enter_sandbox``'s arguments), and stdout/stderr pipes.
+    def _new_child_io(self) -> tuple[int, ChildSetup, tuple[int, int], tuple[int, int]]:
+        """A free slot, its child setup (with the write ends of fresh stdout/stderr pipes), and those pipes.
 
-        Slots (uid + scratch dir + namespaces) are reused: creating and deleting a directory per snippet cost ~5 ms
-        on a busy ext4 disk, emptying an already empty one costs one scandir; joining a slot's namespaces is cheaper
-        than creating them per snippet (``make_slot_namespaces``).
+        Slots (uid + scratch dir + namespaces + Landlock rules) are reused: creating and deleting a directory per
+        snippet cost ~5 ms on a busy ext4 disk, emptying an already empty one costs one scandir; joining a slot's
+        namespaces is cheaper than creating them per snippet (``make_slot_namespaces``).
         """
         if self.free_slots:
             slot = self.free_slots.pop()
@@ -249,23 +243,62 @@ class Zygote:
             os.mkdir(path, 0o700)
             if self.privileged:
                 os.chown(path, self.uid_base + slot, self.uid_base + slot)
-            if self.net_mode == "netns" or self.mounts:
-                self.slot_ns[slot] = make_slot_namespaces(path, self.hidden, self.net_mode == "netns", self.mounts)
+            self.slot_setup[slot] = self._slot_setup(slot, path)
             self.num_slots += 1
-        uid = self.uid_base + slot if self.privileged else None
-        scratch = os.path.join(self.root, str(slot))
         out_w, err_w = os.pipe(), os.pipe()
-        setup = (self.limits, scratch, uid, out_w[1], err_w[1], self.net_mode, self.hidden, self.slot_ns.get(slot, ()))
-        return scratch, uid, setup, out_w, err_w
+        setup = dataclasses.replace(self.slot_setup[slot], out_fd=out_w[1], err_fd=err_w[1])
+        return slot, setup, out_w, err_w
+
+    def _slot_setup(self, slot: int, path: str) -> ChildSetup:
+        """Build what a new slot's children need: its namespaces and Landlock rules, its uid and limits."""
+        layers, namespaces = self.layers, ()
+        if self.namespaces:
+            ns = self.slot_ns[slot] = make_slot_namespaces(path, self.hidden)
+            namespaces = ((ns.net_fd, CLONE_NEWNET), (ns.mnt_fd, CLONE_NEWNS))
+        paths = layers.landlock_paths
+        return ChildSetup(
+            self.limits,
+            path,
+            out_fd=-1,
+            err_fd=-1,
+            namespaces=namespaces,
+            uid=self.uid_base + slot if self.privileged else None,
+            nested_userns=layers.identity == "userns",
+            nproc=layers.nproc,
+            landlock=landlock_rules.slot_ruleset(path, list(paths)) if paths is not None else None,
+            seccomp=layers.seccomp,
+        )
+
+    def _fork(self, slot: int) -> int:
+        """``os.fork()``, the child born in the slot's PID namespace when it has one (see ``namespaces``)."""
+        ns = self.slot_ns.get(slot)
+        if ns is None:
+            return os.fork()
+        check(libc.setns(ns.pid_fd, CLONE_NEWPID), "setns(slot PID namespace)")
+        try:
+            pid = os.fork()
+        except BaseException:
+            self.layers.pid_home.join()
+            raise
+        if pid:
+            self.layers.pid_home.join()  # later forks (helpers, other slots) start from home again
+        return pid
+
+    def _kill_slot_leftovers(self, slot: int) -> None:
+        """Kill what a snippet left in its slot's PID namespace (orphans go to the slot's init, not to us)."""
+        ns = self.slot_ns.get(slot)
+        if ns is not None:
+            for pid in _descendants(ns.init_pid):
+                _kill(pid)
 
     def _watch(self, fd: int, kind: str, owner: Any) -> None:
         os.set_blocking(fd, False)
         self.sel.register(fd, selectors.EVENT_READ, (kind, owner))
 
     def run_stateless(self, rid: Any, code: str, timeout: float) -> None:
-        scratch, uid, setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
+        slot, setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
         now = time.monotonic()
-        pid = os.fork()
+        pid = self._fork(slot)
         if pid == 0:
             stateless_child(code, setup)
         os.close(out_w)
@@ -280,8 +313,7 @@ class Zygote:
             now + timeout,
             out_fd=out_r,
             err_fd=err_r,
-            scratch=scratch,
-            uid=uid,
+            slot=slot,
         )
         self.jobs[pid] = job
         self._watch(out_r, "out", job)
@@ -305,15 +337,15 @@ class Zygote:
             sess.job.err.append(f"[sandbox] session process is gone: {exc}\n".encode())
 
     def start_session(self, sid: str) -> Session:
-        scratch, uid, setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
+        slot, setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
         ctrl_r, ctrl_w = os.pipe()
         done_r, done_w = os.pipe()
-        pid = os.fork()
+        pid = self._fork(slot)
         if pid == 0:
             session_child(ctrl_r, done_w, setup)
         for fd in (out_w, err_w, ctrl_r, done_w):
             os.close(fd)
-        sess = Session(sid, pid, ctrl_w, done_r, out_r, err_r, scratch, uid, time.monotonic())
+        sess = Session(sid, pid, ctrl_w, done_r, out_r, err_r, slot, time.monotonic())
         self.sessions[sid] = sess
         self._watch(out_r, "out", sess)
         self._watch(err_r, "err", sess)
@@ -383,6 +415,8 @@ class Zygote:
         except OSError:
             return
         known = set(self.jobs) | {s.pid for s in self.sessions.values()}
+        if self.layers.pid_home is not None:
+            known.add(self.layers.pid_home.init_pid)
         for pid in kids:
             if pid not in known:
                 _kill(pid)
@@ -418,6 +452,7 @@ class Zygote:
         now = time.monotonic()
         if sess is None:
             _kill_group(job.pid)
+            self._kill_slot_leftovers(job.slot)
             self.jobs.pop(job.pid, None)
             out_fd, err_fd = job.out_fd, job.err_fd
         else:
@@ -429,12 +464,13 @@ class Zygote:
             else:
                 for pid in _descendants(sess.pid):  # background processes must not outlive the snippet
                     _kill(pid)
+                self._kill_slot_leftovers(sess.slot)
         self._drain(out_fd, job.out)
         self._drain(err_fd, job.err)
         if sess is None:
             for fd in (out_fd, err_fd):
                 self._close(fd)
-            self._cleanup_dir(job.scratch, job.uid)
+            self._cleanup_slot(job.slot)
         if job.wait_status is None and (job.timed_out or job.over_output):
             job.wait_status = signal.SIGKILL  # killed by us; the zombie is reaped later
         stderr = job.err.text()
@@ -461,6 +497,7 @@ class Zygote:
         _kill_group(sess.pid)
         for pid in _descendants(sess.pid):
             _kill(pid)
+        self._kill_slot_leftovers(sess.slot)
         if sess.job is not None:
             job, sess.job = sess.job, None
             job.session = None
@@ -482,7 +519,7 @@ class Zygote:
             )
         for fd in (sess.out_fd, sess.err_fd, sess.done_fd, sess.ctrl_fd):
             self._close(fd)
-        self._cleanup_dir(sess.scratch, sess.uid)
+        self._cleanup_slot(sess.slot)
 
     def _close(self, fd: int) -> None:
         try:
@@ -494,8 +531,9 @@ class Zygote:
         except OSError:
             pass
 
-    def _cleanup_dir(self, path: str, uid: int | None) -> None:
+    def _cleanup_slot(self, slot: int) -> None:
         """Empty the slot's scratch directory (what the snippet wrote, even under /tmp) and free the slot."""
+        path = os.path.join(self.root, str(slot))
         try:
             entries = list(os.scandir(path))
         except OSError:
@@ -512,7 +550,7 @@ class Zygote:
             os.chmod(path, 0o700)  # the snippet may have opened up its directory
         except OSError:
             pass
-        self.free_slots.append(int(os.path.basename(path)))
+        self.free_slots.append(slot)
 
     # -- loop --------------------------------------------------------------------------------------------------
 
@@ -522,9 +560,7 @@ class Zygote:
                 "id": None,
                 "status": "ready",
                 "pid": os.getpid(),
-                "net_mode": self.net_mode,
-                "privileged": self.privileged,
-                "private_mounts": self.mounts,
+                "isolation": self.layers.report.as_dict(),
                 "uid_base": self.uid_base,
                 "uid_block": self.limits.uid_block,
             }
@@ -589,15 +625,6 @@ class Zygote:
             _kill_group(job.pid)
         self.kill_orphans()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _can_unshare(flags: int) -> bool:
-    """Whether a child of ours may create these namespaces (tried in a throwaway child)."""
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0 if libc.unshare(flags) == 0 else 1)
-    _, status = os.waitpid(pid, 0)
-    return status == 0
 
 
 UID_LOCK_DIR = "/tmp/torl-uid-locks"  # machine-wide; not "torl-sandbox-*", which _remove_stale_roots sweeps
@@ -697,9 +724,18 @@ def main(argv: list[str]) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the worker that started us
+    # Each slot holds a few fds (its namespaces, its Landlock ruleset); a zygote with hundreds of sessions needs more
+    # than the usual soft limit of 1024. Snippets get their own, small limit.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    try:
+        layers = set_up(limits)  # first: it may enter a user namespace, which needs a single thread
+    except IsolationUnavailable as exc:
+        os.write(proto_out, (json.dumps({"id": None, "status": "refused", "stderr": str(exc)}) + "\n").encode())
+        return 3
+    # Die with the worker that started us (set after set_up: entering a user namespace clears it).
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _warm(limits.preload)
-    zygote = Zygote(limits, proto_in, proto_out)
+    zygote = Zygote(limits, proto_in, proto_out, layers)
     try:
         zygote.serve()
     finally:

@@ -1,0 +1,57 @@
+"""Landlock rules for sandbox children: write only the slot's scratch directory, read only what Python needs.
+
+Landlock (Linux 5.13+) lets an unprivileged process restrict itself, so it holds for non-root users and in
+containers, where a uid of its own or a mount namespace may be unavailable. Each slot gets one ruleset, built in the
+zygote when the slot is made (about 0.5 ms) and enforced by each child in 0.1 ms (docs/platform-notes.md §13). What a
+snippet may open: the Python installation (read, execute), system directories (/usr, /lib*, /bin, /sbin, /etc),
+the CPU list under /sys that ``os.cpu_count`` reads, a few character devices (/dev/null, /dev/urandom, ...), and its
+scratch directory (everything). Not the home directory (``~/.netrc``, ``~/.ray``, ``~/.cache``), not the run's
+output or checkpoints, not /tmp, /dev/shm or /proc. Where the kernel has them, TCP bind/connect are denied (ABI 4)
+and the snippet can neither signal processes nor reach abstract UNIX sockets outside its own domain (ABI 6), so
+``kill(-1)`` cannot reach the trainer even without a PID namespace.
+
+Uses the ``landlockpy`` binding, which drops rights the running kernel does not know (best effort).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import landlockpy
+from landlockpy import AccessFS, AccessNet, Ruleset, Scope, fs_for_abi
+
+READ_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/sys/devices/system/cpu")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+
+
+def abi() -> int:
+    """The kernel's Landlock ABI version; 0 where Landlock is off, missing or blocked (e.g. by a seccomp profile)."""
+    try:
+        return landlockpy.abi_version()
+    except OSError:  # LandlockError is an OSError: EPERM where a seccomp profile blocks the calls
+        return 0
+
+
+def read_paths() -> list[str]:
+    """Directories a snippet may read and execute from: the system's and this Python's installation."""
+    pythons = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    return [p for p in (*READ_DIRS, *sorted(pythons)) if os.path.exists(p)]
+
+
+def slot_ruleset(scratch: str, readable: list[str]) -> Ruleset:
+    """One slot's ruleset: the zygote keeps it, each child of the slot calls its ``restrict()`` (which also sets
+    ``no_new_privs``; irreversible) before the snippet runs."""
+    ruleset = Ruleset(
+        handled_net=AccessNet.BIND_TCP | AccessNet.CONNECT_TCP,  # no port rule: all TCP is denied
+        scoped=Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL,
+    )
+    everything = fs_for_abi(ruleset.abi_version)
+    read = AccessFS.READ_FILE | AccessFS.READ_DIR | AccessFS.EXECUTE
+    for path in readable:
+        ruleset.allow_path(path, read)
+    for path in DEVICES:
+        if os.path.exists(path):
+            ruleset.allow_path(path, AccessFS.READ_FILE | AccessFS.WRITE_FILE | AccessFS.IOCTL_DEV)
+    ruleset.allow_path(scratch, everything)
+    return ruleset
