@@ -44,12 +44,15 @@ def _engine_of(generator: psutil.Process) -> psutil.Process:
 
 
 def _kill_after(out: Path, plan: list[tuple[int, str]], done: list[str]) -> threading.Thread:
-    """Kill, once step N's row is in metrics.jsonl, what ``plan`` names for it: a generator, its engine, a learner."""
+    """Kill, once step N's row is in metrics.jsonl, what ``plan`` names for it: a generator, its engine, a learner
+    (that one once step N's checkpoint is complete, so the resume point is known)."""
 
     def run() -> None:
         deadline = time.monotonic() + 600
         for step, what in plan:
-            while not any(r["step"] == step for r in _rows(out)):
+            # The learner dies once step N is also checkpointed (the row is logged just before the save).
+            saved = out / f"step_{step:06d}" / "COMPLETE"
+            while not any(r["step"] == step for r in _rows(out)) or (what == "learner" and not saved.is_file()):
                 if time.monotonic() > deadline:
                     return
                 time.sleep(0.05)
