@@ -28,12 +28,15 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _actor_processes(kind: str) -> list[psutil.Process]:
-    """Live Ray worker processes running actors of class ``kind`` (Ray titles them ``ray::<Class>...``)."""
+    """This test cluster's worker processes running actors of class ``kind`` (Ray titles them ``ray::<Class>...``).
+    Only descendants of this process, which started the cluster: other Ray clusters on the machine are not ours."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith(f"ray::{kind}"):
-            found.append(proc)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith(f"ray::{kind}"):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 
