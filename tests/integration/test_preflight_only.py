@@ -28,7 +28,7 @@ def test_preflight_only_prints_the_table_and_exits(tmp_path, capsys):
     assert main([*argv, *one_gpu, f"trainer.output_dir={tmp_path}"]) == 2
     captured = capsys.readouterr()
     assert "FAIL" in captured.out
-    assert "learner.num_workers" in captured.err and "model.path" in captured.err
+    assert "learner.num_workers" in captured.err  # the GPU count names the fields to change
 
 
 def test_preflight_of_the_cpu_default_on_this_machine(capsys):
