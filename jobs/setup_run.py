@@ -129,9 +129,9 @@ def spawn_generator(cfg: Config, model_path: str, sandbox: Any, log_dir: str | N
     """One generator actor; its engine starts building at once (``start`` is idempotent)."""
     from actors.generator import GeneratorActor
 
-    generator = GeneratorActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
-        cfg, model_path, sandbox, log_dir
-    )
+    ro = cfg.rollout
+    options = {"num_cpus": ro.num_cpus, "num_gpus": ro.num_gpus, "resources": dict(ro.resources)}
+    generator = GeneratorActor.options(**options).remote(cfg, model_path, sandbox, log_dir)
     generator.start.remote()
     return generator
 

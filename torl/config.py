@@ -4,7 +4,8 @@ Every ToRL choice is a field whose default reproduces ToRL (``docs/torl-behaviou
 "ToRL:"), so ``Config()`` *is* ToRL's setup; presets in ``configs/`` only set fields. Unknown keys and type
 mismatches fail before anything starts, naming the key and suggesting close matches.
 
-Not here: what a field means at run time (see the module that reads it), and Ray resources beyond counts.
+Not here: what a field means at run time (see the module that reads it), and how actors are placed (each role does
+its own, from its num_cpus/num_gpus/resources).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class ConfigError(ValueError):
 
 def opt(default: Any, doc: str) -> Any:
     """A config field and its help, kept together: ``--help`` and ``docs/config.md`` print it from here."""
+    if isinstance(default, dict):  # a mutable default: each Config gets its own copy
+        return field(default_factory=lambda: dict(default), metadata={"help": doc})
     return field(default=default, metadata={"help": doc})
 
 
@@ -157,6 +160,12 @@ class RolloutConfig:
     num_generators: int = opt(1, "generator actors (vLLM engines)")
     num_cpus: float = opt(1.0, "Ray CPU resource per generator actor")
     num_gpus: float = opt(0.0, "Ray GPU resource per generator actor (= tensor_parallel_size on GPU clusters)")
+    resources: dict[str, float] = opt(
+        {},
+        "extra Ray resources per generator actor (replacements too), e.g. {node_b: 1}: a custom resource that only"
+        " some nodes declare (`ray start --resources='{\"node_b\": 4}'`) places the generators on those nodes;"
+        " {} = wherever Ray finds room. A generator asking for a resource no live node has waits until one joins",
+    )
     seed: int = opt(1, "base sampling seed; each trajectory derives its own")
     weight_sync: Literal["collective", "file"] = opt(
         "collective",
@@ -521,6 +530,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 last = exc
         raise last or ConfigError(f"{key}: bad value {value!r}")
+    if origin is dict:
+        if value in ("", None):
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping such as {{name: 1}}, got {value!r}")
+        ktype, vtype = typing.get_args(tp)
+        return {_coerce(k, ktype, key): _coerce(v, vtype, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
