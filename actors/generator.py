@@ -1,281 +1,54 @@
-"""Generator actor: a vLLM ``AsyncLLM`` engine running one asyncio task per trajectory (``torl.rollout``'s loop).
+"""Generator actor: the tool loop over a vLLM engine, one asyncio task per trajectory (``torl.rollout``'s driver).
 
 Each trajectory awaits the engine for a round, then awaits the sandbox pool for its tool call while the engine keeps
-decoding every other trajectory (continuous batching), then continues from the exact token ids so far. Weight updates
-are loaded in place without restarting the engine: broadcast from learner rank 0 over the weight-transfer group
-(``actors/weight_sync.py``), or with ``rollout.weight_sync=file`` through safetensors on /dev/shm and
-``reload_weights`` (docs/platform-notes.md §10).
+decoding every other trajectory (continuous batching), then continues from the exact token ids so far. Batches for
+training and evaluation (``generate``) and the serving stream (``generate_stream``) go through the same driver,
+``run_async``; the stream only listens to its events. The engine, its weight versions and weight updates are the
+base class's (``actors/engine.py``).
 
-Not here: the loop's logic, budget, masks and metrics (``torl.rollout``), the TIR text protocol
+Not here: the loop's logic, budget, masks and metrics (``torl.rollout``, ``torl.metrics``), the TIR text protocol
 (``torl.tool_protocol``), sandboxing (``actors.sandbox``), grading.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
+from actors.engine import Engine
 from torl.config import Config
-from torl.logs import route_engine_logs
-from torl.paths import weight_dir
+from torl.metrics import BatchStats, batch_metrics, tool_warnings
 from torl.rollout import (
-    BatchStats,
+    Finished,
     GenRequest,
     LoopSettings,
     RoundOutput,
     RoundRequest,
+    StreamEvent,
     ToolLoop,
-    batch_metrics,
-    derive_seed,
     run_async,
     run_sync,
-    tool_warnings,
 )
+from torl.sampling import SamplingOverrides
 from torl.types import ExecResult, Trajectory
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Submit:
-    """Weight-version bookkeeping of one engine call (see ``Generator._tag``)."""
-
-    committed: int  # version in effect when the call was submitted
-    target: int | None  # version being loaded at submission time (None = no update in progress)
-    seq: int  # update sequence number at submission
-
-
-class Generator:
-    """Owns one vLLM engine; ``generate`` runs the tool loop for a batch, ``update_weights`` swaps weights in place."""
+class Generator(Engine):
+    """Runs the tool loop on its engine: ``generate`` for a batch, ``generate_stream`` for one served trajectory."""
 
     def __init__(self, cfg: Config, model_path: str, sandbox: Any | None = None, log_dir: str | None = None) -> None:
-        """``log_dir``: where vLLM's routine logs go (``engine-<pid>.log``); only warnings reach the terminal."""
-        from transformers import AutoConfig, AutoTokenizer
-
-        self.cfg = cfg
-        self.model_path = model_path
+        """``sandbox``: the ``SandboxPool`` tool calls run in (None: tools off); ``log_dir``: see ``Engine``."""
+        super().__init__(cfg, model_path, log_dir)
         self.sandbox = sandbox
-        tok_path = cfg.model.tokenizer_path or model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
-        self._tied = bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
-        self._engine = None
-        self._start_lock = asyncio.Lock()
-        self._update_lock = asyncio.Lock()
-        self._version = 0
-        self._target: int | None = None
-        self._seq = 0
-        self._update_t0 = 0.0  # when the collective push in progress began
-        self._joined = False  # in a weight-transfer group (collective route)
-        # Engine-idle accounting: time inside a batch when no trajectory is in an engine call, i.e. every unfinished
-        # trajectory waits on a tool. Users of peers measure this by hand; here it is `time/engine_idle_tools`.
-        self._in_engine = 0
-        self._idle_since: float | None = None
-        self._idle_s = 0.0
-        # Everything this generator writes outside its memory lives here and goes at shutdown: the weight file of an
-        # update, and vLLM's ZMQ IPC sockets, which vLLM leaves in /tmp (three per engine, for good) when the engine
-        # process is killed rather than closed, as Ray does to actors.
-        self._run_dir = tempfile.mkdtemp(prefix=f"torl-generator-{os.getpid()}-", dir=weight_dir())
-        self._weights_dir = os.path.join(self._run_dir, "weights")
-        os.mkdir(self._weights_dir)
-        log_file = os.path.join(log_dir, f"engine-{os.getpid()}.log") if log_dir else None
-        route_engine_logs(self._run_dir, log_file)  # before vLLM is imported in this process
-
-    # -- engine ---------------------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Build the engine (15-25 s on CPU). Async because AsyncLLM needs the actor's running event loop."""
-        async with self._start_lock:
-            if self._engine is not None:
-                return
-            from vllm import AsyncEngineArgs
-            from vllm.platforms import current_platform
-            from vllm.v1.engine.async_llm import AsyncLLM
-
-            e = self.cfg.rollout.engine
-            os.environ["VLLM_RPC_BASE_PATH"] = self._run_dir  # read when the engine is built; its process inherits it
-            if current_platform.is_cpu():
-                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(e.cpu_kvcache_gb)
-                if e.cpu_inprocess_worker:
-                    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            args = AsyncEngineArgs(
-                model=self.model_path,
-                tokenizer=self.cfg.model.tokenizer_path or self.model_path,
-                dtype=self.cfg.model.dtype,
-                max_model_len=self.cfg.model.max_model_len,
-                enable_prefix_caching=e.enable_prefix_caching,
-                block_size=e.block_size,
-                tensor_parallel_size=e.tensor_parallel_size,
-                gpu_memory_utilization=e.gpu_memory_utilization,
-                enforce_eager=e.enforce_eager,
-                max_num_seqs=e.max_num_seqs,
-                max_num_batched_tokens=max(e.max_num_batched_tokens, self.cfg.model.max_model_len),
-                seed=e.seed,
-                disable_log_stats=True,
-                use_tqdm_on_load=False,  # a shard bar on every weight update, for one small file
-                enable_chunked_prefill=(
-                    e.chunked_prefill == "on" or (e.chunked_prefill == "auto" and not current_platform.is_cpu())
-                ),
-            )
-            if self.cfg.rollout.weight_sync == "collective":
-                from vllm.config.weight_transfer import WeightTransferConfig
-
-                from actors.weight_sync import backend_for, register
-
-                register()  # in this process too, for the in-process engine (the engine's own loads the plugin)
-                args.weight_transfer_config = WeightTransferConfig(backend=backend_for(self.cfg))
-            t0 = time.perf_counter()
-            self._engine = AsyncLLM.from_engine_args(args)
-            log.info("vLLM engine for %s ready in %.1f s", self.model_path, time.perf_counter() - t0)
-
-    @property
-    def engine(self):
-        """The running vLLM ``AsyncLLM`` (None before ``start``), for benchmarks comparing against the bare engine."""
-        return self._engine
-
-    def scratch_dir(self) -> str:
-        """Where this generator keeps its weight-update file and vLLM's IPC sockets; removed by ``shutdown``."""
-        return self._run_dir
-
-    def version(self) -> int:
-        return self._version
-
-    def in_flight(self) -> int:
-        """Engine calls running right now (one per trajectory currently decoding, not waiting on a tool)."""
-        return self._in_engine
-
-    async def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
-        shutil.rmtree(self._run_dir, ignore_errors=True)
-
-    # -- engine-idle accounting -----------------------------------------------------------------------------------
-    def _engine_calls(self, delta: int) -> None:
-        now = time.perf_counter()
-        if self._idle_since is not None:
-            self._idle_s += now - self._idle_since
-            self._idle_since = None
-        self._in_engine += delta
-        if self._in_engine == 0:
-            self._idle_since = now
-
-    def _idle_total(self) -> float:
-        """Idle seconds so far, counting an idle span still open now."""
-        open_span = time.perf_counter() - self._idle_since if self._idle_since is not None else 0.0
-        return self._idle_s + open_span
-
-    # -- one engine call ------------------------------------------------------------------------------------------
-    def _sampling(self, lp: ToolLoop, req: RoundRequest, greedy: bool, over: dict, stream: bool):
-        """vLLM params for one round. ``over`` (serving only): sampling overrides, ``logprobs`` (default True) and
-        ``stop`` (client stop strings, applied alongside the loop's tool stop string)."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        r = self.cfg.rollout
-        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY  # FINAL_ONLY is ~7 % faster
-        stop = [*req.stop, *over.get("stop", ())]
-        # Logprobs cost per-token work in the engine's output processing; serving never returns them.
-        logprobs = 0 if over.get("logprobs", True) else None
-        # flat_logprobs: plain lists instead of a dict + Logprob object per token (less work and GC in the actor).
-        # Text is only read to find a tool call (stop strings) or to stream it; otherwise the front end's incremental
-        # detokenization of every token (and of every logprob's token) is wasted CPU: the trajectory's text is decoded
-        # once at the end. Measured: the generator's CPU per batch fell by a third.
-        common = dict(
-            max_tokens=req.max_tokens,
-            stop=stop or None,
-            detokenize=bool(stop) or stream,
-            logprobs=logprobs,
-            flat_logprobs=True,
-            output_kind=kind,
-        )
-        if greedy:
-            return SamplingParams(temperature=0.0, **common)
-        seed = over.get("seed", r.seed)
-        return SamplingParams(
-            temperature=over.get("temperature", r.temperature),
-            top_p=over.get("top_p", r.top_p),
-            top_k=over.get("top_k", r.top_k),
-            # A continuation after a weight-update preemption must not replay the interrupted call's random stream.
-            seed=derive_seed(seed, lp.traj.problem_id, lp.sample, req.round + lp.preemptions * 1000, lp.step),
-            **common,
-        )
-
-    def _tag(self, sub: _Submit, aborted: bool) -> tuple[int, bool]:
-        """(version that sampled the call's tokens, whether an abort was a weight-update preemption).
-
-        Updates pause with mode="abort", so a call that spans an update is cut there: all its tokens are from one
-        weight version, and the loop simply continues from the ids so far. Calls submitted during an update are held
-        by the paused engine and run on the new weights, unless the same update's abort sweep caught them first.
-        """
-        preempted = aborted and (self._seq != sub.seq or sub.target is not None)
-        if sub.target is None:
-            return sub.committed, preempted
-        if aborted and self._seq == sub.seq:
-            return sub.committed, preempted
-        return sub.target, preempted
-
-    async def _round(
-        self,
-        lp: ToolLoop,
-        req: RoundRequest,
-        greedy: bool = False,
-        over: dict | None = None,
-        events: asyncio.Queue | None = None,
-    ) -> RoundOutput:
-        from vllm.inputs import TokensPrompt
-
-        over = over or {}
-        stream = events is not None and over.get("stream", True)
-        params = self._sampling(lp, req, greedy, over, stream)
-        want_lps = params.logprobs is not None
-        sub = _Submit(self._version, self._target, self._seq)
-        ids: list[int] = []
-        lps: list[float] = []
-        text: list[str] = []
-        c = None
-        self._engine_calls(+1)
-        try:
-            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.ids), params, uuid.uuid4().hex):
-                c = out.outputs[0]
-                ids.extend(c.token_ids)
-                if want_lps:
-                    lps.extend(_sampled_logprobs(c.token_ids, c.logprobs))
-                text.append(c.text)
-                if stream and c.text:
-                    await events.put({"type": "text", "text": c.text})
-        finally:
-            self._engine_calls(-1)
-        assert c is not None, "engine returned no output"
-        if not want_lps:
-            lps = [0.0] * len(ids)  # serving without logprobs: the trajectory is never trained on, keep it aligned
-        version, preempted = self._tag(sub, c.finish_reason == "abort")
-        return RoundOutput(ids, lps, "".join(text), c.finish_reason or "abort", c.stop_reason, version, preempted)
-
-    async def _tool(self, lp: ToolLoop, code: str, session: str | None, events: asyncio.Queue | None = None):
-        if events is not None:
-            await events.put({"type": "tool_start", "code": code})
-        result: ExecResult = await self.sandbox.run(code, session=session)
-        if events is not None:
-            await events.put(
-                {
-                    "type": "tool_end",
-                    "code": code,
-                    "status": result.status,
-                    "stdout": result.stdout,
-                    "stderr": result.stderr,
-                    "exec_s": result.wall_s,
-                }
-            )
-        return result
 
     # -- public API -----------------------------------------------------------------------------------------------
     def _loops(self, requests: list[GenRequest], settings: LoopSettings) -> list[ToolLoop]:
@@ -324,11 +97,13 @@ class Generator:
         persistent = settings.tool.session == "persistent"
         sessions = {id(lp): uuid.uuid4().hex if persistent else None for lp in loops}
 
+        over = SamplingOverrides(greedy=greedy)
+
         async def gen(lp: ToolLoop, req: RoundRequest) -> RoundOutput:
-            return await self._round(lp, req, greedy)
+            return await self.round(lp, req, over)
 
         async def tool(lp: ToolLoop, code: str) -> ExecResult:
-            return await self._tool(lp, code, sessions[id(lp)])
+            return await self.sandbox.run(code, session=sessions[id(lp)])
 
         async def one(lp: ToolLoop) -> Trajectory:
             try:
@@ -361,28 +136,25 @@ class Generator:
             log.warning("TOOLS NOT FIRING: %s", msg)
         return trajs, metrics
 
-    async def generate_stream(
-        self, prompt_ids: list[int], params: dict | None = None, max_calls: int | None = None
-    ) -> AsyncIterator[dict]:
-        """Run one trajectory and yield events as they happen (for serving).
+    def sandbox_stats(self) -> dict[str, float]:
+        """This generator's sandbox client's health since it started (``SandboxPool.stats``); empty without tools."""
+        return self.sandbox.stats() if self.sandbox is not None else {}
 
-        Events: ``{"type": "text", "text"}`` (model text deltas, stop strings held back), ``{"type": "tool_start",
-        "code"}``, ``{"type": "tool_end", "code", "status", "stdout", "stderr", "exec_s"}``, ``{"type":
-        "observation", "text"}`` (the exact inserted text), and last ``{"type": "done", "trajectory", "text"}``.
-        ``params``: temperature, top_p, top_k, seed, max_tokens (response budget), greedy; ``stream`` (default True;
-        False = no text events, the engine reports each round once, which is cheaper); ``logprobs`` (default True;
-        False = none requested, the trajectory's logprobs are 0.0); ``stop`` (client stop strings: generation ends
-        at the first one, finish reason "stop", and the done event's ``text`` ends before it). The done event's
-        ``text`` is the client-facing response; the trajectory keeps every sampled token (its text includes the stop
-        string). From Ray call it with ``.options(num_returns="streaming")``.
+    async def generate_stream(
+        self, prompt_ids: list[int], overrides: SamplingOverrides | dict | None = None, max_calls: int | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """Run one trajectory and yield its events as they happen (for serving), through the same driver as training.
+
+        Events (``torl.rollout``): ``TextDelta`` (model text; only with ``overrides.stream``; stop strings held
+        back), ``ToolStarted``, ``ToolFinished`` (the recorded ``ToolCall``), ``Observation`` (the exact inserted
+        text), and last ``Finished`` with the trajectory and the client-facing text, which ends before a matched
+        client stop string (the trajectory keeps every sampled token). ``overrides`` may be a plain dict (a Ray
+        caller); a misspelled key is an error. From Ray call it with ``.options(num_returns="streaming")``.
         """
+        over = overrides if isinstance(overrides, SamplingOverrides) else SamplingOverrides.from_dict(overrides)
         await self.start()
-        params = dict(params or {})
-        stops = params.get("stop") or []
-        if isinstance(stops, str) or not all(isinstance(x, str) and x for x in stops):
-            raise ValueError(f"params['stop'] must be a list of non-empty strings, got {stops!r}")
         base = LoopSettings.from_config(self.cfg, max_calls=max_calls)
-        settings = LoopSettings(base.tool, base.max_model_len, int(params.get("max_tokens", base.max_response_tokens)))
+        settings = dataclasses.replace(base, max_response_tokens=over.max_tokens or base.max_response_tokens)
         self._check_tools(settings)
         lp = ToolLoop(
             Trajectory(problem_id=uuid.uuid4().hex, group=0, prompt_ids=list(prompt_ids)),
@@ -392,33 +164,30 @@ class Generator:
             self._decode,
         )
         session = uuid.uuid4().hex if settings.tool.session == "persistent" else None
-        events: asyncio.Queue = asyncio.Queue()
-        greedy = bool(params.get("greedy", False))
+        events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
+        rounds: list[tuple[int, RoundOutput]] = []  # (response length before the round, its output)
+
+        async def gen(lp: ToolLoop, req: RoundRequest) -> RoundOutput:
+            start = len(lp.traj.response_ids)
+            out = await self.round(lp, req, over, events.put)
+            rounds.append((start, out))
+            return out
+
+        async def tool(lp: ToolLoop, code: str) -> ExecResult:
+            return await self.sandbox.run(code, session=session)
 
         async def drive() -> None:
-            last: RoundOutput | None = None
-            start = 0  # response length before the last round
             try:
-                while (req := lp.next_request()) is not None:
-                    t0 = time.perf_counter()
-                    start = len(lp.traj.response_ids)
-                    last = await self._round(lp, req, greedy, params, events)
-                    code = lp.on_round(last, time.perf_counter() - t0)
-                    if code is not None:
-                        t0 = time.perf_counter()
-                        result = await self._tool(lp, code, session, events)
-                        before = len(lp.traj.response_ids)
-                        lp.on_tool_result(result, time.perf_counter() - t0)
-                        await events.put({"type": "observation", "text": self._decode(lp.traj.response_ids[before:])})
-                traj = lp.result()
+                traj = await run_async(lp, gen, tool, events.put)
                 text = traj.text
-                if last is not None and _client_stop(lp, last, stops):
+                if rounds and _client_stop(lp, rounds[-1][1], over.stop):
                     # OpenAI: the matched stop string is not part of the text (vLLM cut it from the round's text).
+                    start, last = rounds[-1]
                     traj.finish_reason = "stop"
                     text = self._decode(traj.response_ids[:start]) + last.text
-                await events.put({"type": "done", "trajectory": traj, "text": text})
+                await events.put(Finished(traj, text))
             except Exception as exc:  # surfaced to the consumer, not lost in a task
-                await events.put({"type": "error", "error": repr(exc)})
+                await events.put(exc)
             finally:
                 if session is not None and lp.calls:
                     await self.sandbox.close_session(session)
@@ -427,146 +196,17 @@ class Generator:
         try:
             while True:
                 ev = await events.get()
-                if ev["type"] == "error":
-                    raise RuntimeError(f"generate_stream failed: {ev['error']}")
+                if isinstance(ev, BaseException):
+                    raise RuntimeError(f"generate_stream failed: {ev!r}") from ev
                 yield ev
-                if ev["type"] == "done":
+                if isinstance(ev, Finished):
                     return
         finally:
             if not task.done():
                 task.cancel()  # the consumer went away: cancelling the engine iteration aborts the request
 
-    # -- weights --------------------------------------------------------------------------------------------------
-    # An update pauses the engine (pause mode "abort", KV and prefix cache cleared): in-flight calls are cut and
-    # continue on the new weights, so no token is sampled from stale KV and each token's recorded version is exact.
-    async def _pause_for(self, version: int) -> None:
-        await self._update_lock.acquire()  # released by _resume_at, after the last call of the update
-        self._seq += 1
-        self._target = version
-        try:
-            await self._engine.pause_generation(mode="abort", clear_cache=True)
-        except BaseException:
-            await self._resume_at(None)
-            raise
 
-    async def _resume_at(self, version: int | None) -> None:
-        """Resume generation; ``version`` = the weights now loaded (None = the update failed)."""
-        try:
-            if version is not None:
-                await self._engine.reset_prefix_cache()
-                self._version = version
-        finally:
-            self._target = None
-            await self._engine.resume_generation()
-            self._update_lock.release()
-
-    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
-        """Join the learner's weight-transfer group (collective route; blocks until learner rank 0 opens it)."""
-        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
-        await self.start()
-        if self._joined:  # a new group (a generator was replaced): leave the old one first
-            await self._engine.shutdown_weight_transfer_engine()
-        await self._engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
-        self._joined = True
-
-    async def begin_weight_update(self, version: int) -> None:
-        """Collective route, first call of a push: pause, and let the engine prepare its layerwise reload."""
-        await self._pause_for(version)
-        try:
-            await self._engine.start_weight_update()
-        except BaseException:
-            await self._resume_at(None)
-            raise
-        self._update_t0 = time.perf_counter()
-
-    async def receive_weights(self, update_info: dict[str, Any], version: int) -> None:
-        """Collective route, the rest of a push: take the learner's broadcast of ``update_info``'s tensors into the
-        engine, finish its reload, tag later tokens ``version`` and resume (one call: the push's latency is Ray
-        round trips on a small model)."""
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
-        loaded = None
-        try:
-            await self._engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
-            await self._engine.finish_weight_update(str(version))
-            loaded = version
-        except BaseException:
-            log.error("weight push v%s failed in this engine; its weights may be mixed", version)
-            raise
-        finally:
-            await self._resume_at(loaded)
-        log.info("weights v%d loaded in %.3f s", version, time.perf_counter() - self._update_t0)
-
-    async def update_weights(self, state_dict: Any, version: int) -> dict[str, float]:
-        """File route: load a full HF state dict (or an ObjectRef to one) through a safetensors file and reload."""
-        if isinstance(state_dict, ray.ObjectRef):
-            state_dict = await state_dict
-        await self.start()
-        t0 = time.perf_counter()
-        await self._pause_for(version)
-        path, loaded = None, None
-        try:
-            t1 = time.perf_counter()
-            path = await asyncio.to_thread(self._write_weights, state_dict)
-            t2 = time.perf_counter()
-            await self._engine.collective_rpc("reload_weights", kwargs={"weights_path": self._weights_dir})
-            loaded = version
-            t3 = time.perf_counter()
-        finally:
-            await self._resume_at(loaded)
-            if path is not None:
-                os.unlink(path)
-        log.info("weights v%d loaded in %.3f s", version, time.perf_counter() - t0)
-        return {
-            "time/weight_write": t2 - t1,
-            "time/weight_reload": t3 - t2,
-            "time/weight_sync": time.perf_counter() - t0,
-        }
-
-    def _write_weights(self, state_dict: dict) -> str:
-        import torch
-        from safetensors.torch import save_file
-
-        dtype = getattr(torch, self.cfg.model.dtype)
-        tensors = {
-            k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-            for k, v in state_dict.items()
-        }
-        if self._tied and "model.embed_tokens.weight" in tensors:
-            # Tied embeddings must be in the file, or vLLM keeps a stale lm_head silently
-            # (docs/platform-notes.md §5, §10).
-            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-        need = sum(t.numel() * t.element_size() for t in tensors.values())
-        free = shutil.disk_usage(self._weights_dir).free
-        if need > free:
-            # Docker's default /dev/shm is 64 MB: without this check the first push dies in safetensors with ENOSPC.
-            raise OSError(
-                f"weight push needs {need / 2**20:.0f} MiB in {self._weights_dir} but only {free / 2**20:.0f} MiB are"
-                " free: use rollout.weight_sync=collective (no file), or give the container a bigger /dev/shm"
-                " (docker run --shm-size=...)"
-            )
-        path = os.path.join(self._weights_dir, "model.safetensors")
-        save_file(tensors, path)
-        return path
-
-
-def _sampled_logprobs(token_ids: list[int], flat: Any) -> list[float]:
-    """The logprob of each sampled token from vLLM's ``FlatLogprobs`` (the sampler puts the sampled token first)."""
-    if flat is None or len(flat) != len(token_ids):
-        raise AssertionError(
-            f"engine returned {len(token_ids)} tokens but logprobs for {0 if flat is None else len(flat)}"
-        )
-    out = []
-    for i, tok in enumerate(token_ids):
-        at = flat.start_indices[i]
-        if flat.token_ids[at] != tok:
-            raise AssertionError(f"logprob entry {i} is for token {flat.token_ids[at]}, sampled {tok}")
-        out.append(flat.logprobs[at])
-    return out
-
-
-def _client_stop(lp: ToolLoop, last: RoundOutput, stops: list[str]) -> bool:
+def _client_stop(lp: ToolLoop, last: RoundOutput, stops: tuple[str, ...]) -> bool:
     """Whether the trajectory ended at one of the client's stop strings (not EOS, not the tool stop string)."""
     return (
         lp.traj.finish_reason == "eos"

@@ -3,8 +3,9 @@
 ``SandboxPool.create(cfg)`` spawns ``cfg.num_workers`` named ``SandboxWorker`` actors (spread over nodes, each with
 ``cfg.num_cpus``, restarted by Ray when they die). The pool object itself is a plain client holding the actor handles:
 pass it into generator actors and ``await pool.run(code)`` there. Routing is least-loaded (by this client's own
-in-flight count) and sticky per session id; a bounded number of requests in flight per client gives backpressure
-(``queue_fill()``). ``create`` logs one loud warning when workers run with partial isolation
+in-flight count) and sticky per session id; at most ``max_queue`` requests in flight per client is the backpressure
+(``run`` waits for a slot), and ``stats()`` (every step in the run's metrics, through the generators) shows how full
+that budget runs and how long snippets queue. ``create`` logs one loud warning when workers run with partial isolation
 (``sandbox.isolation=best`` on a host missing a layer), and ``isolation_metrics()`` gives the level for the run's
 metrics. Every failure of the sandbox itself comes back as ``ExecResult(status="sandbox_error")``: a dead
 worker fails only the requests that were on it, and Ray restarts it for the next ones.
@@ -20,14 +21,14 @@ import os
 import time
 import zlib
 from collections import Counter
-from typing import Any
+from typing import Any, get_args
 
 import ray
 
 from torl.config import SandboxConfig
 from torl.sandbox.client import Zygote, sandbox_error
 from torl.sandbox.isolation import LEVEL_VALUE, warning
-from torl.types import ExecResult
+from torl.types import ExecResult, ExecStatus
 
 log = logging.getLogger(__name__)
 WORKER_BACKOFF_S = 2.0  # how long new requests avoid a worker that failed one (Ray restarts it meanwhile)
@@ -115,11 +116,6 @@ class SandboxPool:
             log.warning(loud)
         return cls(cfg, workers, reports)
 
-    @classmethod
-    def attach(cls, cfg: SandboxConfig, name: str = "torl_sandbox") -> SandboxPool:
-        """A client for a pool that ``create`` started elsewhere (same ``name`` and ``num_workers``)."""
-        return cls(cfg, [ray.get_actor(f"{name}:{rank}") for rank in range(cfg.num_workers)])
-
     def _pick(self, session: str | None) -> int:
         if session is not None:  # sticky: every copy of the pool sends a session to the same worker
             return zlib.crc32(session.encode()) % len(self.workers)
@@ -170,13 +166,14 @@ class SandboxPool:
             log.warning("closing sandbox session %r failed: %s", session, exc)
 
     def queue_fill(self) -> float:
-        """Fraction (0..1) of this client's request budget in use; generators slow down as it nears 1."""
+        """Fraction (0..1) of this client's request budget in use; at 1 ``run`` makes callers wait for a slot."""
         return min(1.0, (sum(self._inflight) + self._waiting) / self.cfg.max_queue)
 
     def stats(self) -> dict[str, float]:
-        """Flat counters of this client since it was made (or unpickled)."""
+        """Flat counters of this client since it was made (or unpickled): results by status, what is in flight and
+        waiting now, queueing and execution times (keys and their merge over clients: ``torl.metrics``)."""
         done = sum(self._counts.values())
-        out: dict[str, float] = {f"sandbox/{k}": float(v) for k, v in sorted(self._counts.items())}
+        out: dict[str, float] = {f"sandbox/{k}": float(self._counts[k]) for k in get_args(ExecStatus)}
         out.update(
             {
                 "sandbox/requests": float(done),

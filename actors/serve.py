@@ -17,6 +17,7 @@ process start-up (``jobs/serve.py``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -36,8 +37,9 @@ from actors.cluster import LOCAL_ENV
 from torl import openai_api as api
 from torl.config import Config, load_config
 from torl.prompts import TIR_INSTRUCTION, build_prompt
-from torl.tool_protocol import format_observation
-from torl.types import ExecResult, ToolCall, Trajectory
+from torl.rollout import Finished, Observation, StreamEvent, TextDelta, ToolFinished
+from torl.sampling import SamplingOverrides
+from torl.types import ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +67,16 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
 # Helpers used by the deployment sit above it: @serve.ingress serializes the class when it is defined.
 
 
-def _seeded(sampling: dict[str, Any], i: int) -> dict[str, Any]:
+def _seeded(sampling: SamplingOverrides, i: int) -> SamplingOverrides:
     """The i-th of n choices: with a client seed, a distinct derived seed per choice so they differ but repeat."""
-    if i == 0 or sampling.get("seed") is None:
+    if i == 0 or sampling.seed is None:
         return sampling
-    return {**sampling, "seed": sampling["seed"] + i}
+    return dataclasses.replace(sampling, seed=sampling.seed + i)
 
 
-def _choice(ev: dict, eos: str | None) -> api.ChoiceResult:
-    """The generator's done event as a choice; its ``text`` is already cut before a matched client stop string."""
-    traj: Trajectory = ev["trajectory"]
-    text = ev["text"]
+def _choice(done: Finished, eos: str | None) -> api.ChoiceResult:
+    """The stream's last event as a choice; its ``text`` is already cut before a matched client stop string."""
+    traj, text = done.trajectory, done.text
     if traj.finish_reason == "eos" and eos and text.endswith(eos):
         # The trajectory text keeps special tokens (token-exact for training); a client gets text without EOS, as
         # in the streamed deltas (vLLM skips special tokens there).
@@ -100,14 +101,6 @@ def serve_limits(cfg: Config, model_name: str) -> api.ServeLimits:
         max_n=s.max_n,
         max_request_bytes=s.max_request_bytes,
     )
-
-
-def _streamed_call(end: dict | None, tool_cfg) -> ToolCall:
-    """A streamed tool call: the body is formatted as the loop formats it (queue time only in the final event)."""
-    if end is None:
-        return ToolCall("", "", "sandbox_error", 0.0, 0.0)
-    result = ExecResult(end["status"], end["stdout"], end["stderr"], wall_s=end["exec_s"])
-    return ToolCall(end["code"], format_observation(result, tool_cfg), end["status"], end["exec_s"], 0.0)
 
 
 @serve.ingress(app)
@@ -191,7 +184,7 @@ class OpenAIServer:
         sampling = plan.sampling(len(ids), self.limits)
         req_id = api.new_id("chatcmpl" if chat else "cmpl")
         if plan.stream:
-            events = self._events(ids, sampling, plan.max_tool_calls)
+            events = self.gen.generate_stream(ids, sampling, plan.max_tool_calls)
             return StreamingResponse(self._sse(chat, req_id, events, len(ids), plan), media_type="text/event-stream")
         calls = [self._complete(ids, _seeded(sampling, i), plan.max_tool_calls) for i in range(plan.n)]
         try:
@@ -203,43 +196,35 @@ class OpenAIServer:
             return api.chat_response(req_id, self.model_name, choices, len(ids), plan)
         return api.completion_response(req_id, self.model_name, choices, len(ids), plan, prompt)
 
-    async def _complete(self, ids: list[int], sampling: dict[str, Any], max_calls: int) -> api.ChoiceResult:
+    async def _complete(self, ids: list[int], sampling: SamplingOverrides, max_calls: int) -> api.ChoiceResult:
         """Run one trajectory to the end (no text events: the engine reports each round once)."""
         async for ev in self.gen.generate_stream(ids, sampling, max_calls):
-            if ev["type"] == "done":
+            if isinstance(ev, Finished):
                 return _choice(ev, self.eos)
         raise RuntimeError("generator stream ended without a final event")
 
-    async def _events(self, ids: list[int], sampling: dict[str, Any], max_calls: int) -> AsyncIterator[tuple]:
-        """Yield ``("text", text)``, ``("tool", text, ToolCall)``, last ``("done", ChoiceResult)`` as it grows."""
-        last_tool: dict | None = None
-        async for ev in self.gen.generate_stream(ids, sampling, max_calls):
-            kind = ev["type"]
-            if kind == "text":
-                yield ("text", ev["text"])
-            elif kind == "tool_end":
-                last_tool = ev
-            elif kind == "observation":
-                # vLLM holds the stop string back from text deltas, but its sampled tokens stay in the response (and
-                # in the final text): put it back in front of the observation so the stream reads like the result.
-                yield ("tool", self.cfg.tool.stop + ev["text"], _streamed_call(last_tool, self.cfg.tool))
-            elif kind == "done":
-                yield ("done", _choice(ev, self.eos))
-
-    async def _sse(self, chat: bool, req_id: str, events, prompt_tokens: int, plan: api.GenerationPlan):
+    async def _sse(
+        self, chat: bool, req_id: str, events: AsyncIterator[StreamEvent], prompt_tokens: int, plan: api.GenerationPlan
+    ):
         """Server-sent events: model text and tool outputs as they happen, a closing chunk, then [DONE]."""
         name = self.model_name
         if chat:
             yield api.sse(api.stream_chunk(True, req_id, name, text="", role=True))
+        call: ToolCall | None = None
         try:
             async for ev in events:
-                if ev[0] == "text":
-                    yield api.sse(api.stream_chunk(chat, req_id, name, text=ev[1]))
-                elif ev[0] == "tool":
-                    torl = {"tool_call": api.tool_call_json(ev[2])}
-                    yield api.sse(api.stream_chunk(chat, req_id, name, text=ev[1], torl=torl))
-                else:
-                    choice = ev[1]
+                if isinstance(ev, TextDelta):
+                    yield api.sse(api.stream_chunk(chat, req_id, name, text=ev.text))
+                elif isinstance(ev, ToolFinished):
+                    call = ev.call
+                elif isinstance(ev, Observation) and call is not None:
+                    # vLLM holds the stop string back from text deltas, but its sampled tokens stay in the response
+                    # (and in the final text): put it back in front of the observation so the stream reads as such.
+                    torl = {"tool_call": api.tool_call_json(call)}
+                    text = self.cfg.tool.stop + ev.text
+                    yield api.sse(api.stream_chunk(chat, req_id, name, text=text, torl=torl))
+                elif isinstance(ev, Finished):
+                    choice = _choice(ev, self.eos)
                     torl = api.torl_extra(choice.answer, choice.tool_calls, plan.max_tool_calls)
                     yield api.sse(api.stream_chunk(chat, req_id, name, finish_reason=choice.finish_reason, torl=torl))
                     if plan.include_usage:

@@ -191,6 +191,7 @@ def main() -> None:
     from actors.generator import GeneratorActor
     from actors.sandbox import SandboxPool
     from torl.config import Config, EngineConfig, ModelConfig, PromptConfig, RolloutConfig, SandboxConfig, ToolConfig
+    from torl.metrics import rollout_metrics
     from torl.rollout import GenRequest
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -231,7 +232,7 @@ def main() -> None:
             tools, mode = name != "tools-off", "sync" if name == "sync" else "async"
             cpu0, wait0, t0 = cpu_by_process(), engine_runqueue_wait(), time.perf_counter()
             trajs, m = ray.get(gen.generate.remote(requests, tools=tools, mode=mode))
-            runs[name] = dict(m, wall=time.perf_counter() - t0)
+            runs[name] = dict(m, **rollout_metrics(trajs), wall=time.perf_counter() - t0)
             cpu1 = cpu_by_process()
             runs[name]["engine_wait"] = engine_runqueue_wait() - wait0
             runs[name]["cpu"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1}

@@ -80,6 +80,7 @@ def floor_server(path: str, port: int) -> None:
     from actors.generator import Generator
     from actors.serve import _choice, serve_limits
     from torl import openai_api as api
+    from torl.rollout import Finished
 
     cfg = bench_config(path, port)
     state: dict = {}
@@ -109,7 +110,7 @@ def floor_server(path: str, port: int) -> None:
         except api.APIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
         async for ev in state["gen"].generate_stream(ids, sampling, plan.max_tool_calls):
-            if ev["type"] == "done":
+            if isinstance(ev, Finished):
                 choice = _choice(ev, state["eos"])
         return api.completion_response(api.new_id("cmpl"), "m", [choice], len(ids), plan, req.prompt)
 

@@ -189,8 +189,9 @@ def stream(cfg: Config, generators: list, grader, items: list[Item], store: Resu
     """Keep ``max_in_flight`` chunked generate calls per generator running; grade and store each as it finishes."""
     import ray
 
+    from torl.metrics import engine_counts
     from torl.progress import Progress
-    from torl.rollout import COUNTS, GenRequest
+    from torl.rollout import GenRequest
 
     n, greedy, size = cfg.eval.n, cfg.eval.greedy, cfg.eval.chunk_size
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
@@ -208,8 +209,8 @@ def stream(cfg: Config, generators: list, grader, items: list[Item], store: Resu
         (ref,), _ = ray.wait(list(inflight), num_returns=1)
         chunk = inflight.pop(ref)
         trajs, metrics = ray.get(ref)
-        # Counts and seconds add up over chunks; rates and ratios are recomputed from the records.
-        totals.update({k: v for k, v in metrics.items() if k in COUNTS or k.startswith("time/")})
+        # Counts add up over chunks; rates and ratios are recomputed from the records.
+        totals.update(engine_counts(metrics))
         verdicts = ray.get(grader.grade.remote([t.grade_item() for t in trajs]))
         records = to_records(chunk, trajs, verdicts, n)
         store.append(records)

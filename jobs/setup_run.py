@@ -20,10 +20,11 @@ from torl import preflight
 from torl.checkpoint import run_identity
 from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict
 from torl.data import load_problems
+from torl.metrics import merge_batch_metrics
 from torl.paths import resolve
 from torl.prompts import build_prompt
-from torl.rollout import merge_batch_metrics
 from torl.sampler import EncodedProblem, PromptSampler, SamplerState, encode_problems
+from torl.storage import Storage, StorageError, is_uri
 
 if TYPE_CHECKING:  # annotations only: importing these starts nothing, but pulls in Ray and torch
     from ray.actor import ActorHandle
@@ -37,16 +38,73 @@ DEFAULT_PRESET = REPO / "configs" / "tiny_cpu.yaml"
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """Anchor relative model/output paths at the checkout (``TORL_HOME``), so every actor sees the same files."""
-    model = replace(cfg.model, path=str(resolve(cfg.model.path)) if cfg.model.path else "")
-    trainer = replace(cfg.trainer, output_dir=str(resolve(cfg.trainer.output_dir)))
+    """Anchor relative model/output/storage paths at the checkout (``TORL_HOME``), so every actor sees the same
+    files. Storage URIs (``s3://...``) are left as they are."""
+
+    def anchored(path: str) -> str:
+        return path if not path or is_uri(path) else str(resolve(path))
+
+    model = replace(cfg.model, path=anchored(cfg.model.path))
+    t = cfg.trainer
+    trainer = replace(t, output_dir=str(resolve(t.output_dir)), storage_path=anchored(t.storage_path))
     return replace(cfg, model=model, trainer=trainer)
+
+
+def open_run_storage(cfg: Config) -> Storage | None:
+    """``trainer.storage_path`` opened and probed (torl/storage.py), or None when output_dir is the storage. A
+    wrong URI, bucket, endpoint or credential stops the run here with one line, before anything starts."""
+    from torl.storage import open_storage, run_storage
+
+    storage = run_storage(cfg.trainer.storage_path, cfg.trainer.output_dir)
+    return open_storage(cfg.trainer.storage_path) if storage is not None else None
+
+
+def storage_env(cfg: Config) -> dict[str, str]:
+    """The driver's storage credentials that the actors reaching the storage get (torl/storage.py)."""
+    import os
+
+    from torl.storage import credential_env
+
+    return credential_env(os.environ, local_cluster=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+
+
+def fetch_model(uri: str) -> str:
+    """This node's copy of the model at storage URI ``uri`` (downloaded into the cache unless unchanged there)."""
+    from torl.storage import model_cache_dir
+
+    cache = model_cache_dir()
+    try:
+        storage = Storage(uri)
+        say = f"[torl] downloading {storage.location()} into {cache} (once per node; cached afterwards)"
+        local = storage.download_model(cache, on_download=lambda: print(say))
+    except StorageError as exc:
+        raise StorageError(f"model.path={uri!r}: {exc}") from exc
+    return str(local)
+
+
+def stage_model(cfg: Config, uri: str) -> None:
+    """Download the model at ``uri`` on every other node of the cluster, into the same cache path as here, before
+    any actor loads it (the generators and learners get this node's path). Nodes that join later lack it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not nodes:
+        return
+    env = storage_env(cfg)
+    task = ray.remote(num_cpus=0)(fetch_model)
+    opts = {"runtime_env": {"env_vars": env}} if env else {}
+    strategies = [NodeAffinitySchedulingStrategy(n, soft=False) for n in nodes]
+    ray.get([task.options(scheduling_strategy=s, **opts).remote(uri) for s in strategies])
 
 
 def ensure_model(cfg: Config) -> str:
     """Return the model directory, building the project's base model first if the preset names a recipe."""
     if not cfg.model.path:
         raise ConfigError("model.path is required (a Hugging Face checkpoint directory)")
+    if is_uri(cfg.model.path):  # in a storage: this node's cached copy (the other nodes get theirs: stage_model)
+        return fetch_model(cfg.model.path)
     path = Path(cfg.model.path)
     if cfg.model.recipe:
         from torl.pretrain import cached_fingerprint, load_recipe, verify_manifest
@@ -92,13 +150,25 @@ def run_preflight(cfg: Config, model_path: str, resources: Mapping[str, float] |
 
     report = preflight.check(
         cfg,
-        preflight.model_shape(model_path),
+        _model_shape(model_path),
         preflight.detect_hardware(cfg, resources),
         existing_checkpoints=len(list_checkpoints(cfg.trainer.output_dir)),
         total_steps=total_steps,
     )
     print(report.table())
     report.raise_on_failure()
+
+
+def _model_shape(model_path: str) -> preflight.ModelShape:
+    """The preflight's model shape; for a storage URI (preflight.only: nothing downloaded) from its config.json."""
+    if is_uri(model_path):
+        import json
+
+        try:
+            return preflight.ModelShape.from_hf_config(json.loads(Storage(model_path).read_text("config.json")))
+        except StorageError:
+            pass  # a known model name still gives the shape; otherwise model_shape says what is missing
+    return preflight.model_shape(model_path)
 
 
 def spawn_rollout_actors(
@@ -227,6 +297,7 @@ class Run:
     generators: list[ActorHandle] = field(default_factory=list)  # GeneratorActor handles
     learner: LearnerGroup | None = None
     grader: ActorHandle | None = None  # GraderActor handle
+    storage: Storage | None = None  # trainer.storage_path; None: output_dir is the storage
     identity: dict[str, Any] = field(default_factory=dict)  # what a checkpoint must share to resume (checkpoint.py)
     version: int = 0  # the weights the generators hold (the last push)
     generator_restarts: int = 0
@@ -293,8 +364,23 @@ class Run:
         if self.cfg.rollout.weight_sync == "collective":
             self.learner.connect_generators(self.generators)  # a new group: the old one lost a member
 
-    def fault_metrics(self) -> dict[str, float]:
-        return {"faults/generator_restarts": float(self.generator_restarts)}
+    def health_metrics(self) -> dict[str, float]:
+        """Every step: replaced actors, the sandbox's isolation and queues, and the grader's counters (totals)."""
+        import ray
+
+        out = {"faults/generator_restarts": float(self.generator_restarts)}
+        try:
+            parts = ray.get(
+                [g.sandbox_stats.remote() for g in self.generators] + [self.grader.stats.remote()], timeout=60
+            )
+        except Exception as exc:  # noqa: BLE001 - a generator that died since the push is replaced at the next one
+            print(f"[torl] warning: health metrics skipped this step: {exc}", file=sys.stderr)
+            return out
+        out.update(parts[-1])
+        if self.sandbox is not None:
+            out.update(merge_batch_metrics(parts[:-1]))
+            out.update(self.sandbox.isolation_metrics())  # sandbox/isolation: 2 full, 1 partial, 0 none
+        return out
 
     def push_weights(self, version: int) -> None:
         """Every generator to weights ``version``, replacing any that died on the way (bounded, see below)."""
@@ -315,13 +401,31 @@ class Run:
             "sampler": {"epoch": resume_state.epoch, "position": resume_state.position},
             "identity": self.identity,
         }
-        self.learner.save(str(Path(self.cfg.trainer.output_dir) / f"step_{step:06d}"), extra)
+        from torl.checkpoint import step_dir
+
+        failed = None
+        try:
+            self.learner.save(step_dir(self.cfg.trainer.output_dir, step), extra)
+        except StorageError as exc:
+            failed = exc
+        self.upload_run_files()
+        if failed is not None:
+            raise failed
+
+    def upload_run_files(self) -> None:
+        """Copy metrics.jsonl and the run's other small files to the storage, if any (torl/storage.RUN_FILES)."""
+        if self.storage is not None:
+            self.storage.upload_files(self.cfg.trainer.output_dir)
 
     def close(self) -> None:
         if self.learner is not None:
             self.learner.shutdown()
         stop_rollout_actors(self.sandbox, self.generators, self.grader)
         self.tracker.finish()
+        try:
+            self.upload_run_files()
+        except StorageError as exc:
+            print(f"[torl] warning: the run's files were not stored: {exc}", file=sys.stderr)
 
 
 def _resume(run: Run) -> None:
@@ -331,24 +435,33 @@ def _resume(run: Run) -> None:
     if cfg.resume == "never":
         run.tracker.keep_steps_before(0)
         return
-    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
+    # With a storage, the newest checkpoint there: each learner node loads its copy of it (downloaded if missing).
+    name = run.storage.latest() if run.storage is not None and cfg.resume == "auto" else None
+    stored = name is not None
+    ckpt: str | Path | None = Path(cfg.output_dir) / name if stored else None
+    if not stored:
+        ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
+        if ckpt and run.storage is not None and cfg.resume == "auto":
+            print(f"[torl] warning: no checkpoint in {run.storage.location()}; resuming from this node's {ckpt}")
     if not ckpt:
         run.tracker.keep_steps_before(0)
         return
-    saved = read_trainer_state(ckpt).get("identity")
+    state = run.storage.read_trainer_state(name) if stored else read_trainer_state(ckpt)
+    shown = run.storage.location(name) if stored else ckpt
+    saved = state.get("identity")
     if saved is None:
-        print(f"[torl] warning: {ckpt} records no run identity (written by an older torl); resuming unchecked")
+        print(f"[torl] warning: {shown} records no run identity (written by an older torl); resuming unchecked")
     elif (diffs := identity_differences(saved, run.identity)) and not cfg.resume_force:
         raise ConfigError(
-            f"{ckpt} was written by a different run:\n  " + "\n  ".join(diffs) + "\nResume anyway with "
+            f"{shown} was written by a different run:\n  " + "\n  ".join(diffs) + "\nResume anyway with "
             "trainer.resume_force=true, or start afresh with trainer.resume=never or another trainer.output_dir"
         )
-    extra = run.learner.load(str(ckpt))
+    extra = run.learner.load(str(ckpt), stored=stored)
     run.start_step = int(extra["step"])
     run.sampler.state = SamplerState(**extra["sampler"])
     run.push_weights(run.start_step)
     run.tracker.keep_steps_before(run.start_step + 1)  # the steps after the checkpoint are redone: logged once
-    print(f"[torl] resumed from {ckpt} at step {run.start_step}")
+    print(f"[torl] resumed from {shown} at step {run.start_step}")
 
 
 def load_run_config(argv: list[str]) -> Config:
@@ -361,6 +474,7 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     cfg = load_run_config(argv)
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is required (e.g. data.train_files=[synthetic:train] or a parquet path)")
+    storage = open_run_storage(cfg)
     model_path = ensure_model(cfg)
 
     from transformers import AutoTokenizer
@@ -384,9 +498,13 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     from actors.learner import LearnerGroup
     from jobs.tracking import Tracker
 
+    if is_uri(cfg.model.path):
+        stage_model(cfg, cfg.model.path)
     run_preflight(cfg, model_path, ray.cluster_resources(), total)  # before any actor starts
+    if storage is not None and cfg.trainer.resume != "never":  # the run's rows so far, e.g. written on another node
+        storage.download_files(cfg.trainer.output_dir)
     tracker = Tracker(cfg.wandb, cfg.trainer.output_dir, to_dict(cfg), job=job)
-    run = Run(cfg, model_path, sampler, val, tracker, total_steps=total)
+    run = Run(cfg, model_path, sampler, val, tracker, total_steps=total, storage=storage)
     run.identity = run_identity(to_dict(cfg), model_path, cfg.model.tokenizer_path or model_path)
     try:
         log_dir = str(Path(cfg.trainer.output_dir) / "logs")

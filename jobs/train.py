@@ -36,6 +36,7 @@ from torl.metrics import rollout_metrics  # noqa: E402
 from torl.problem_rewards import record_problem_rewards  # noqa: E402
 from torl.progress import Progress  # noqa: E402
 from torl.sampler import SamplerState  # noqa: E402
+from torl.storage import StorageError  # noqa: E402
 from torl.types import LearnerDied, Trajectory  # noqa: E402
 
 # What the progress bar shows per step, and the held-out line per validation: (metric, label, format).
@@ -136,9 +137,7 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
             metrics.update(run_validation(step))
         if cfg.trainer.log_samples_every and step % cfg.trainer.log_samples_every == 0:
             tracker.log_samples(step, trajs)
-        metrics.update(run.fault_metrics())
-        if run.sandbox is not None:
-            metrics.update(run.sandbox.isolation_metrics())  # sandbox/isolation: 2 full, 1 partial, 0 none
+        metrics.update(run.health_metrics())
         metrics.update(saved)  # the previous step's checkpoint, if one was written
         metrics["time/step"] = time.perf_counter() - t_step
         metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / max(metrics["time/step"], 1e-9)
@@ -149,7 +148,10 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         saved = {}
         if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
             with timed(saved, "time/save"):
-                run.save(step, rollouts.resume_state())
+                try:
+                    run.save(step, rollouts.resume_state())
+                except StorageError as exc:  # complete on the learner's node; the next save stores a newer one
+                    bar.write(f"[torl] warning: step {step}: {exc}")
     bar.close()
     rollouts.drain()
     return validations
@@ -243,9 +245,7 @@ def main(argv: list[str]) -> int:
         print("[torl] interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
     except LearnerDied as exc:
-        from torl.checkpoint import latest_checkpoint
-
-        last = latest_checkpoint(run.cfg.trainer.output_dir)
+        last = _stored_checkpoint(run)
         where = f"from {last}" if last else "from the start (no checkpoint yet)"
         print(f"[torl] stopped: {exc}\n[torl] run the same command again to resume {where}", file=sys.stderr)
         return 1
@@ -253,6 +253,19 @@ def main(argv: list[str]) -> int:
         run.close()
     print(final_summary(run, validations, time.perf_counter() - t_start, wandb_at, argv))
     return 0
+
+
+def _stored_checkpoint(run: Run) -> str | Path | None:
+    """The newest complete checkpoint where a resume looks for it: trainer.storage_path if set, else output_dir."""
+    from torl.checkpoint import latest_checkpoint
+
+    if run.storage is None:
+        return latest_checkpoint(run.cfg.trainer.output_dir)
+    try:
+        name = run.storage.latest()
+    except StorageError as exc:
+        return f"(storage not readable: {exc})"
+    return run.storage.location(name) if name else None
 
 
 def _short(path: Path) -> Path:
@@ -282,9 +295,16 @@ def final_summary(
         plot(load(out), curves, str(out))
     except (OSError, SystemExit, ValueError) as exc:  # a plotting problem must not hide the result above
         curves = Path(f"(not drawn: {exc})")
+    stored = _stored_checkpoint(run) if run.storage is not None else None
+    if run.storage is not None:
+        try:
+            run.storage.upload_files(out, ["curves.png"])
+        except StorageError as exc:
+            print(f"[torl] warning: curves.png not stored: {exc}", file=sys.stderr)
     preset = " ".join(split_cli(argv)[0]) or "configs/tiny_cpu.yaml"  # argv was parsed once already: it splits
     lines += [
         f"  checkpoint   {ckpt or '(none saved: trainer.save_every=0)'}",
+        *([f"  stored       {stored or '(none)'} (trainer.storage_path)"] if run.storage is not None else []),
         f"  curves       {curves}",
         f"  metrics      {out / 'metrics.jsonl'}",
         f"  W&B          {wandb_at}",

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from torl.grading import extract_boxed
+from torl.sampling import SamplingOverrides
 from torl.types import ToolCall
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,23 +168,20 @@ class GenerationPlan:
     echo: bool = False
     stop: tuple[str, ...] = ()  # client stop strings (OpenAI: generation ends before the first one)
 
-    def sampling(self, prompt_tokens: int, limits: ServeLimits) -> dict[str, Any]:
-        """Generator params: sampling overrides, ``max_tokens`` resolved against the prompt length, the client's
+    def sampling(self, prompt_tokens: int, limits: ServeLimits) -> SamplingOverrides:
+        """The trajectory's sampling: these overrides, ``max_tokens`` resolved against the prompt length, the client's
         stop strings, and what the engine must report (token deltas only when streaming; never logprobs, which this
         server does not return: both cost the engine per-token work)."""
-        out: dict[str, Any] = {
-            "max_tokens": check_context(prompt_tokens, self.max_tokens, limits),
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "stream": self.stream,
-            "logprobs": False,
-        }
-        if self.seed is not None:
-            out["seed"] = self.seed
-        if self.stop:
-            out["stop"] = list(self.stop)
-        return out
+        return SamplingOverrides(
+            max_tokens=check_context(prompt_tokens, self.max_tokens, limits),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stream=self.stream,
+            logprobs=False,
+            stop=self.stop,
+        )
 
 
 _ERROR_TYPES = {

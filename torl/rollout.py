@@ -1,4 +1,4 @@
-"""The per-trajectory tool loop as a pure state machine, its async and batch-synchronous drivers, and batch metrics.
+"""The per-trajectory tool loop as a pure state machine, its typed events, and its async and batch-synchronous drivers.
 
 One ``ToolLoop`` holds a trajectory being built token by token: it says what to generate next (a ``RoundRequest``:
 the exact ids so far, the token budget left, the stop list), takes the engine's ``RoundOutput`` (sampled ids and their
@@ -8,7 +8,7 @@ sandbox callables (one asyncio task per trajectory); ``run_sync`` drives a whole
 as ToRL does, and exists only to measure what the async loop gains.
 
 Not here: the vLLM engine, Ray and the sandbox (``actors/generator.py`` passes them in as callables), the TIR text
-protocol itself (``torl.tool_protocol``), grading.
+protocol itself (``torl.tool_protocol``), metrics (``torl.metrics``), grading.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torl import tool_protocol
 from torl.config import Config, ToolConfig
@@ -134,7 +134,7 @@ class ToolLoop:
         self.step = step  # the training step (GenRequest.step), for the sampling seed
         self.s = settings
         self._tokenize = tokenize
-        self._decode = decode
+        self.decode = decode
         self.rounds = 0
         self.calls = 0  # executed tool calls (c counts these)
         self.requests = 0  # rounds that ended at the tool stop string
@@ -211,7 +211,7 @@ class ToolLoop:
     def _tail_after_stop(self, ids: list[int], stop: str) -> str:
         """Characters the last sampled tokens carry past the stop string (vLLM cuts text, not tokens)."""
         for k in (4, 16, len(ids)):
-            text = self._decode(ids[-k:])
+            text = self.decode(ids[-k:])
             at = text.rfind(stop)
             if at >= 0:
                 return text[at + len(stop) :]
@@ -248,7 +248,7 @@ class ToolLoop:
     def result(self) -> Trajectory:
         """The finished trajectory, with its decoded text; per-token alignment checked."""
         assert self.done, "trajectory not finished"
-        self.traj.text = self._decode(self.traj.response_ids)
+        self.traj.text = self.decode(self.traj.response_ids)
         self.traj.check()
         return self.traj
 
@@ -259,20 +259,73 @@ class ToolLoop:
         return t.enabled and self.requests == 0 and self.calls < t.max_calls and t.stop in self.traj.text
 
 
+@dataclass(frozen=True)
+class TextDelta:
+    """Model text as the engine streams it (vLLM holds a stop string back from the deltas)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolStarted:
+    """A round ended in a tool request; ``code`` goes to the sandbox now."""
+
+    code: str
+
+
+@dataclass(frozen=True)
+class ToolFinished:
+    """The call as the trajectory records it (``Trajectory.tool_calls[-1]``: formatted body, status, times)."""
+
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The exact text spliced into the context after a call (loss mask 0)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Last event of a served trajectory; ``text`` is what the client sees (cut before a matched client stop)."""
+
+    trajectory: Trajectory
+    text: str
+
+
+LoopEvent = TextDelta | ToolStarted | ToolFinished | Observation
+StreamEvent = LoopEvent | Finished
 GenerateFn = Callable[[ToolLoop, RoundRequest], Awaitable[RoundOutput]]
 ToolFn = Callable[[ToolLoop, str], Awaitable[ExecResult]]
+EventFn = Callable[[LoopEvent], Awaitable[None]]
 
 
-async def run_async(loop: ToolLoop, generate: GenerateFn, run_tool: ToolFn) -> Trajectory:
-    """Drive one trajectory to the end; awaiting the tool yields the engine to every other trajectory."""
+async def run_async(
+    loop: ToolLoop, generate: GenerateFn, run_tool: ToolFn, on_event: EventFn | None = None
+) -> Trajectory:
+    """Drive one trajectory to the end; awaiting the tool yields the engine to every other trajectory.
+
+    The one driver of training, evaluation and serving. ``on_event`` (serving's stream) hears each tool call start
+    and finish and each observation as it happens; text deltas come from ``generate`` itself, which owns the engine
+    stream.
+    """
     while (req := loop.next_request()) is not None:
         t0 = time.perf_counter()
         out = await generate(loop, req)
         code = loop.on_round(out, time.perf_counter() - t0)
-        if code is not None:
-            t0 = time.perf_counter()
-            result = await run_tool(loop, code)
-            loop.on_tool_result(result, time.perf_counter() - t0)
+        if code is None:
+            continue
+        if on_event is not None:
+            await on_event(ToolStarted(code))
+        t0 = time.perf_counter()
+        result = await run_tool(loop, code)
+        before = len(loop.traj.response_ids)
+        loop.on_tool_result(result, time.perf_counter() - t0)
+        if on_event is not None:
+            await on_event(ToolFinished(loop.traj.tool_calls[-1]))
+            await on_event(Observation(loop.decode(loop.traj.response_ids[before:])))
     return loop.result()
 
 
@@ -295,98 +348,3 @@ async def run_sync(loops: Sequence[ToolLoop], generate: GenerateFn, run_tool: To
             for (lp, _), res in zip(calls, results, strict=True):
                 lp.on_tool_result(res, wait_s)
     return [lp.result() for lp in loops]
-
-
-@dataclass
-class BatchStats:
-    """Counters of one ``generate`` call that trajectories alone do not carry."""
-
-    wall_s: float
-    loops: Sequence[ToolLoop] = field(default_factory=list)
-
-
-# How batch metrics combine. Counts (and throughput) add up over generators sharing a batch and over the chunks of an
-# evaluation; the batch's wall time is its slowest generator's; every other metric is a mean or a rate, averaged.
-COUNTS = frozenset(
-    {
-        "rollout/trajectories",
-        "rollout/tokens",
-        "rollout/obs_tokens",
-        "rollout/preempted",
-        "tool/calls",
-        "tool/requests",
-        "tool/timeouts",
-        "tool/sandbox_errors",
-        "tool/unexecuted_requests",
-        "tool/stop_missed",
-    }
-)
-ADDED_RATES = frozenset({"rollout/tokens_per_s"})
-SLOWEST = frozenset({"time/rollout"})
-
-
-def merge_batch_metrics(parts: Sequence[dict[str, float]]) -> dict[str, float]:
-    """One batch's metrics from its generators' parts (each ``batch_metrics`` of its shard)."""
-    merged: dict[str, float] = {}
-    for key in {k for m in parts for k in m}:
-        values = [m[key] for m in parts if key in m]
-        if key in COUNTS or key in ADDED_RATES:
-            merged[key] = sum(values)
-        elif key in SLOWEST:
-            merged[key] = max(values)
-        else:
-            merged[key] = sum(values) / len(values)
-    return merged
-
-
-def batch_metrics(trajs: Sequence[Trajectory], stats: BatchStats) -> dict[str, float]:
-    """Flat, slash-namespaced metrics of one batch of trajectories (the driver logs them to W&B)."""
-    n = max(len(trajs), 1)
-    sampled = sum(sum(t.loss_mask) for t in trajs)
-    inserted = sum(len(t.loss_mask) - sum(t.loss_mask) for t in trajs)
-    calls = [c for t in trajs for c in t.tool_calls]
-    wall = max(stats.wall_s, 1e-9)
-    m = {
-        "rollout/trajectories": float(len(trajs)),
-        "rollout/tokens": float(sampled),
-        "rollout/obs_tokens": float(inserted),
-        "rollout/tokens_per_s": sampled / wall,
-        "rollout/rounds_mean": sum(lp.rounds for lp in stats.loops) / n,
-        "rollout/preempted": float(sum(lp.preemptions for lp in stats.loops)),
-        "time/rollout": stats.wall_s,
-        "time/generate": sum(t.gen_s for t in trajs) / n,  # mean per trajectory: waiting on the engine
-        "time/tool_wait": sum(t.tool_s for t in trajs) / n,  # mean per trajectory: waiting on tools
-        "time/tool_exec": sum(c.exec_s for c in calls) / max(len(calls), 1),
-        "time/tool_queue": sum(c.queue_s for c in calls) / max(len(calls), 1),
-        "tool/calls": float(len(calls)),
-        "tool/calls_per_response": len(calls) / n,
-        "tool/code_ratio": sum(1 for t in trajs if t.tool_calls) / n,
-        "tool/exec_success": sum(1 for c in calls if c.status == "ok") / max(len(calls), 1),
-        "tool/timeouts": float(sum(1 for c in calls if c.status == "timeout")),
-        "tool/sandbox_errors": float(sum(1 for c in calls if c.status == "sandbox_error")),
-        "tool/requests": float(sum(lp.requests for lp in stats.loops)),
-        "tool/unexecuted_requests": float(sum(lp.unexecuted for lp in stats.loops)),
-        "tool/stop_missed": float(sum(1 for lp in stats.loops if lp.stop_missed)),
-        "response/length_mean": sum(len(t.response_ids) for t in trajs) / n,
-        "response/cutoff_rate": sum(1 for t in trajs if t.finish_reason == "length") / n,
-        "response/eos_rate": sum(1 for t in trajs if t.finish_reason == "eos") / n,
-    }
-    return m
-
-
-def tool_warnings(metrics: dict[str, float], tool: ToolConfig) -> list[str]:
-    """Loud messages for tools that silently never fire (the most reported failure in peers: veRL #3257, #2986)."""
-    if not tool.enabled or metrics.get("rollout/trajectories", 0) == 0:
-        return []
-    out = []
-    if metrics["tool/calls"] == 0 and metrics["tool/unexecuted_requests"] > 0:
-        out.append(
-            f"tools enabled but none of {int(metrics['tool/requests'])} tool requests executed: the rounds stopped at "
-            f"{tool.stop!r} without a complete ```python block before it"
-        )
-    if metrics["tool/stop_missed"] > 0:
-        out.append(
-            f"{int(metrics['tool/stop_missed'])} responses contain {tool.stop!r} but the stop string never fired "
-            "(check tool.stop against what the model writes, e.g. spacing or tokenization)"
-        )
-    return out

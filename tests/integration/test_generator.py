@@ -19,6 +19,7 @@ import torch
 from memorize import memorize
 
 from torl.config import Config, EngineConfig, ModelConfig, PromptConfig, RolloutConfig, SandboxConfig, ToolConfig
+from torl.metrics import rollout_metrics
 from torl.rollout import GenRequest
 
 STOP = "```output"
@@ -35,6 +36,21 @@ TWO_CALLS = (
 NO_BLOCK = (
     "Q: no block\nA:",
     ["```python\nx = 1\n```output", "\nfin\n```python\nprint(5)\n```\n```output", "\n5\n```\n", "ok"],
+)
+SLEEP_S = 4.0
+SLEEPER = (  # a snippet that keeps its trajectory waiting on the sandbox while the others decode
+    "Q: sleep\nA:",
+    [f"```python\nimport time\ntime.sleep({SLEEP_S})\nprint(7)\n```\n```output", "\n7\n```\n", "\\boxed{7}"],
+)
+SESSION = (  # the second call reads what the first one set: only a persistent interpreter session prints 43
+    "Q: session\nA:",
+    [
+        "```python\nx = 6*7\nprint(x)\n```\n```output",
+        "\n42\n```\n",
+        "```python\nprint(x+1)\n```\n```output",
+        "\n43\n```\n",
+        "\\boxed{43}",
+    ],
 )
 
 
@@ -53,7 +69,7 @@ def models(tiny_model_dir, tmp_path_factory):
     random_sd = {k: v.clone() for k, v in model.state_dict().items()}
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     seqs = []
-    for prompt, parts in (TWO_CALLS, NO_BLOCK):
+    for prompt, parts in (TWO_CALLS, NO_BLOCK, SLEEPER, SESSION):
         ids = _encode(tok, prompt)
         labels = [-100] * len(ids)
         for part in parts:
@@ -146,7 +162,8 @@ def test_two_tool_calls_masks_budget_and_sampled_ids(ray_cluster, generator, mod
     hf = _hf_logprobs(warm_sd, model_dir, t.prompt_ids, t.response_ids)
     diffs = [abs(a - b) for a, b, m_ in zip(hf, t.logprobs, t.loss_mask, strict=True) if m_]
     assert max(diffs) < 1e-4
-    assert m["tool/calls"] == 4 and m["tool/exec_success"] == 1.0 and m["tool/unexecuted_requests"] == 0
+    content = rollout_metrics(trajs)
+    assert content["tool/calls"] == 4 and content["tool/exec_success"] == 1.0 and m["tool/unexecuted_requests"] == 0
 
 
 def test_stop_without_block_executes_nothing_and_continues(ray_cluster, generator, models):
@@ -169,17 +186,73 @@ def test_sampling_is_reproducible(ray_cluster, generator, models):
 
 
 def test_stream_events(ray_cluster, generator, models):
+    from torl.rollout import Finished, Observation, TextDelta, ToolFinished, ToolStarted
+
     _, tok, _, _ = models
     prompt = _encode(tok, TWO_CALLS[0])
     gen = generator.generate_stream.options(num_returns="streaming").remote(prompt, {"greedy": True})
     events = [ray_cluster.get(ref) for ref in gen]
-    kinds = [e["type"] for e in events]
-    assert kinds.count("tool_start") == kinds.count("tool_end") == kinds.count("observation") == 2
-    assert kinds[-1] == "done" and events[-1]["trajectory"].finish_reason == "eos"
-    assert [e["stdout"] for e in events if e["type"] == "tool_end"] == ["42\n", "2\n"]
+    kinds = [type(e) for e in events]
+    assert kinds.count(ToolStarted) == kinds.count(ToolFinished) == kinds.count(Observation) == 2
+    done = events[-1]
+    assert isinstance(done, Finished) and done.trajectory.finish_reason == "eos"
+    # The finished events carry the calls exactly as the trajectory records them (one record, not a second format).
+    assert [e.call for e in events if isinstance(e, ToolFinished)] == done.trajectory.tool_calls
+    assert [c.observation for c in done.trajectory.tool_calls] == ["42", "2"]
     # Text deltas + inserted observations spell the trajectory's decoded text (stop strings held back by vLLM).
-    streamed = "".join(e["text"] for e in events if e["type"] in ("text", "observation"))
-    assert streamed.replace(STOP, "") == events[-1]["trajectory"].text.replace(STOP, "").replace("<|im_end|>", "")
+    streamed = "".join(e.text for e in events if isinstance(e, TextDelta | Observation))
+    assert streamed.replace(STOP, "") == done.trajectory.text.replace(STOP, "").replace("<|im_end|>", "")
+
+
+def test_the_engine_decodes_other_trajectories_while_one_waits_on_its_tool(ray_cluster, generator, models):
+    """The property the project exists for. One trajectory's snippet sleeps SLEEP_S; eight others (two quick tool
+    calls each) must finish all their tokens meanwhile, and the batch must take about as long as the sleeper alone.
+
+    Fails if tool calls block the actor's event loop (the others' engine calls then stall behind the sleep, so their
+    time in the engine exceeds it) and if trajectories are driven one after another (the batch then lasts the
+    sleeper's time plus the others')."""
+    import time
+
+    _, tok, _, _ = models
+    reqs = [_request(tok, SLEEPER, "sleeper"), _request(tok, TWO_CALLS, "others", n=8)]
+    t0 = time.perf_counter()
+    trajs, _ = ray_cluster.get(generator.generate.remote(reqs, greedy=True))
+    wall = time.perf_counter() - t0
+    sleeper, others = trajs[0], trajs[1:]
+    assert [c.code.splitlines()[-1] for c in sleeper.tool_calls] == ["print(7)"] and sleeper.tool_s >= SLEEP_S
+    assert all([c.observation for c in t.tool_calls] == ["42", "2"] for t in others)
+    busy = [t.gen_s + t.tool_s for t in others]
+    assert max(busy) < SLEEP_S, f"others took {max(busy):.2f} s each: they waited on the sleeper's tool call"
+    beyond = wall - (sleeper.gen_s + sleeper.tool_s)
+    assert beyond < 0.5 * sum(busy), f"the batch lasted {beyond:.2f} s beyond the sleeper: trajectories ran in turn"
+
+
+def test_persistent_sessions_through_the_tool_loop(ray_cluster, generator, models, sandbox):
+    """tool.session=persistent: a variable set in a trajectory's first call is read by its second; two trajectories
+    never share one; stateless, the second call fails."""
+    from actors.generator import GeneratorActor
+
+    model_dir, tok, _, _ = models
+    cfg = _config(model_dir, session="persistent")
+    actor = GeneratorActor.options(num_cpus=1).remote(cfg, str(model_dir), sandbox)
+    try:
+        trajs, _ = ray_cluster.get(actor.generate.remote([_request(tok, SESSION, "sess", n=2)], greedy=True))
+        for t in trajs:
+            assert [c.observation for c in t.tool_calls] == ["42", "43"], t.tool_calls
+            assert [c.status for c in t.tool_calls] == ["ok", "ok"]
+    finally:
+        ray_cluster.get(actor.shutdown.remote())
+        ray_cluster.kill(actor)
+    # The module's generator runs stateless: the second call does not see x.
+    (t,), _ = ray_cluster.get(generator.generate.remote([_request(tok, SESSION, "stateless")], greedy=True))
+    assert t.tool_calls[1].status == "error" and "NameError" in t.tool_calls[1].observation
+
+
+def test_stream_rejects_a_misspelled_sampling_override(ray_cluster, generator, models):
+    _, tok, _, _ = models
+    gen = generator.generate_stream.options(num_returns="streaming").remote(_encode(tok, "x"), {"temprature": 0})
+    with pytest.raises(Exception, match="unknown sampling overrides"):
+        [ray_cluster.get(ref) for ref in gen]
 
 
 def test_weight_update_parity_and_versions(ray_cluster, generator, models):

@@ -23,9 +23,11 @@ API_KEY = "test-key-123"
 MODEL = "tiny-tir"
 Q_MUL = "What is 6 times 7?"
 Q_SLEEP = "Sleep for a while."
-EXAMPLES = [
-    (Q_MUL, "print(6*7)", "42", "The answer is \\boxed{42}."),
-    (Q_SLEEP, "import time\ntime.sleep(4)\nprint('woke')", "woke", "Done \\boxed{1}."),
+Q_SESSION = "Set x, then read it."
+EXAMPLES = [  # (question, [(code, output), ...], the rest)
+    (Q_MUL, [("print(6*7)", "42")], "The answer is \\boxed{42}."),
+    (Q_SLEEP, [("import time\ntime.sleep(4)\nprint('woke')", "woke")], "Done \\boxed{1}."),
+    (Q_SESSION, [("x = 6*7\nprint(x)", "42"), ("print(x+1)", "43")], "So \\boxed{43}."),
 ]
 
 
@@ -39,18 +41,29 @@ def teach(src: Path, dst: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     batch = []
-    for question, code, body, rest in EXAMPLES:
-        prompt = tok.encode(build_prompt(question, "tir_base_0309"))
-        round_text = f"```python\n{code}\n```\n"
-        call = tok.encode(round_text + "```output", add_special_tokens=False)
-        obs = tok.encode(observation_insert(round_text, "", body, "```output"), add_special_tokens=False)
+    for question, calls, rest in EXAMPLES:
+        ids = tok.encode(build_prompt(question, "tir_base_0309"))
+        labels = [-100] * len(ids)
+        for code, body in calls:
+            round_text = f"```python\n{code}\n```\n"
+            call = tok.encode(round_text + "```output", add_special_tokens=False)
+            obs = tok.encode(observation_insert(round_text, "", body, "```output"), add_special_tokens=False)
+            ids, labels = ids + call + obs, labels + call + [-100] * len(obs)
         tail = tok.encode(rest, add_special_tokens=False) + [tok.eos_token_id]
-        labels = [-100] * len(prompt) + call + [-100] * len(obs) + tail
-        batch.append((torch.tensor([prompt + call + obs + tail]), torch.tensor([labels])))
+        batch.append((torch.tensor([ids + tail]), torch.tensor([labels + tail])))
     memorize(model, batch, lr=3e-3)
     model.save_pretrained(dst)
     tok.save_pretrained(dst)
     return dst
+
+
+class Server(str):
+    """The app's base URL, and its tool.session mode."""
+
+    def __new__(cls, base: str, session: str) -> Server:
+        url = super().__new__(cls, base)
+        url.session = session
+        return url
 
 
 def free_port() -> int:
@@ -59,9 +72,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=["proxy", "haproxy"])
+@pytest.fixture(scope="module", params=[("proxy", "stateless"), ("haproxy", "persistent")], ids=lambda p: p[0])
 def server(request, ray_cluster, tiny_model_dir, tmp_path_factory):
-    """The app behind each ingress (serve.ingress): Ray's Python proxy, and HAProxy with direct ingress."""
+    """The app behind each ingress (serve.ingress): Ray's Python proxy with stateless tool calls, and HAProxy with
+    direct ingress and persistent interpreter sessions (tool.session). Yields (base URL, session mode)."""
     from ray import serve
 
     from actors.serve import build_app, start_serve
@@ -81,14 +95,15 @@ def server(request, ray_cluster, tiny_model_dir, tmp_path_factory):
             f"serve.api_key={API_KEY}",
             "serve.max_tool_calls=2",
             f"serve.model_name={MODEL}",
-            f"serve.ingress={request.param}",
+            f"serve.ingress={request.param[0]}",
+            f"tool.session={request.param[1]}",
             f"serve.haproxy_stats_port={free_port()}",  # Ray's fixed defaults could be taken on a shared machine
             f"serve.haproxy_metrics_port={free_port()}",
         ]
     )
     start_serve(cfg)
     serve.run(build_app(cfg), name="torl-test", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield Server(f"http://127.0.0.1:{port}", request.param[1])
     serve.shutdown()
 
 
@@ -140,6 +155,18 @@ def test_client_stop_string_ends_generation_before_it(server):
     assert choice.message.content.startswith("```python\nprint(6*7)\n```\n```output\n42\n```\n")
     assert choice.message.content.endswith("\\boxed{"), choice.message.content
     assert choice.finish_reason == "stop" and choice.model_extra["torl"]["answer"] is None
+
+
+def test_a_session_keeps_variables_between_a_requests_calls(server):
+    """Persistent: the second call reads the x the first one set; stateless: it fails with NameError."""
+    messages = [{"role": "user", "content": Q_SESSION}]
+    resp = client(server).chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=200)
+    first, second = resp.choices[0].model_extra["torl"]["tool_calls"]
+    assert (first["code"], first["output"], first["status"]) == ("x = 6*7\nprint(x)", "42", "ok")
+    if server.session == "persistent":
+        assert (second["output"], second["status"]) == ("43", "ok")
+    else:
+        assert second["status"] == "error" and "NameError" in second["output"]
 
 
 def test_tool_budget_override_zero_runs_nothing(server):

@@ -22,6 +22,7 @@ from torl.openai_api import (
     stream_chunk,
     usage_chunk,
 )
+from torl.sampling import SamplingOverrides
 from torl.types import ToolCall
 
 LIMITS = ServeLimits(
@@ -53,23 +54,23 @@ def test_valid_chat_request_gets_openai_defaults_and_server_tool_budget():
     _, plan = parse_chat(chat(), LIMITS)
     assert (plan.temperature, plan.top_p, plan.top_k, plan.n, plan.stream) == (1.0, 1.0, -1, 1, False)
     assert plan.max_tool_calls == LIMITS.default_tool_calls
-    assert plan.sampling(10, LIMITS)["max_tokens"] == 256  # fills the context up to the server's max_tokens
-    assert "seed" not in plan.sampling(10, LIMITS)
+    assert plan.sampling(10, LIMITS).max_tokens == 256  # fills the context up to the server's max_tokens
+    assert plan.sampling(10, LIMITS).seed is None
     _, plan = parse_chat(chat(max_tool_calls=3, temperature=0, max_tokens=5, seed=7, stop=None), LIMITS)
     assert plan.max_tool_calls == 3 and plan.temperature == 0.0
-    assert plan.sampling(10, LIMITS) == {
-        "max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "stream": False, "logprobs": False, "seed": 7,
-    }  # fmt: skip
+    assert plan.sampling(10, LIMITS) == SamplingOverrides(
+        max_tokens=5, temperature=0.0, top_p=1.0, top_k=-1, stream=False, logprobs=False, seed=7,
+    )  # fmt: skip
 
 
 def test_client_stop_strings_reach_the_generator():
     _, plan = parse_chat(chat(stop="END"), LIMITS)
-    assert plan.sampling(10, LIMITS)["stop"] == ["END"]
+    assert plan.sampling(10, LIMITS).stop == ("END",)
     _, plan = parse_chat(chat(stop=["a", "b", "a"], stream=True), LIMITS)
     sampling = plan.sampling(10, LIMITS)
-    assert sampling["stop"] == ["a", "b"] and sampling["stream"] is True and sampling["logprobs"] is False
+    assert sampling.stop == ("a", "b") and sampling.stream is True and sampling.logprobs is False
     _, plan = parse_chat(chat(stop=[]), LIMITS)
-    assert "stop" not in plan.sampling(10, LIMITS)
+    assert plan.sampling(10, LIMITS).stop == ()
 
 
 def test_max_completion_tokens_is_an_alias_and_wins():

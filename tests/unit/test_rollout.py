@@ -9,17 +9,18 @@ import asyncio
 import pytest
 
 from torl.config import Config, ToolConfig
+from torl.metrics import BatchStats, batch_metrics, merge_batch_metrics, rollout_metrics, tool_warnings
 from torl.rollout import (
-    BatchStats,
     LoopSettings,
+    Observation,
     RoundOutput,
+    ToolFinished,
     ToolLoop,
-    batch_metrics,
+    ToolStarted,
     derive_seed,
     observation_insert,
     run_async,
     run_sync,
-    tool_warnings,
 )
 from torl.types import ExecResult, Trajectory
 
@@ -87,6 +88,23 @@ def test_two_tool_calls_masks_budget_and_continuation_ids():
     assert [r.stop for r in engine.requests] == [[STOP], [STOP], []]
     assert engine.requests[2].max_tokens == 500 - (len(t.response_ids) - 4)
     assert t.text == dec(t.response_ids)
+
+
+def test_events_follow_the_loop_and_carry_the_recorded_calls():
+    lp = make_loop(max_calls=2)
+    r1 = "a\n```python\nx=1\n```\n"
+    engine = Script([sampled(r1, stop_reason=STOP), sampled("done")])
+    events = []
+
+    async def hear(ev):
+        events.append(ev)
+
+    t = asyncio.run(run_async(lp, engine, ok_tool, hear))
+    assert [type(e) for e in events] == [ToolStarted, ToolFinished, Observation]
+    assert events[0].code == "x=1"
+    assert events[1].call is t.tool_calls[0]  # the one record, not a second format of it
+    assert events[2].text == "\nran:x=1\n```\n"
+    assert dec(t.response_ids) == r1 + STOP + events[2].text + "done"
 
 
 def test_stop_without_complete_block_executes_nothing_and_continues():
@@ -214,10 +232,14 @@ def test_metrics_and_warnings():
     lp_len = make_loop(max_calls=1, max_resp=3)
     t_len = run(lp_len, Script([sampled("abcdef", finish="length")]))
     m = batch_metrics([t_ok, t_len], BatchStats(2.0, [lp_ok, lp_len]))
-    assert m["tool/calls"] == 1 and m["tool/code_ratio"] == 0.5 and m["tool/exec_success"] == 1.0
-    assert m["response/cutoff_rate"] == 0.5 and m["rollout/tokens"] == sum(t_ok.loss_mask) + 3
-    assert m["rollout/tokens_per_s"] == m["rollout/tokens"] / 2.0
+    assert m["tool/requests"] == 1 and m["tool/unexecuted_requests"] == 0 and m["rollout/rounds_mean"] == 1.5
+    assert m["rollout/tokens"] == sum(t_ok.loss_mask) + 3 and m["rollout/tokens_per_s"] == m["rollout/tokens"] / 2.0
     assert tool_warnings(m, ToolConfig()) == []
+    # What the trajectories say is rollout_metrics's alone: no key is computed twice (one would overwrite the other).
+    content = rollout_metrics([t_ok, t_len])
+    assert not set(m) & set(content)
+    assert content["tool/calls"] == 1 and content["tool/code_ratio"] == 0.5 and content["tool/exec_success"] == 1.0
+    assert content["response/cutoff_rate"] == 0.5 and content["response/eos_rate"] == 0.5
 
     # Requests that never execute, and a stop string the model writes but that never fires, are reported.
     lp_bad = make_loop(max_calls=1)
@@ -244,13 +266,25 @@ def test_settings_from_config_overrides():
 
 
 def test_generator_parts_merge_by_kind():
-    from torl.rollout import merge_batch_metrics
-
-    a = {"rollout/tokens": 10.0, "rollout/tokens_per_s": 5.0, "time/rollout": 2.0, "tool/code_ratio": 0.5}
-    b = {"rollout/tokens": 30.0, "rollout/tokens_per_s": 15.0, "time/rollout": 3.0, "tool/code_ratio": 1.0}
+    a = {"rollout/tokens": 10.0, "rollout/tokens_per_s": 5.0, "time/rollout": 2.0, "time/generate": 0.5}
+    b = {"rollout/tokens": 30.0, "rollout/tokens_per_s": 15.0, "time/rollout": 3.0, "time/generate": 1.0}
     assert merge_batch_metrics([a, b]) == {
         "rollout/tokens": 40.0,  # counts add up
         "rollout/tokens_per_s": 20.0,  # generators decode side by side
         "time/rollout": 3.0,  # the batch waits for the slowest
-        "tool/code_ratio": 0.75,  # rates are averaged
+        "time/generate": 0.75,  # means are averaged
     }
+    with pytest.raises(KeyError, match="not declared"):
+        merge_batch_metrics([{"tool/code_ratio": 0.5}])
+
+
+def test_every_engine_metric_is_declared_and_measured():
+    from torl.metrics import ENGINE_METRICS, engine_counts
+
+    lp = make_loop(max_calls=1)
+    t = run(lp, Script([sampled("done")]))
+    measured = set(batch_metrics([t], BatchStats(1.0, [lp])))
+    # The generator adds its weight version and engine-idle time to what batch_metrics measures.
+    assert measured | {"rollout/policy_version", "time/engine_idle_tools"} == set(ENGINE_METRICS)
+    counts = engine_counts(batch_metrics([t], BatchStats(1.0, [lp])))
+    assert "rollout/tokens" in counts and "rollout/tokens_per_s" not in counts and "time/rollout" not in counts
