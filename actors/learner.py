@@ -52,6 +52,7 @@ from torl.grpo import (
     zero_variance_groups,
 )
 from torl.logprobs import causal_lm_logprobs
+from torl.storage import Storage, StorageError, credential_env, run_storage
 from torl.types import LearnerDied, Trajectory
 
 log = logging.getLogger(__name__)
@@ -410,8 +411,14 @@ class Learner:
     def rng_state(self) -> dict[str, Any]:
         return ckpt.get_rng_state()
 
-    def save(self, path: str, extra: dict[str, Any], rng_states: list[dict[str, Any]]) -> None:
-        """Write a complete checkpoint to ``path`` atomically (rank 0 writes; every rank joins the gathers)."""
+    def _storage(self) -> Storage | None:
+        return run_storage(self.cfg.trainer.storage_path, self.cfg.trainer.output_dir)
+
+    def save(self, path: str, extra: dict[str, Any], rng_states: list[dict[str, Any]]) -> str | None:
+        """Write a complete checkpoint to ``path`` atomically (rank 0 writes; every rank joins the gathers), upload it
+        to ``trainer.storage_path`` if set, and keep the last ``trainer.keep_last`` beside it on this node.
+
+        Returns None, or (rank 0) why the upload failed: the checkpoint is then complete on this node only."""
         model_sd = self.full_state_dict()
         optim_sd = get_optimizer_state_dict(
             self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -438,9 +445,24 @@ class Learner:
 
         ckpt.write_atomic(path, write)
         log.info("saved checkpoint %s", path)
+        failed = None
+        if (storage := self._storage()) is not None:
+            try:
+                storage.upload_checkpoint(path)
+            except StorageError as exc:
+                failed = f"checkpoint {path} was saved on this node but not stored: {exc}"
+        # With a storage this node's copies are a cache (the storage is pruned by the driver); without one they are
+        # the checkpoints, pruned here, where they were written (the driver may run on another node).
+        ckpt.prune_checkpoints(Path(path).parent, self.cfg.trainer.keep_last)
+        return failed
 
-    def load(self, path: str) -> dict[str, Any]:
-        """Restore model, optimizer, scheduler and this rank's RNG state from ``path``; returns the extra state."""
+    def load(self, path: str, stored: bool = False) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler and this rank's RNG state from ``path``; returns the extra state.
+
+        ``stored``: ``path`` is this node's copy of the checkpoint of that name in ``trainer.storage_path``,
+        downloaded first when this node lacks it (once per node, whichever rank asks first)."""
+        if stored and (storage := self._storage()) is not None:
+            storage.download_checkpoint(Path(path).name, Path(path).parent)
         if not ckpt.is_complete(path):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {ckpt.MARKER} marker)")
         sd = load_file(str(Path(path) / ckpt.MODEL_FILE))
@@ -483,6 +505,11 @@ class LearnerGroup:
         self.cfg = cfg
         if lc.num_workers < 1:
             raise ValueError(f"learner.num_workers must be >= 1, got {lc.num_workers}")
+        self.storage = run_storage(cfg.trainer.storage_path, cfg.trainer.output_dir)
+        # The ranks reach the storage with the driver's credentials when it has them in its environment (only those
+        # that are values, unless the cluster is the embedded local one: torl/storage.py).
+        local_cluster = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+        env = credential_env(os.environ, local_cluster) if self.storage is not None else {}
         bundle: dict[str, float] = {"CPU": lc.num_cpus}
         if lc.num_gpus:
             bundle["GPU"] = lc.num_gpus
@@ -493,6 +520,7 @@ class LearnerGroup:
                 num_cpus=lc.num_cpus,
                 num_gpus=lc.num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                **({"runtime_env": {"env_vars": env}} if env else {}),
             ).remote(cfg, model_path, i, lc.num_workers)
             for i in range(lc.num_workers)
         ]
@@ -523,15 +551,23 @@ class LearnerGroup:
         ray.wait(refs[:1])
         return refs[0]
 
-    def save(self, step_dir: str | Path, extra: dict[str, Any]) -> Path:
-        """Atomic checkpoint at ``step_dir``, then keep only the last ``trainer.keep_last`` beside it."""
+    def save(self, step_dir: str | Path, extra: dict[str, Any]) -> str:
+        """Atomic checkpoint at ``step_dir`` (on rank 0's node), stored in ``trainer.storage_path`` if set; then keep
+        only the last ``trainer.keep_last``. Returns where it is stored. Raises StorageError when the upload failed
+        (the checkpoint is complete on rank 0's node; the next save tries again)."""
         rng = _on_every_rank([a.rng_state.remote() for a in self.actors], "a checkpoint")
-        _on_every_rank([a.save.remote(str(step_dir), extra, rng) for a in self.actors], "a checkpoint")
-        ckpt.prune_checkpoints(Path(step_dir).parent, self.cfg.trainer.keep_last)
-        return Path(step_dir)
+        failed = _on_every_rank([a.save.remote(str(step_dir), extra, rng) for a in self.actors], "a checkpoint")[0]
+        if failed:
+            raise StorageError(failed)
+        if self.storage is None:
+            return str(step_dir)
+        self.storage.prune(self.cfg.trainer.keep_last)
+        return self.storage.location(Path(step_dir).name)
 
-    def load(self, step_dir: str | Path) -> dict[str, Any]:
-        return _on_every_rank([a.load.remote(str(step_dir)) for a in self.actors], "loading a checkpoint")[0]
+    def load(self, step_dir: str | Path, stored: bool = False) -> dict[str, Any]:
+        """Every rank loads ``step_dir``; ``stored``: each node's copy of the stored checkpoint (see Learner.load)."""
+        calls = [a.load.remote(str(step_dir), stored) for a in self.actors]
+        return _on_every_rank(calls, "loading a checkpoint")[0]
 
     def shutdown(self) -> None:
         try:

@@ -53,10 +53,12 @@ def with_absolute_paths(cfg: Config) -> Config:
 def open_run_storage(cfg: Config) -> Storage | None:
     """``trainer.storage_path`` opened and probed (torl/storage.py), or None when output_dir is the storage. A
     wrong URI, bucket, endpoint or credential stops the run here with one line, before anything starts."""
-    from torl.storage import open_storage, run_storage
+    from torl.storage import open_storage
 
-    storage = run_storage(cfg.trainer.storage_path, cfg.trainer.output_dir)
-    return open_storage(cfg.trainer.storage_path) if storage is not None else None
+    if not cfg.trainer.storage_path:
+        return None
+    storage = open_storage(cfg.trainer.storage_path)
+    return None if storage.same_place(cfg.trainer.output_dir) else storage
 
 
 def storage_env(cfg: Config) -> dict[str, str]:

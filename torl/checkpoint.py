@@ -38,9 +38,20 @@ STATE_FILE = "trainer_state.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
+def step_name(step: int) -> str:
+    """The directory name of the checkpoint of ``step`` (the same locally and in storage, torl/storage.py)."""
+    return f"step_{step:06d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a checkpoint directory named ``name``, or None for any other name (temporary ones included)."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def step_dir(output_dir: str | Path, step: int) -> Path:
     """Where the checkpoint of ``step`` lives."""
-    return Path(output_dir) / f"step_{step:06d}"
+    return Path(output_dir) / step_name(step)
 
 
 def is_complete(path: str | Path) -> bool:
@@ -54,9 +65,9 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = []
     for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and is_complete(p):
-            found.append((int(m.group(1)), p))
+        step = parse_step(p.name)
+        if step is not None and p.is_dir() and is_complete(p):
+            found.append((step, p))
     return [p for _, p in sorted(found)]
 
 

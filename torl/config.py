@@ -329,6 +329,13 @@ class TrainerConfig:
     save_every: int = opt(20, "ToRL: save_freq=20")
     keep_last: int = opt(2, "checkpoints kept")
     output_dir: str = opt("runs/default", "checkpoints, metrics.jsonl, samples")
+    storage_path: str = opt(
+        "",
+        '"" = output_dir is the storage (one node, or a disk shared at the same path); else where checkpoints and'
+        " the run's files go for every node to reach: a shared absolute path or a pyarrow.fs URI (s3://bucket/prefix,"
+        " gs://bucket/prefix, file:///path; S3 options in the query, e.g. ?endpoint_override=host:9000&scheme=http;"
+        " credentials from AWS_* variables). output_dir is then each node's local copy; resume reads the storage",
+    )
     resume: str = opt("auto", "auto = last complete checkpoint in output_dir if any; never; or a checkpoint path")
     max_actor_restarts: int = opt(
         3,
