@@ -7,8 +7,9 @@ metadata dict: a new field comes with a test.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 ExecStatus = Literal["ok", "error", "timeout", "killed", "sandbox_error"]
 FinishReason = Literal["eos", "length", "stop", "abort"]
@@ -84,6 +85,16 @@ class Trajectory:
                 f"trajectory {self.problem_id}: misaligned lengths ids={n} logprobs={len(self.logprobs)} "
                 f"mask={len(self.loss_mask)} versions={len(self.versions)}"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields (a checkpoint keeps the rollouts started but not yet trained as these)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Trajectory:
+        traj = cls(**{**data, "tool_calls": [ToolCall(**c) for c in data.get("tool_calls", [])]})
+        traj.check()
+        return traj
 
     @property
     def used_code(self) -> bool:
