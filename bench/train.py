@@ -1,6 +1,7 @@
 """Training step time by phase: on-policy with one learner thread, on-policy, pipelined; and generator idle time.
 
     python bench/train.py [key=value ...]      # overrides apply to every run (default: the tiny CPU preset)
+    python bench/train.py --vs-trl [key=value ...]   # also without tools, and TRL's GRPOTrainer on the same work
 
 Runs the same short training five times in one process on one Ray cluster: trainer.max_staleness=0 (ToRL's
 strictly on-policy order) with the learner held to one torch thread (learner.num_threads=1, the earlier CPU
@@ -9,11 +10,19 @@ computes while it trains), and max_staleness=1, 2, 4 (rollouts of up to k later 
 Prints per-phase seconds per step, step-time ratios, the share of wall time the generators had no rollout to work
 on, and what recomputing the old log-probs costs.
 Figures are ratios from the same run; the first step of each run (engine warm-up) is left out.
+
+--vs-trl adds torl without tools (tool.enabled=false; on-policy and pipelined), then runs bench/trl_grpo.py under
+.venv-trl/bin/python (TRL's GRPOTrainer on the same model, prompts, samples, token budget, fp32 and lr: see that
+file; .venv-trl is made as it says) with and without tools, and prints each mode's median s/step on both sides and
+the ratio TRL/torl, with the work each side did per step (sampled tokens, tool calls). Hold the machine for it:
+on a shared machine run it as `flock /tmp/torl-cpu.lock python bench/train.py --vs-trl`.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -55,12 +64,16 @@ def run(name: str, variant: list[str], out: Path, overrides: list[str]) -> list[
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
-    out = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in PHASES}
+    out = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in [*PHASES, *WORK]}
+    out["time/step median"] = statistics.median(r["time/step"] for r in rows)
     total = sum(r["time/step"] for r in rows)
     # With staleness 0 the engine idles while grading/training/syncing; time/rollout is its busy span per step.
     out["generator_idle_share"] = max(0.0, 1.0 - sum(r.get("time/rollout", 0.0) for r in rows) / total)
     return out
 
+
+# What each step did (means per step), to check that torl and TRL did the same work.
+WORK = ["rollout/tokens", "rollout/obs_tokens", "tool/calls"]
 
 VARIANTS = {
     "1 thread": ["trainer.max_staleness=0", "learner.num_threads=1"],
@@ -69,17 +82,76 @@ VARIANTS = {
     "k=2": ["trainer.max_staleness=2"],
     "k=4": ["trainer.max_staleness=4"],
 }
+# --vs-trl: the same two orders without the tool (ToRL's C=0 ablation), for TRL's plain GRPO.
+NO_TOOL_VARIANTS = {
+    "no tools": ["trainer.max_staleness=0", "tool.enabled=false"],
+    "no tools k=1": ["trainer.max_staleness=1", "tool.enabled=false"],
+}
+# (row label, torl variant, TRL mode): TRL has one order, on-policy, so both torl orders face the same TRL figure.
+VS_TRL = [
+    ("tools, on-policy", "on-policy", "tools"),
+    ("tools, pipelined (k=1)", "pipelined", "tools"),
+    ("no tools, on-policy", "no tools", "no tools"),
+    ("no tools, pipelined (k=1)", "no tools k=1", "no tools"),
+]
+TRL_PYTHON = REPO / ".venv-trl" / "bin" / "python"
+
+
+def run_trl(tools: bool, argv: list[str]) -> dict:
+    """bench/trl_grpo.py in .venv-trl with the same overrides (and step count) as torl's runs; its JSON line."""
+    cmd = [str(TRL_PYTHON), str(REPO / "bench" / "trl_grpo.py"), "--tools" if tools else "--no-tools"]
+    proc = subprocess.run([*cmd, "trainer.total_steps=6", *argv], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench/trl_grpo.py {cmd[2]} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_vs_trl(results: dict[str, dict[str, float]], trl: dict[str, dict]) -> None:
+    any_trl = next(iter(trl.values()))
+    print(
+        f"\ntorl vs TRL {any_trl['trl_version']} GRPOTrainer (transformers {any_trl['transformers_version']}, "
+        f"torch {any_trl['torch_version']}), same run, same work: median s/step after the warm-up step"
+    )
+    print(f"{'mode':<28}{'torl s/step':>12}{'TRL s/step':>12}{'TRL/torl':>10}")
+    for label, variant, mode in VS_TRL:
+        ours, theirs = results[variant]["time/step median"], trl[mode]["s_per_step_median"]
+        print(f"{label:<28}{ours:>12.2f}{theirs:>12.2f}{theirs / ours:>9.2f}x")
+    print("work per step (means)         sampled tokens   tool-output tokens   tool calls")
+    for label, variant, _ in VS_TRL:
+        r = results[variant]
+        work = f"{r['rollout/tokens']:>14.0f}{r['rollout/obs_tokens']:>21.0f}{r['tool/calls']:>13.1f}"
+        print(f"  torl {label:<24}{work}")
+    for mode, t in trl.items():
+        print(
+            f"  TRL  {mode:<24}{t['sampled_tokens_per_step']:>14.0f}{t['obs_tokens_per_step']:>21.0f}"
+            f"{t['tool_calls_per_step']:>13.1f}"
+        )
+    print("TRL phases (s/step, means)    generate (tools incl.)   tools   reward   train")
+    for mode, t in trl.items():
+        p = t["phases_mean"]
+        print(f"  {mode:<28}{p['generate']:>22.2f}{p['tools']:>8.2f}{p['reward']:>9.2f}{p['train']:>8.2f}")
 
 
 def main(argv: list[str]) -> int:
+    vs_trl = "--vs-trl" in argv
+    argv = [a for a in argv if a != "--vs-trl"]
+    if vs_trl and not TRL_PYTHON.exists():
+        raise SystemExit(f"--vs-trl needs {TRL_PYTHON}: see bench/trl_grpo.py for how to make .venv-trl")
+    variants = {**VARIANTS, **(NO_TOOL_VARIANTS if vs_trl else {})}
     with tempfile.TemporaryDirectory() as tmp:
         results = {
             name: summarise(run(name, variant, Path(tmp) / f"run{i}", argv))
-            for i, (name, variant) in enumerate(VARIANTS.items())
+            for i, (name, variant) in enumerate(variants.items())
         }
-    print(f"{'phase (s/step)':<24}" + "".join(f"{name:>12}" for name in results))
-    for key in [*PHASES, "generator_idle_share"]:
-        print(f"{key:<24}" + "".join(f"{r[key]:>12.3f}" for r in results.values()))
+    trl: dict[str, dict] = {}
+    if vs_trl:
+        import ray
+
+        ray.shutdown()  # the embedded cluster's processes must not share the cores with TRL's run
+        trl = {mode: run_trl(mode == "tools", argv) for mode in ("tools", "no tools")}
+    print(f"{'phase (s/step)':<24}" + "".join(f"{name:>13}" for name in results))
+    for key in [*PHASES, "time/step median", "generator_idle_share", *WORK]:
+        print(f"{key:<24}" + "".join(f"{r[key]:>13.3f}" for r in results.values()))
     base = results["1 thread"]["time/step"]
     for name in ("on-policy", "pipelined"):
         print(f"{name} / on-policy with 1 learner thread, step time: {results[name]['time/step'] / base:.2f}x")
@@ -90,6 +162,8 @@ def main(argv: list[str]) -> int:
         "old log-probs recompute / learner step, on-policy: "
         f"{results['on-policy']['learner/time_old_logprobs'] / results['on-policy']['time/train']:.2f}"
     )
+    if trl:
+        print_vs_trl(results, trl)
     return 0
 
 
