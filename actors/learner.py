@@ -103,7 +103,8 @@ class Learner:
         if not Path(model_path, "config.json").is_file():
             raise FileNotFoundError(f"learner: no Hugging Face model at {model_path!r} (config.json missing)")
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
-        torch.set_num_threads(learner_threads(cfg, os.cpu_count() or 1))
+        self._ahead: list[ray.ObjectRef] = []  # rollouts decoding beside the current train_step (see _threads)
+        torch.set_num_threads(learner_threads(cfg, os.cpu_count() or 1, engine_busy=cfg.trainer.max_staleness > 0))
         use_cuda = torch.cuda.is_available() and cfg.learner.num_gpus > 0
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         backend = cfg.learner.backend
@@ -178,13 +179,18 @@ class Learner:
         fully_shard(model, **kwargs)
 
     # ---- training ----------------------------------------------------------------------------------------
-    def train_step(self, trajs: list[Trajectory]) -> dict[str, float]:
-        """Advantages, optional zero-variance filtering, then epochs x mini-batches optimizer steps on ``trajs``."""
+    def train_step(self, trajs: list[Trajectory], ahead: list[ray.ObjectRef] | None = None) -> dict[str, float]:
+        """Advantages, optional zero-variance filtering, then epochs x mini-batches optimizer steps on ``trajs``.
+
+        ``ahead``: the rollouts of later steps decoding meanwhile (pipelining); this rank keeps to its CPU share
+        until they have finished, then takes every core (``torl.config.learner_threads``)."""
         t0 = time.perf_counter()
         if not trajs:
             raise ValueError("train_step got an empty batch")
         for t in trajs:
             t.check()
+        self._ahead = list(ahead or [])
+        self._threads()
         algo, lc = self.cfg.algo, self.cfg.learner
         t_prox = time.perf_counter()
         # The PPO ratio's old policy: the weights held now, before this step's updates (AReaL's proximal policy),
@@ -242,6 +248,18 @@ class Learner:
         )
         return metrics
 
+    def _threads(self) -> None:
+        """Intra-op threads for what runs beside this rank now: its CPU share while a rollout ahead decodes on the
+        same cores, every core once none does (the engine then idles until the next push). Checked between
+        micro-batches; a check is one non-blocking ``ray.wait``."""
+        if self._ahead:
+            ready, _ = ray.wait(self._ahead, num_returns=len(self._ahead), timeout=0, fetch_local=False)
+            if len(ready) == len(self._ahead):
+                self._ahead = []
+        n = learner_threads(self.cfg, os.cpu_count() or 1, engine_busy=bool(self._ahead))
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
     def _optimizer_step(
         self, batch: list[Trajectory], adv: list[float], is_w: list[list[float]]
     ) -> dict[str, float] | None:
@@ -256,6 +274,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)
         for mb in plan:
+            self._threads()
             sub = [batch[i] for i in mb]
             loss, m = self._micro_step(
                 sub, [adv[i] for i in mb], [is_w[i] for i in mb], total_tokens, total_seqs, norm_const
@@ -348,6 +367,7 @@ class Learner:
         plan = plan_micro_batches(lengths, self.world_size, self.cfg.learner.micro_batch_tokens)[self.rank]
         local: dict[int, list[float]] = {}
         for mb in plan:
+            self._threads()
             if not mb:  # the other ranks still run a forward pass: join the collectives
                 self._join_collectives()
                 continue
@@ -527,9 +547,12 @@ class LearnerGroup:
         addr, port = ray.get(self.actors[0].master_address.remote())
         ray.get([a.setup.remote(addr, port) for a in self.actors])
 
-    def train_step(self, trajs: list[Trajectory]) -> dict[str, float]:
+    def train_step(self, trajs: list[Trajectory], ahead: list[ray.ObjectRef] | None = None) -> dict[str, float]:
+        """One optimizer pass on every rank; ``ahead``: refs of rollouts decoding meanwhile (see ``Learner``)."""
         ref = ray.put(trajs)  # one copy in the object store, read by every rank
-        return _on_every_rank([a.train_step.remote(ref) for a in self.actors], "a training step")[0]
+        # ``ahead`` travels inside a list, so Ray hands the refs over unresolved.
+        calls = [a.train_step.remote(ref, list(ahead or [])) for a in self.actors]
+        return _on_every_rank(calls, "a training step")[0]
 
     def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         return _on_every_rank([a.logprobs.remote(sequences) for a in self.actors], "log-probs")[0]

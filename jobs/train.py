@@ -128,7 +128,7 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         step += 1
         if trajs:  # empty only when dynamic sampling found no group with reward variance
             with timed(metrics, "time/train"):
-                metrics.update(run.learner.train_step(trajs))
+                metrics.update(run.learner.train_step(trajs, rollouts.in_flight()))
         with timed(metrics, "time/sync"):
             run.push_weights(step)  # also after a skipped update: every step is one weight version
 
@@ -202,6 +202,10 @@ class RolloutQueue:
         self.fill(1)
         refs, _ = self.pending.popleft()
         return self.run.collect(refs)
+
+    def in_flight(self) -> list:
+        """Refs of the rollouts started ahead (the learner widens its threads once they finish)."""
+        return [shard.ref for shards, _ in self.pending for shard in shards]
 
     def resume_state(self) -> SamplerState:
         return copy.copy(self.pending[0][1]) if self.pending else copy.copy(self.run.sampler.state)

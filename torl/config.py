@@ -288,10 +288,10 @@ class LearnerConfig:
     backend: Literal["auto", "gloo", "nccl"] = opt("auto", "auto = nccl with GPUs, else gloo")
     num_threads: int = opt(
         0,
-        "CPU intra-op threads per learner rank; 0 = auto: on-policy (trainer.max_staleness=0) nothing else "
-        "computes while the learner trains, so the ranks share every core of the machine; pipelined, the engine"
-        " decodes beside it, so each rank keeps to its num_cpus (two threads beside a busy engine ran ~7x "
-        "slower than one on 2 cores).",
+        "CPU intra-op threads per learner rank; 0 = auto: while the engine decodes a rollout ahead beside the "
+        "learner (trainer.max_staleness>0) each rank keeps to its num_cpus (two threads beside a busy engine ran "
+        "~7x slower than one on 2 cores); when nothing else computes (on-policy, or once the rollouts ahead have "
+        "finished) the ranks share every core of the machine.",
     )
 
     def __post_init__(self) -> None:
@@ -299,14 +299,15 @@ class LearnerConfig:
             raise ConfigError("learner.logprob_chunk_tokens must be >= 0 (0 = the whole micro-batch at once)")
 
 
-def learner_threads(cfg: Config, cores: int) -> int:
-    """CPU intra-op threads of one learner rank on a machine with ``cores`` cores (``LearnerConfig.num_threads``)."""
+def learner_threads(cfg: Config, cores: int, engine_busy: bool = False) -> int:
+    """CPU intra-op threads of one learner rank on a machine with ``cores`` cores (``LearnerConfig.num_threads``);
+    ``engine_busy``: a rollout ahead is decoding beside the learner right now."""
     lc = cfg.learner
     if lc.num_threads > 0:
         return lc.num_threads
-    if cfg.trainer.max_staleness == 0 and lc.num_gpus == 0:
-        return max(1, cores // lc.num_workers)
-    return max(1, int(lc.num_cpus))
+    if engine_busy or lc.num_gpus > 0:  # on GPUs the CPU threads only feed the device: keep to the reservation
+        return max(1, int(lc.num_cpus))
+    return max(1, cores // lc.num_workers)
 
 
 @dataclass(frozen=True)

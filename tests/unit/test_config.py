@@ -131,6 +131,9 @@ def test_learner_threads_use_every_core_only_when_the_learner_runs_alone():
     two_ranks = load_config(overrides=["trainer.max_staleness=0", "learner.num_workers=2"])
     assert learner_threads(two_ranks, cores=8) == 4
     pipelined = load_config(overrides=["trainer.max_staleness=1", "learner.num_cpus=1"])
-    assert learner_threads(pipelined, cores=2) == 1  # the engine decodes beside it
+    assert learner_threads(pipelined, cores=2, engine_busy=True) == 1  # the engine decodes beside it
+    assert learner_threads(pipelined, cores=2) == 2  # ... until the rollouts ahead have finished
+    gpu = load_config(overrides=["learner.num_gpus=1", "learner.num_cpus=2"])
+    assert learner_threads(gpu, cores=96) == 2
     pinned = load_config(overrides=["trainer.max_staleness=0", "learner.num_threads=3"])
     assert learner_threads(pinned, cores=2) == 3
