@@ -11,6 +11,7 @@ import pytest
 from sandbox_envs import ENVS, EnvZygote
 
 from torl.config import SandboxConfig
+from torl.metrics import ENGINE_METRICS
 
 CFG = SandboxConfig(num_workers=2, concurrency_per_worker=2, max_queue=8, timeout_s=2.0, uid_base=260000, num_cpus=0.1)
 
@@ -70,6 +71,7 @@ def test_backpressure_and_queue_time(pool):
     assert all(0.25 < r.wall_s < 1.5 for r in results)
     assert pool.queue_fill() == 0.0
     stats = pool.stats()
+    assert set(stats) <= set(ENGINE_METRICS)  # each key declared with its merge over the generators' clients
     assert stats["sandbox/requests"] >= 12 and stats["sandbox/queue_s_max"] > 0.25
 
 
