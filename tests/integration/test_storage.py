@@ -13,9 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
+import time
 
+import psutil
 import pytest
-from test_train import _args  # the training test's arguments (tests/integration is on sys.path)
+from test_faults import _actor_processes  # this test cluster's actor processes (tests/integration is on sys.path)
+from test_train import _args  # the training test's arguments
 
 from jobs.train import main as train_main
 
@@ -63,6 +67,25 @@ def _listing(fs, prefix: str) -> set[str]:
     return {i.path.removeprefix(f"{BUCKET}/{prefix}/") for i in infos if i.type == pafs.FileType.File}
 
 
+def _watch_learner_env(name: str, seen: list[str]) -> threading.Thread:
+    """Record variable ``name`` as a learner actor process of this cluster sees it (the first one found)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not seen:
+            for proc in _actor_processes("Learner"):
+                try:
+                    seen.append(proc.environ().get(name, "(unset)"))
+                    return
+                except psutil.Error:
+                    continue
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def _steps(text: str) -> list[int]:
     return [json.loads(line)["step"] for line in text.splitlines()]
 
@@ -77,8 +100,13 @@ def test_checkpoints_and_metrics_in_s3_resume_on_another_node(
     common = ["trainer.val_every=0", "trainer.save_every=1", "trainer.keep_last=1", f"trainer.storage_path={storage}"]
 
     # Node 1: two steps, a checkpoint after each; the older one is pruned from the bucket (and from the node).
+    # The learner gets the driver's credentials (this cluster started before they were set).
     node1 = tmp_path / "node1"
+    seen: list[str] = []
+    watcher = _watch_learner_env("AWS_ACCESS_KEY_ID", seen)
     assert train_main([*_args(tiny_model_dir, node1, 2, 0), *common]) == 0
+    watcher.join(timeout=5)
+    assert seen == ["testing"]
     files = _listing(fs, "runs/a")
     assert {"step_000002/COMPLETE", "step_000002/model.safetensors", "step_000002/trainer_state.json"} <= files
     assert not any(f.startswith("step_000001/") for f in files)  # pruned, whole
