@@ -160,7 +160,9 @@ def test_client_stop_string_ends_generation_before_it(server):
 def test_a_session_keeps_variables_between_a_requests_calls(server):
     """Persistent: the second call reads the x the first one set; stateless: it fails with NameError."""
     messages = [{"role": "user", "content": Q_SESSION}]
-    resp = client(server).chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=200)
+    resp = client(server).chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=200, extra_body={"max_tool_calls": 2}
+    )
     first, second = resp.choices[0].model_extra["torl"]["tool_calls"]
     assert (first["code"], first["output"], first["status"]) == ("x = 6*7\nprint(x)", "42", "ok")
     if server.session == "persistent":

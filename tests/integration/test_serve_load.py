@@ -1,0 +1,271 @@
+"""Serve under sustained load, on loopback, with 2 replicas: a mix of 500+ valid, invalid, streaming and tool-heavy
+requests (some snippets run past the sandbox timeout), then a replica killed (SIGKILL, as the OOM killer would) in
+the middle of more load.
+
+What must hold: every valid request is answered and every invalid one gets its 4xx; after the kill only requests that
+were on the dead replica fail, each with a 5xx (or an in-band error on a stream already started), none hangs; Serve
+brings the replica back; and when the app is shut down nothing it started is left running (engine cores, sandbox
+workers and their zygotes, the dead replica's too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+from collections import Counter
+
+import httpx
+import psutil
+import pytest
+from test_serve import API_KEY, MODEL, Q_MUL, Q_SLEEP, check_mul, free_port, teach  # tests/integration is on sys.path
+
+from torl.prompts import build_prompt
+
+APP = "torl-load"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+CLIENT_TIMEOUT_S = 90.0  # a request still open after this is a hang
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tiny_model_dir, tmp_path_factory):
+    from ray import serve
+
+    from actors.serve import build_app, start_serve
+    from torl.config import load_config
+
+    _wait_for_no_serve(ray_cluster)  # a previous module's Serve may still be shutting down on this cluster
+    model_dir = teach(tiny_model_dir, tmp_path_factory.mktemp("taught") / MODEL)
+    port = free_port()
+    cfg = load_config(
+        overrides=[
+            f"model.path={model_dir}",
+            "model.max_model_len=512",
+            "prompt.max_prompt_tokens=128",
+            "rollout.max_response_tokens=256",
+            "rollout.num_cpus=0.5",
+            "sandbox.num_workers=1",
+            "sandbox.num_cpus=0.25",
+            "sandbox.timeout_s=1.5",  # the 4 s sleep snippet times out
+            f"serve.port={port}",
+            f"serve.api_key={API_KEY}",
+            "serve.max_tool_calls=2",
+            f"serve.model_name={MODEL}",
+            "serve.min_replicas=2",
+            "serve.max_replicas=2",
+        ]
+    )
+    start_serve(cfg)
+    serve.run(build_app(cfg), name=APP, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def _wait_for_no_serve(ray, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        except ValueError:
+            return
+        time.sleep(0.5)
+    raise AssertionError("the previous Serve instance's controller is still there")
+
+
+# -- the request mix ---------------------------------------------------------------------------------------------
+def _chat(question: str, **kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": question}], "temperature": 0, **kw}
+
+
+VALID = {  # name -> (route, body, stream)
+    "chat_tool": ("/v1/chat/completions", _chat(Q_MUL, max_tokens=120), False),
+    "chat_stream": ("/v1/chat/completions", _chat(Q_MUL, max_tokens=120, stream=True), True),
+    "completion": ("/v1/completions", {"model": MODEL, "prompt": build_prompt(Q_MUL, "tir_base_0309"),
+                                       "temperature": 0, "max_tokens": 120}, False),
+    "no_tools": ("/v1/chat/completions", _chat(Q_MUL, max_tokens=30, max_tool_calls=0), False),
+}  # fmt: skip
+TIMEOUT = ("/v1/chat/completions", _chat(Q_SLEEP, max_tokens=60), False)
+INVALID = {  # name -> (route, body or raw bytes, headers, expected status)
+    "no_messages": ("/v1/chat/completions", {"model": MODEL}, HEADERS, 400),
+    "bad_temperature": ("/v1/chat/completions", _chat(Q_MUL, temperature=9), HEADERS, 400),
+    "bad_json": ("/v1/chat/completions", b"{not json", HEADERS, 400),
+    "bad_key": ("/v1/chat/completions", _chat(Q_MUL), {"Authorization": "Bearer wrong"}, 401),
+    "unknown_route": ("/v1/nothing", _chat(Q_MUL), HEADERS, 404),
+    "too_many_tokens": ("/v1/chat/completions", _chat(Q_MUL, max_tokens=100000), HEADERS, 400),
+}
+
+
+async def _send(http: httpx.AsyncClient, kind: str, route: str, body, headers: dict, stream: bool) -> dict:
+    """One request; returns what happened: status, whether the answer was complete, the error if any."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {**headers, "Content-Type": "application/json"}
+    try:
+        if not stream:
+            r = await http.post(route, content=content, headers=hdrs)
+            try:
+                data = r.json()
+            except ValueError:  # a proxy's plain-text error page
+                data = None
+            ok = r.status_code == 200 and isinstance(data, dict) and "choices" in data
+            return {"kind": kind, "status": r.status_code, "ok": ok, "body": r.text[:400], "json": data}
+        events = []
+        async with http.stream("POST", route, content=content, headers=hdrs) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        errors = [e for e in events if e != "[DONE]" and "error" in json.loads(e)]
+        ok = r.status_code == 200 and events[-1:] == ["[DONE]"] and not errors
+        return {"kind": kind, "status": r.status_code, "ok": ok, "body": (errors or events[-2:])[0][:400]}
+    except httpx.TimeoutException as exc:
+        return {"kind": kind, "status": "hang", "ok": False, "body": repr(exc)}
+    except httpx.HTTPError as exc:  # the connection dropped (a stream cut by a dead replica)
+        return {"kind": kind, "status": "dropped", "ok": False, "body": repr(exc)}
+
+
+def _plan(n: int, seed: int, invalid_share: float = 0.3, timeouts: int = 0) -> list[tuple]:
+    rng = random.Random(seed)
+    plan = [("timeout", *TIMEOUT[:2], HEADERS, TIMEOUT[2])] * timeouts
+    while len(plan) < n:
+        if rng.random() < invalid_share:
+            name = rng.choice(sorted(INVALID))
+            route, body, headers, _ = INVALID[name]
+            plan.append((name, route, body, headers, False))
+        else:
+            name = rng.choice(sorted(VALID))
+            route, body, stream = VALID[name]
+            plan.append((name, route, body, HEADERS, stream))
+    rng.shuffle(plan)
+    return plan
+
+
+async def _load(base: str, plan: list[tuple], concurrency: int, on_progress=None) -> list[dict]:
+    gate = asyncio.Semaphore(concurrency)
+    done: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=CLIENT_TIMEOUT_S, limits=limits) as http:
+
+        async def one(req: tuple) -> None:
+            async with gate:
+                done.append(await _send(http, *req))
+                if on_progress is not None:
+                    on_progress(len(done))
+
+        await asyncio.gather(*(one(r) for r in plan))
+    return done
+
+
+# -- processes ---------------------------------------------------------------------------------------------------
+def _ours(pattern: str) -> list[psutil.Process]:
+    """This test cluster's processes whose command line contains ``pattern`` (descendants of this process)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if pattern in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _replicas() -> list[psutil.Process]:
+    return _ours(f"ServeReplica:{APP}:OpenAIServer")
+
+
+def _app_processes() -> set[int]:
+    """Every process the app runs: replicas and what they started (engine cores), sandbox workers and zygotes."""
+    roots = _replicas() + _ours("ray::SandboxWorker")
+    pids = {p.pid for p in roots}
+    for p in roots:
+        try:
+            pids |= {c.pid for c in p.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+
+
+def _wait_replicas(n: int, timeout_s: float = 180) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP)
+        if status is not None and status.status == "RUNNING":
+            replicas = status.deployments["OpenAIServer"].replica_states
+            if replicas.get("RUNNING", 0) == n and len(_replicas()) == n:
+                return
+        time.sleep(1.0)
+    raise AssertionError(f"Serve did not get back to {n} running replicas: {serve.status().applications.get(APP)}")
+
+
+# -- the tests ---------------------------------------------------------------------------------------------------
+def test_520_mixed_requests_on_two_replicas(app):
+    plan = _plan(520, seed=0, timeouts=12)
+    t0 = time.perf_counter()
+    results = asyncio.run(_load(app, plan, concurrency=24))
+    wall = time.perf_counter() - t0
+    by_kind = Counter(r["kind"] for r in results)
+    print(f"\n{len(results)} requests in {wall:.1f} s ({len(results) / wall:.1f}/s): {dict(by_kind)}")  # noqa: T201 - the figures
+    assert len(results) == 520
+    for r in results:
+        if r["kind"] in INVALID:
+            assert r["status"] == INVALID[r["kind"]][3], r
+        else:
+            assert r["ok"], r  # every valid request answered, the timed-out snippets included
+    timed_out = [r["json"]["choices"][0]["torl"]["tool_calls"] for r in results if r["kind"] == "timeout"]
+    assert len(timed_out) == 12 and all(calls[0]["status"] == "timeout" for calls in timed_out), timed_out[:1]
+    health = httpx.get(app + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    resp = httpx.post(app + "/v1/chat/completions", json=VALID["chat_tool"][1], headers=HEADERS, timeout=60).json()
+    check_mul(resp["choices"][0]["message"]["content"], resp["choices"][0]["torl"])
+
+
+def test_a_killed_replica_fails_only_its_requests_and_is_replaced(app, ray_cluster):
+    from ray import serve
+
+    _wait_replicas(2)
+    victim = _replicas()[0]
+    victim_tree = {victim.pid} | {c.pid for c in victim.children(recursive=True)}
+    assert any("EngineCore" in " ".join(psutil.Process(p).cmdline()) for p in victim_tree - {victim.pid})
+    plan = _plan(200, seed=1, invalid_share=0.0)
+    killed: list[float] = []
+
+    def kill_at(done: int) -> None:
+        if done == 40 and not killed:
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.append(time.perf_counter())
+
+    results = asyncio.run(_load(app, plan, concurrency=16, on_progress=kill_at))
+    assert killed, "the replica was never killed"
+    failed = [r for r in results if not r["ok"]]
+    print(f"\n{len(failed)} of {len(results)} failed after the kill: {Counter(str(r['status']) for r in failed)}")  # noqa: T201
+    assert not [r for r in failed if r["status"] == "hang"], "a request hung"
+    for r in failed:  # a 5xx, or a stream that had started and ended with an in-band error or a dropped connection
+        assert (
+            r["status"] in ("dropped",)
+            or (isinstance(r["status"], int) and r["status"] >= 500)
+            or (r["status"] == 200 and "error" in r["body"])
+        ), r
+    # Only what was on the dead replica: at most its share of the requests in flight when it died.
+    assert len(failed) <= 16, f"{len(failed)} requests failed; only those on the dead replica should"
+    assert len(results) - len(failed) >= 184
+
+    _wait_replicas(2)  # Serve replaced it
+    assert not _alive(victim_tree), f"the dead replica left processes behind: {_alive(victim_tree)}"
+    resp = httpx.post(app + "/v1/chat/completions", json=VALID["chat_tool"][1], headers=HEADERS, timeout=60).json()
+    check_mul(resp["choices"][0]["message"]["content"], resp["choices"][0]["torl"])
+
+    # Shut down: nothing the app started is left (engine cores, sandbox workers, zygotes).
+    pids = _app_processes()
+    assert len(pids) >= 6, f"expected replicas, engines, sandbox workers and zygotes, found {len(pids)} processes"
+    serve.delete(APP)
+    deadline = time.monotonic() + 60
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(pids), [psutil.Process(p).cmdline() for p in _alive(pids)]
