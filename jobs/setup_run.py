@@ -25,6 +25,7 @@ from torl.paths import resolve
 from torl.prompts import build_prompt
 from torl.sampler import EncodedProblem, PromptSampler, SamplerState, encode_problems
 from torl.storage import Storage, StorageError, is_uri
+from torl.types import Trajectory
 
 if TYPE_CHECKING:  # annotations only: importing these starts nothing, but pulls in Ray and torch
     from ray.actor import ActorHandle
@@ -304,6 +305,7 @@ class Run:
     version: int = 0  # the weights the generators hold (the last push)
     generator_restarts: int = 0
     start_step: int = 0  # the step a resumed run continues from
+    restored_rollouts: list = field(default_factory=list)  # (trajectories, metrics) a checkpoint kept for later steps
     total_steps: int = 0
 
     def draw(self) -> tuple[list[EncodedProblem], SamplerState]:
@@ -362,7 +364,13 @@ class Run:
         ray.kill(self.generators[index], no_restart=True)
         log_dir = str(Path(self.cfg.trainer.output_dir) / "logs")
         self.generators[index] = spawn_generator(self.cfg, self.model_path, self.sandbox, log_dir)
-        ray.get(self.generators[index].start.remote())
+        try:
+            ray.get(self.generators[index].start.remote())
+        except ray.exceptions.RayActorError as exc:
+            # A lost node is declared dead only once its health checks fail, seconds after its actors stop
+            # answering; a replacement placed there in between dies with it. It counts as another replacement.
+            self.replace_generator(index, exc)
+            return
         if self.cfg.rollout.weight_sync == "collective":
             self.learner.connect_generators(self.generators)  # a new group: the old one lost a member
 
@@ -397,11 +405,16 @@ class Run:
                 self.replace_generator(index, exc)
         self.version = version
 
-    def save(self, step: int, resume_state: SamplerState) -> None:
+    def save(self, step: int, resume_state: SamplerState, ahead: list | None = None) -> None:
+        """A checkpoint after ``step``: the learner's state, the sampler state to continue from, and ``ahead``, the
+        finished rollouts (trajectories, metrics) of later steps that the resumed run trains on first."""
         extra = {
             "step": step,
             "sampler": {"epoch": resume_state.epoch, "position": resume_state.position},
             "identity": self.identity,
+            "rollouts_ahead": [
+                {"trajectories": [t.to_dict() for t in trajs], "metrics": metrics} for trajs, metrics in ahead or []
+            ],
         }
         from torl.checkpoint import step_dir
 
@@ -461,6 +474,9 @@ def _resume(run: Run) -> None:
     extra = run.learner.load(str(ckpt), stored=stored)
     run.start_step = int(extra["step"])
     run.sampler.state = SamplerState(**extra["sampler"])
+    run.restored_rollouts = [
+        ([Trajectory.from_dict(t) for t in r["trajectories"]], r["metrics"]) for r in extra.get("rollouts_ahead", [])
+    ]
     run.push_weights(run.start_step)
     run.tracker.keep_steps_before(run.start_step + 1)  # the steps after the checkpoint are redone: logged once
     print(f"[torl] resumed from {shown} at step {run.start_step}")

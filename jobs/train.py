@@ -107,7 +107,7 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
     bar = Progress(total, "train", unit="step", initial=step, log_every_s=0.0)
 
     ahead = cfg.trainer.max_staleness
-    rollouts = RolloutQueue(run, start=step, total=total)
+    rollouts = RolloutQueue(run, start=step, total=total, restored=run.restored_rollouts)
     saved: dict[str, float] = {}
     rollouts.fill(1)
     while step < total:
@@ -147,9 +147,11 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         bar.update(1, **tracker.figures(metrics, STEP_FIGURES))
         saved = {}
         if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == total):
+            with timed(saved, "time/save_wait_rollout"):
+                resume_at, finished = rollouts.checkpoint()  # pipelined: the rollouts ahead, finished, go in it
             with timed(saved, "time/save"):
                 try:
-                    run.save(step, rollouts.resume_state())
+                    run.save(step, resume_at, finished)
                 except StorageError as exc:  # complete on the learner's node; the next save stores a newer one
                     bar.write(f"[torl] warning: step {step}: {exc}")
     bar.close()
@@ -180,17 +182,26 @@ def keep_varied(
     return batch.trajectories()
 
 
+Rollout = tuple[list[Trajectory], dict[str, float]]
+
+
 class RolloutQueue:
-    """Rollouts started ahead of training, oldest first, each with the sampler state from before its batch was drawn.
+    """Rollouts started ahead of training, oldest first: each a list of generator shards still running, or a finished
+    ``Rollout`` (one restored from a checkpoint, or settled for one).
 
     ``fill(k)`` keeps k rollouts started beyond the batch being trained (``trainer.max_staleness``): the engine then
-    samples at most k weight versions behind the learner. A checkpoint must make a resumed run redo every started
-    but untrained batch and nothing trained, so it records the state before the oldest pending one.
+    samples at most k weight versions behind the learner. A checkpoint must resume to the same run: on-policy the one
+    rollout pending was started on the checkpoint's own weights, so a resumed run redoes it exactly from the sampler
+    state before it; pipelined, the pending rollouts were sampled (partly) on older weights than any checkpoint holds,
+    so they are finished and stored in the checkpoint, and a resumed run trains on exactly those.
     """
 
-    def __init__(self, run: Run, start: int, total: int) -> None:
-        self.run, self.started, self.total = run, start, total
-        self.pending: deque[tuple[list, SamplerState]] = deque()
+    def __init__(self, run: Run, start: int, total: int, restored: list[Rollout] | None = None) -> None:
+        self.run, self.total = run, total
+        self.pending: deque[tuple[list | Rollout, SamplerState]] = deque(
+            (r, copy.copy(run.sampler.state)) for r in restored or []
+        )
+        self.started = start + len(self.pending)
 
     def fill(self, ahead: int) -> None:
         while len(self.pending) < ahead and self.started < self.total:
@@ -198,21 +209,32 @@ class RolloutQueue:
             self.started += 1
             self.pending.append((self.run.generate(batch, step=self.started), before))
 
-    def next(self) -> tuple[list[Trajectory], dict[str, float]]:
+    def next(self) -> Rollout:
         self.fill(1)
-        refs, _ = self.pending.popleft()
-        return self.run.collect(refs)
+        work, _ = self.pending.popleft()
+        return work if isinstance(work, tuple) else self.run.collect(work)
 
     def in_flight(self) -> list:
-        """Refs of the rollouts started ahead (the learner widens its threads once they finish)."""
-        return [shard.ref for shards, _ in self.pending for shard in shards]
+        """Refs of the rollouts started ahead and still running (the learner widens its threads once they finish)."""
+        return [shard.ref for work, _ in self.pending if not isinstance(work, tuple) for shard in work]
 
-    def resume_state(self) -> SamplerState:
-        return copy.copy(self.pending[0][1]) if self.pending else copy.copy(self.run.sampler.state)
+    def checkpoint(self) -> tuple[SamplerState, list[Rollout]]:
+        """What a checkpoint records to resume this queue: the sampler state to continue from, and the finished
+        rollouts to train on first (pipelined only; on-policy they are redone, see the class docstring)."""
+        if not self.pending:
+            return copy.copy(self.run.sampler.state), []
+        if self.run.cfg.trainer.max_staleness == 0:
+            return copy.copy(self.pending[0][1]), []
+        self.pending = deque(
+            (work if isinstance(work, tuple) else self.run.collect(work), before) for work, before in self.pending
+        )
+        return copy.copy(self.run.sampler.state), [work for work, _ in self.pending]
 
     def drain(self) -> None:
         while self.pending:
-            self.run.collect(self.pending.popleft()[0])
+            work, _ = self.pending.popleft()
+            if not isinstance(work, tuple):
+                self.run.collect(work)
 
 
 def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]:

@@ -101,22 +101,30 @@ def test_bad_config_fails_before_actors_start(tiny_model_dir, tmp_path, capsys, 
     assert message in capsys.readouterr().err
 
 
-def test_staleness_bound_k_and_resume_redoes_only_the_untrained_batches(ray_cluster, tiny_model_dir, tmp_path):
-    """k=2: rollouts of steps t+1 and t+2 run while step t trains, so no trained token is more than 2 versions
-    behind, and step 3 (sampled before the first push) is exactly 2 behind. A checkpoint at step 2 has step 3's
-    rollout in flight: resuming from it redraws that same batch (and nothing already trained)."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_staleness_bound_k_and_resume_trains_the_stored_rollouts_ahead(ray_cluster, tiny_model_dir, tmp_path, k):
+    """Rollouts of steps t+1..t+k run while step t trains, so no trained token is more than k versions behind, and
+    step 3 (started before a push that lands mid-rollout) has tokens exactly k behind. A checkpoint at step 2 has
+    step 3's rollout in flight, sampled on weights no checkpoint holds: it is finished and stored in the checkpoint,
+    and the resumed run's step 3 is the uninterrupted run's step 3 (same trajectories, same update)."""
     out = tmp_path / "run"
-    assert train_main([*_args(tiny_model_dir, out, 3, 2), "trainer.val_every=0"]) == 0
+    assert train_main([*_args(tiny_model_dir, out, 3, k), "trainer.val_every=0"]) == 0
     rows = {r["step"]: r for r in _metrics(out) if r["step"] > 0}
-    assert all(r["staleness/max"] <= 2 for r in rows.values())
-    assert rows[3]["staleness/max"] == 2 and rows[3]["staleness/share_lag_2"] > 0
+    assert all(r["staleness/max"] <= k for r in rows.values())
+    assert rows[3]["staleness/max"] == k and rows[3][f"staleness/share_lag_{k}"] > 0
     state = json.loads((out / "step_000002" / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["sampler"]["position"] == 2 * 4  # step 3's batch is redone on resume
+    assert state["step"] == 2 and state["sampler"]["position"] == 3 * 4  # step 3's batch is drawn and stored
+    (stored,) = state["rollouts_ahead"]
+    assert len(stored["trajectories"]) == 16
 
     again = tmp_path / "resumed"
     resume = [f"trainer.resume={out / 'step_000002'}", f"trainer.output_dir={again}", "trainer.val_every=0"]
-    assert train_main([*_args(tiny_model_dir, out, 3, 2), *resume]) == 0
-    assert [r["step"] for r in _metrics(again)] == [3]
+    assert train_main([*_args(tiny_model_dir, out, 3, k), *resume]) == 0
+    (resumed,) = _metrics(again)
+    assert resumed["step"] == 3
+    for key in ("reward/mean", "response/length_mean", "rollout/tokens", "staleness/mean", "learner/loss",
+                "learner/grad_norm"):  # fmt: skip
+        assert resumed[key] == pytest.approx(rows[3][key], rel=1e-5, abs=1e-7), key
 
     def ids(run_dir, step):
         rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
