@@ -57,6 +57,21 @@ def teach(src: Path, dst: Path) -> Path:
     return dst
 
 
+def app_overrides(model_dir: Path, port: int) -> list[str]:
+    """The taught model behind the app on ``port``, small limits, one sandbox worker, the test's key and name."""
+    return [
+        f"model.path={model_dir}",
+        "model.max_model_len=512",
+        "prompt.max_prompt_tokens=128",
+        "rollout.max_response_tokens=256",
+        "sandbox.num_workers=1",
+        f"serve.port={port}",
+        f"serve.api_key={API_KEY}",
+        "serve.max_tool_calls=2",
+        f"serve.model_name={MODEL}",
+    ]
+
+
 class Server(str):
     """The app's base URL, and its tool.session mode."""
 
@@ -85,16 +100,8 @@ def server(request, ray_cluster, tiny_model_dir, tmp_path_factory):
     port = free_port()
     cfg = load_config(
         overrides=[
-            f"model.path={model_dir}",
-            "model.max_model_len=512",
-            "prompt.max_prompt_tokens=128",
-            "rollout.max_response_tokens=256",
-            "sandbox.num_workers=1",
+            *app_overrides(model_dir, port),
             "sandbox.timeout_s=8",
-            f"serve.port={port}",
-            f"serve.api_key={API_KEY}",
-            "serve.max_tool_calls=2",
-            f"serve.model_name={MODEL}",
             f"serve.ingress={request.param[0]}",
             f"tool.session={request.param[1]}",
             f"serve.haproxy_stats_port={free_port()}",  # Ray's fixed defaults could be taken on a shared machine

@@ -21,7 +21,16 @@ from collections import Counter
 import httpx
 import psutil
 import pytest
-from test_serve import API_KEY, MODEL, Q_MUL, Q_SLEEP, check_mul, free_port, teach  # tests/integration is on sys.path
+from test_serve import (  # tests/integration is on sys.path
+    API_KEY,
+    MODEL,
+    Q_MUL,
+    Q_SLEEP,
+    app_overrides,
+    check_mul,
+    free_port,
+    teach,
+)
 
 from torl.prompts import build_prompt
 
@@ -42,18 +51,10 @@ def app(ray_cluster, tiny_model_dir, tmp_path_factory):
     port = free_port()
     cfg = load_config(
         overrides=[
-            f"model.path={model_dir}",
-            "model.max_model_len=512",
-            "prompt.max_prompt_tokens=128",
-            "rollout.max_response_tokens=256",
+            *app_overrides(model_dir, port),
             "rollout.num_cpus=0.5",
-            "sandbox.num_workers=1",
             "sandbox.num_cpus=0.25",
             "sandbox.timeout_s=1.5",  # the 4 s sleep snippet times out
-            f"serve.port={port}",
-            f"serve.api_key={API_KEY}",
-            "serve.max_tool_calls=2",
-            f"serve.model_name={MODEL}",
             "serve.min_replicas=2",
             "serve.max_replicas=2",
         ]
