@@ -119,8 +119,10 @@ class Learner:
     def master_address(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process-group rendezvous."""
         host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        # Probed on every address: torch's TCPStore listens on all of them, so a port free on ``host`` alone can be
+        # taken on another (a connection's local port on another loopback address of a machine hosting two nodes).
         with socket.socket() as s:
-            s.bind((host, 0))
+            s.bind(("", 0))
             return host, s.getsockname()[1]
 
     def setup(self, master_addr: str, master_port: int) -> None:
