@@ -183,6 +183,9 @@ def spawn_rollout_actors(
     The engines start building right away (``start`` is idempotent: callers ``ray.get`` it when they need the
     engines, meanwhile doing other set-up). If anything fails, what was already started is stopped.
     """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from actors.grader import GraderActor
     from actors.sandbox import SandboxPool
 
@@ -191,7 +194,11 @@ def spawn_rollout_actors(
         sandbox = SandboxPool.create(cfg.sandbox, name=sandbox_name) if cfg.tool.enabled else None
         for _ in range(cfg.rollout.num_generators):
             generators.append(spawn_generator(cfg, model_path, sandbox, log_dir))
-        grader = GraderActor.remote(cfg.reward)
+        # On the caller's node (the job's driver): grading is light, and a grader on another node would make that
+        # node's loss end the run (the driver has no replacement for it). Hard affinity: a soft one let Ray place
+        # some actors elsewhere although this node had room (2 of 4 in a test on two nodes).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        grader = GraderActor.options(scheduling_strategy=here).remote(cfg.reward)
     except BaseException:
         stop_rollout_actors(sandbox, generators, grader)
         raise

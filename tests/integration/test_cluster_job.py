@@ -3,9 +3,9 @@ submit), and the loss of a node mid-run.
 
 The cluster (tests/integration/local_cluster.py) is two real ``ray start`` nodes on loopback addresses: the head
 (127.0.0.3, 2 CPUs) runs the job's driver, and node "a" (127.0.0.2, 1 CPU, custom resource ``rollout``) is where
-``rollout.resources={rollout: 1}`` puts the generator. The learner (1 CPU) then only fits on the head, and the
-sandbox pool spreads its two workers over both nodes. Checked from Ray's state API and from the processes
-themselves:
+``rollout.resources={rollout: 1}`` puts the generator. The learner (1 CPU) then only fits on the head, the sandbox
+pool spreads its two workers over both nodes, and the grader stays beside the driver. Checked from Ray's state API and
+from the processes themselves:
 
 - the job succeeds with every step in its metrics, its actors on both nodes;
 - nothing machine-specific travels from the driver to the workers of a cluster it joins: each node's workers have
@@ -32,7 +32,7 @@ from local_cluster import REPO, LocalCluster
 from test_train import _args  # the training test's arguments (tests/integration is on sys.path)
 
 HEAD_IP, A_IP, B_IP = "127.0.0.3", "127.0.0.2", "127.0.0.4"
-ROLES = {"Generator": "generator", "Learner": "learner", "SandboxWorker": "sandbox"}  # Ray: class -> ray::<class>
+ROLES = {"Generator": "generator", "Learner": "learner", "SandboxWorker": "sandbox", "Grader": "grader"}
 ENV_KEYS = ("VLLM_HOST_IP", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "HF_HUB_OFFLINE", "TORL_HOME")
 
 
@@ -175,6 +175,7 @@ def test_job_runs_on_two_nodes_with_each_nodes_own_environment(cluster, tiny_mod
 
     where = placement(cluster, job.id)
     assert where["generator"] == [A_IP] and where["learner"] == [HEAD_IP], where
+    assert where["grader"] == [HEAD_IP], where  # beside the driver: it has no replacement
     assert sorted(where["sandbox"]) == sorted([HEAD_IP, A_IP]), where
 
     # The workers' environment, read from the processes: each node's own address, the driver's offline settings.
@@ -215,11 +216,12 @@ def test_losing_the_generators_node_mid_run(cluster, tiny_model_dir, tmp_path):
     # One replacement, or two when the first was sent to node a before Ray had declared it dead (it died with it,
     # never placed); the last one runs on node b.
     restarts = int(rows[-1]["faults/generator_restarts"])
-    generators = placement(cluster, job.id)["generator"]
+    where = placement(cluster, job.id)
+    generators = where["generator"]
     print(  # noqa: T201 - the figures
         f"\nnode a killed at {killed_at:.1f} s (step 1 checkpointed), node b joined at {joined_at:.1f} s; the driver"
         f" replaced the generator at {[t for t, line in job.lines if 'generator 0 died' in line]} s;"
-        f" {restarts} replacement(s), generators on {generators}; job done at {done_at:.1f} s"
+        f" {restarts} replacement(s); actors on {where}; job done at {done_at:.1f} s"
     )
     assert restarts in (1, 2) and output.count("generator 0 died") == restarts, output[-5000:]
     assert len(generators) == restarts + 1 and generators.count(B_IP) == 1 and A_IP in generators, generators
