@@ -2,6 +2,7 @@
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_resume_equals_uninterrupted(group, tiny_model_dir, tmp_path, ray_cluste
     group.train_step(b1)
     group.train_step(b2)
     group.save(ckpt.step_dir(tmp_path, 1), {"step": 1, "data_pos": 99})  # keep_last=1: pruned by the next save
-    path = group.save(ckpt.step_dir(tmp_path, 2), {"step": 2, "data_pos": 123})
+    path = Path(group.save(ckpt.step_dir(tmp_path, 2), {"step": 2, "data_pos": 123}))  # where it is (str or URI)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000002"]
     m3 = group.train_step(b3)
     uninterrupted = ray_get(group.state_dict_ref())
