@@ -212,6 +212,10 @@ class RolloutQueue:
     def next(self) -> Rollout:
         self.fill(1)
         work, _ = self.pending.popleft()
+        return self._finished(work)
+
+    def _finished(self, work: list | Rollout) -> Rollout:
+        """The rollout ``work`` stands for, waiting for its shards if they still run."""
         return work if isinstance(work, tuple) else self.run.collect(work)
 
     def in_flight(self) -> list:
@@ -225,16 +229,12 @@ class RolloutQueue:
             return copy.copy(self.run.sampler.state), []
         if self.run.cfg.trainer.max_staleness == 0:
             return copy.copy(self.pending[0][1]), []
-        self.pending = deque(
-            (work if isinstance(work, tuple) else self.run.collect(work), before) for work, before in self.pending
-        )
+        self.pending = deque((self._finished(work), before) for work, before in self.pending)
         return copy.copy(self.run.sampler.state), [work for work, _ in self.pending]
 
     def drain(self) -> None:
         while self.pending:
-            work, _ = self.pending.popleft()
-            if not isinstance(work, tuple):
-                self.run.collect(work)
+            self._finished(self.pending.popleft()[0])
 
 
 def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]:
