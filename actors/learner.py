@@ -43,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from torl import checkpoint as ckpt
 from torl.batching import pack_responses, plan_micro_batches
 from torl.config import Config, learner_threads
+from torl.dynamic_sampling import group_signal
 from torl.grpo import (
     aggregation_weights,
     correction_metrics,
@@ -219,7 +220,8 @@ class Learner:
         ]
         rewards, groups = [t.reward for t in trajs], [t.group for t in trajs]
         adv = group_advantages(rewards, groups, algo.norm_adv_by_std, algo.adv_eps)
-        zero = zero_variance_groups(rewards, groups)  # DAPO's dynamic sampling keeps them out (jobs/train.py)
+        # By dynamic sampling's own criterion (correctness by default), which keeps such groups out (jobs/train.py).
+        zero = zero_variance_groups(group_signal(trajs, algo.dynamic_sampling_metric), groups)
         order = list(dict.fromkeys(groups))  # prompts in batch order
         per = lc.mini_batch_prompts or max(len(order), 1)
         minis = [set(order[k : k + per]) for k in range(0, len(order), per)]

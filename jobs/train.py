@@ -126,7 +126,7 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
                 trajs = keep_varied(run, trajs, step + 1, metrics, bar.write)
         metrics.update(staleness_metrics(trajs, version))
         step += 1
-        if trajs:  # empty only when dynamic sampling found no group with reward variance
+        if trajs:  # empty only when dynamic sampling found no varied group
             with timed(metrics, "time/train"):
                 metrics.update(run.learner.train_step(trajs, rollouts.in_flight()))
         with timed(metrics, "time/sync"):
@@ -162,10 +162,11 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
 def keep_varied(
     run: Run, trajs: list[Trajectory], step: int, metrics: dict[str, float], say: Callable[[str], None]
 ) -> list[Trajectory]:
-    """DAPO's dynamic sampling (``torl.dynamic_sampling``): this step's groups with reward variance, topped up from
-    further prompt batches (rolled out on the current weights, seeded by ``step``) to ``data.batch_size`` groups."""
+    """DAPO's dynamic sampling (``torl.dynamic_sampling``): this step's groups that vary by
+    ``algo.dynamic_sampling_metric``, topped up from further prompt batches (rolled out on the current weights, seeded
+    by ``step``) to ``data.batch_size`` groups."""
     cfg = run.cfg
-    batch = VariedBatch(cfg.data.batch_size)
+    batch = VariedBatch(cfg.data.batch_size, cfg.algo.dynamic_sampling_metric)
     batch.add(trajs)
     while not batch.full and batch.draws < cfg.algo.dynamic_sampling_max_draws:
         prompts, _ = run.draw()
@@ -175,7 +176,7 @@ def keep_varied(
     metrics.update(batch.metrics())
     if not batch.full:
         say(
-            f"[torl] warning: step {step}: {len(batch.groups)} of {batch.want} prompt groups have reward variance "
+            f"[torl] warning: step {step}: {len(batch.groups)} of {batch.want} prompt groups vary in {batch.metric} "
             f"after {batch.draws} rollout batches (algo.dynamic_sampling_max_draws); "
             + ("training on those" if batch.groups else "no update this step")
         )

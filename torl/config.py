@@ -219,8 +219,15 @@ class AlgoConfig:
     entropy_coef: float = opt(0.0, "ToRL: 0")
     dynamic_sampling: bool = opt(
         False,
-        "DAPO: train only on prompt groups whose rewards differ, drawing and rolling out more prompt batches until"
-        " data.batch_size such groups are in hand (ToRL: off)",
+        "DAPO: train only on prompt groups that vary by dynamic_sampling_metric, drawing and rolling out more prompt"
+        " batches until data.batch_size such groups are in hand (ToRL: off)",
+    )
+    dynamic_sampling_metric: Literal["acc", "reward"] = opt(
+        "acc",
+        "what must vary within a prompt group for dynamic sampling to keep it (and learner/zero_var_group_share to"
+        " count it as varied). acc: some but not all answers correct (DAPO's 0 < #correct < n; veRL's"
+        " filter_groups.metric=acc). reward: the rewards differ, overlong shaping included, so a group of correct"
+        " answers of different lengths counts as varied",
     )
     dynamic_sampling_max_draws: int = opt(
         10,

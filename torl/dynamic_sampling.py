@@ -1,24 +1,42 @@
-"""DAPO's dynamic sampling: fill a step's batch with prompt groups whose rewards differ, drawing more if needed.
+"""DAPO's dynamic sampling: fill a step's batch with prompt groups whose correctness varies, drawing more if needed.
 
-A group whose n samples all got the same reward has zero advantage under GRPO: it adds no gradient, only tokens to
-the token-mean's denominator. DAPO (arXiv 2503.14476, section 3.2) over-samples instead: keep the groups with reward
-variance, draw and roll out further prompt batches until ``data.batch_size`` such groups are in hand, and train on
-exactly that many. The number of extra draws is bounded (``algo.dynamic_sampling_max_draws``); at the bound the step
-trains on the groups it has, and says so. The driver does the drawing; this is the bookkeeping.
+A group whose n samples were all right (or all wrong) teaches nothing about solving the problem. DAPO (arXiv
+2503.14476, section 3.2) over-samples instead: keep the groups with ``0 < #correct < n``, draw and roll out further
+prompt batches until ``data.batch_size`` such groups are in hand, and train on exactly that many. The number of extra
+draws is bounded (``algo.dynamic_sampling_max_draws``); at the bound the step trains on the groups it has, and says
+so. The driver does the drawing; this is the bookkeeping.
+
+The criterion is correctness, not reward (``algo.dynamic_sampling_metric``, veRL's ``filter_groups.metric``): with
+overlong shaping four correct answers can score [1, 1, 1, 0.34], and keeping that group for its reward variance
+trains a pure length signal at full advantage in a slot a group with accuracy variance should have had.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torl.types import Trajectory
+
+GroupMetric = Literal["acc", "reward"]
+
+
+def group_signal(trajs: Sequence[Trajectory], metric: GroupMetric) -> list[float]:
+    """Per trajectory, the value whose spread within a group decides whether the group is kept: 1.0/0.0 for a
+    correct/wrong answer (``acc``), or the shaped reward (``reward``). The learner's ``zero_var_group_share`` uses
+    the same values, so it reports what dynamic sampling filters on."""
+    if metric == "acc":
+        return [float(t.correct) for t in trajs]
+    return [t.reward for t in trajs]
 
 
 @dataclass
 class VariedBatch:
-    """Collects groups with reward variance, in the order they arrive, up to ``want`` groups."""
+    """Collects groups that vary by ``metric`` (``group_signal``), in the order they arrive, up to ``want`` groups."""
 
     want: int
+    metric: GroupMetric = "acc"
     groups: list[list[Trajectory]] = field(default_factory=list)
     seen: int = 0  # groups looked at, kept or not
     draws: int = 0  # prompt batches added
@@ -39,7 +57,7 @@ class VariedBatch:
             by_group.setdefault(t.group, []).append(t)
         for members in by_group.values():
             self.seen += 1
-            if self.full or len({t.reward for t in members}) < 2:
+            if self.full or len(set(group_signal(members, self.metric))) < 2:
                 continue
             for t in members:
                 t.group = len(self.groups)

@@ -232,17 +232,20 @@ def test_masked_behaviour_logprobs_and_masked_tokens_do_not_matter(single):
 
 
 def test_mini_batches_and_epochs(single):
-    """One optimizer step per prompt group per epoch; groups with equal rewards are trained as given (dynamic
-    sampling keeps them out of the batch before it gets here, tests/unit/test_dynamic_sampling.py) and reported."""
+    """One optimizer step per prompt group per epoch; a group whose correctness does not vary is trained as given
+    (dynamic sampling keeps it out of the batch before it gets here, tests/unit/test_dynamic_sampling.py) and reported
+    by the same criterion: group 0 is all correct with shaped rewards that differ, and counts as zero-variance."""
     state = {k: v.clone() for k, v in single.model.state_dict().items()}
     cfg = single.cfg
     single.cfg = replace(cfg, learner=LearnerConfig(num_workers=1, mini_batch_prompts=1, epochs=2))
     try:
         trajs = _batch(7, single.model, n_groups=3)
-        for t in trajs[:4]:  # group 0: all rewards equal
-            t.reward = 1.0
         trajs[4].reward, trajs[5].reward = 1.0, -1.0
         trajs[8].reward, trajs[9].reward = 1.0, -1.0
+        for t in trajs:
+            t.correct = t.reward > 0
+        for t, reward in zip(trajs[:4], [1.0, 1.0, 1.0, 0.5], strict=True):  # group 0: all correct, one overlong
+            t.reward, t.correct = reward, True
         m = single.train_step(trajs)
     finally:
         single.cfg = cfg

@@ -135,7 +135,7 @@ def test_staleness_bound_k_and_resume_trains_the_stored_rollouts_ahead(ray_clust
 
 def test_dynamic_sampling_refills_the_batch_with_varied_groups(ray_cluster, tmp_path):
     """DAPO's dynamic sampling on the shipped base model (right about a third of the time, so some groups of 4 are
-    all wrong): every step trains on exactly data.batch_size groups, each with reward variance."""
+    all wrong): every step trains on exactly data.batch_size groups, each with some answers right and some wrong."""
     out = tmp_path / "run"
     base = "models/torl-tiny-base"
     args = [*_args(base, out, 2, 0), "model.recipe=configs/base_model.yaml", "trainer.val_every=0"]
@@ -150,14 +150,15 @@ def test_dynamic_sampling_refills_the_batch_with_varied_groups(ray_cluster, tmp_
 
 
 def test_dynamic_sampling_stops_at_its_bound_with_a_warning(ray_cluster, tiny_model_dir, tmp_path, capsys):
-    """Every reward equal (+1 right or wrong): no group ever varies, so each step stops after max_draws rollout
-    batches, warns, skips the update and still pushes (one weight version per step)."""
+    """Every reward equal (+1 right or wrong) and groups filtered by reward: no group ever varies, so each step stops
+    after max_draws rollout batches, warns, skips the update and still pushes (one weight version per step)."""
     out = tmp_path / "run"
     args = [*_args(tiny_model_dir, out, 1, 0), "trainer.val_every=0", "trainer.val_before_train=false"]
     args += ["algo.dynamic_sampling=true", "algo.dynamic_sampling_max_draws=3", "reward.wrong=1.0"]
+    args += ["algo.dynamic_sampling_metric=reward"]
     assert train_main(args) == 0
     (row,) = _metrics(out)
     assert row["dynamic/draws"] == 3 and row["dynamic/groups_seen"] == 12 and row["dynamic/batch_groups"] == 0
     assert "learner/trained_seqs" not in row
     printed = capsys.readouterr()
-    assert "0 of 4 prompt groups have reward variance after 3 rollout batches" in printed.out + printed.err
+    assert "0 of 4 prompt groups vary in reward after 3 rollout batches" in printed.out + printed.err

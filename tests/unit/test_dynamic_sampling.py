@@ -1,15 +1,44 @@
 """DAPO's dynamic sampling bookkeeping: varied groups kept in arrival order, renumbered, capped at the batch size."""
 
-from torl.dynamic_sampling import VariedBatch
+from torl.dynamic_sampling import VariedBatch, group_signal
+from torl.grading import overlong_penalty
+from torl.grpo import zero_variance_groups
 from torl.types import Trajectory
 
 
 def _rollout(rewards_per_group: list[list[float]], tag: str) -> list[Trajectory]:
+    """Groups of trajectories with these rewards; a positive reward is a correct answer."""
     return [
-        Trajectory(f"{tag}{g}", g, [1, 2], [3], [0.0], [1], [0], reward=r)
+        Trajectory(f"{tag}{g}", g, [1, 2], [3], [0.0], [1], [0], reward=r, correct=r > 0)
         for g, rewards in enumerate(rewards_per_group)
         for r in rewards
     ]
+
+
+def _overlong_correct_group() -> list[Trajectory]:
+    """The issue's example (#30) under configs/dapo.yaml: four correct answers of 1200/1500/2000/2900 tokens with
+    L_max 3072 and a 512-token buffer score [1, 1, 1, 0.34] after DAPO's overlong punishment."""
+    rewards = [1.0 + overlong_penalty(n, 3072, 512, 1.0) for n in (1200, 1500, 2000, 2900)]
+    assert rewards[:3] == [1.0, 1.0, 1.0] and abs(rewards[3] - 0.336) < 1e-3
+    return [Trajectory("p", 0, [1, 2], [3], [0.0], [1], [0], reward=r, correct=True) for r in rewards]
+
+
+def test_a_group_all_correct_is_dropped_by_accuracy_though_its_shaped_rewards_differ():
+    by_acc = VariedBatch(want=1)  # the default criterion: DAPO's 0 < #correct < n
+    by_acc.add(_overlong_correct_group())
+    assert by_acc.groups == []
+    by_reward = VariedBatch(want=1, metric="reward")
+    by_reward.add(_overlong_correct_group())
+    assert len(by_reward.groups) == 1
+
+
+def test_zero_variance_share_follows_the_same_criterion():
+    """The learner counts zero-variance groups with ``group_signal`` of the configured metric: the all-correct group
+    is one of them under ``acc`` (a group with one wrong answer is not), none under ``reward``."""
+    trajs = _overlong_correct_group() + _rollout([[], [1, -1]], "b")
+    groups = [t.group for t in trajs]
+    assert zero_variance_groups(group_signal(trajs, "acc"), groups) == {0}
+    assert zero_variance_groups(group_signal(trajs, "reward"), groups) == set()
 
 
 def test_refills_to_the_batch_size_with_varied_groups_only():
