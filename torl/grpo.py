@@ -203,9 +203,14 @@ def rollout_correction(
     ``tis`` truncates the weight at ``cap`` (veRL's rollout-correction TIS); ``mis`` keeps weight 1 and drops the
     tokens whose weight falls outside ``[low, high]`` from the loss (IcePop-style masking): they leave the mask, so
     the caller's aggregation counts them out of the denominator too. ``level="sequence"`` uses one weight per
-    sequence, exp of the summed token log-ratios. ``stats`` holds SUMS over trained tokens (``tokens``,
-    ``k3``: the k3 estimate of KL(behaviour || proximal) per token, ``corrected``: tokens truncated or masked,
-    ``weight``: the raw weight) plus ``max_abs_log_ratio`` (a max), so callers can reduce over any split.
+    sequence, exp of the summed token log-ratios. ``stats`` holds SUMS over trained tokens (``tokens``; ``k3`` and
+    ``k1``: two estimates per token of KL(behaviour || proximal) from the behaviour's own samples, see below;
+    ``corrected``: tokens truncated or masked; ``weight``: the raw weight) plus ``max_abs_log_ratio`` (a max), so
+    callers can reduce over any split.
+
+    With r = log(proximal / behaviour) on a token the engine sampled, ``k1 = -r`` and ``k3 = exp(r) - 1 - r`` both
+    have expectation KL(behaviour || proximal) under the behaviour policy (veRL's ``compute_offpolicy_metrics``):
+    k3 is never negative and has the lower variance, k1 is the direct mean log-ratio to check it against.
     """
     if level not in CORRECTION_LEVELS:
         raise ValueError(f"unknown correction level {level!r}; choose one of {CORRECTION_LEVELS}")
@@ -231,8 +236,8 @@ def rollout_correction(
             weights[i] = 1.0
     stats = {
         "tokens": float(len(trained)),
-        # k3 = exp(-r) - 1 + r with r = log(proximal / behaviour): KL(behaviour || proximal), >= 0, low variance.
-        "k3": sum(math.exp(-log_ratio[i]) - 1.0 + log_ratio[i] for i in trained),
+        "k3": sum(math.exp(log_ratio[i]) - 1.0 - log_ratio[i] for i in trained),
+        "k1": sum(-log_ratio[i] for i in trained),
         "corrected": float(corrected),
         "weight": sum(raw[i] for i in trained),
         "max_abs_log_ratio": max((abs(log_ratio[i]) for i in trained), default=0.0),
@@ -245,6 +250,7 @@ def correction_metrics(stats: Sequence[dict[str, float]]) -> dict[str, float]:
     tokens = max(sum(s["tokens"] for s in stats), 1.0)
     return {
         "learner/mismatch_k3": sum(s["k3"] for s in stats) / tokens,
+        "learner/mismatch_k1": sum(s["k1"] for s in stats) / tokens,
         "learner/mismatch_max_abs_log_ratio": max((s["max_abs_log_ratio"] for s in stats), default=0.0),
         "learner/is_corrected_share": sum(s["corrected"] for s in stats) / tokens,
         "learner/is_weight_mean": sum(s["weight"] for s in stats) / tokens,

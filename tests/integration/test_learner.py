@@ -302,7 +302,9 @@ def test_injected_mismatch_is_measured_and_truncated(recomputing, tiny_model_dir
     assert m["learner/is_corrected_share"] == pytest.approx(bumped / total)
     assert m["learner/mismatch_max_abs_log_ratio"] == pytest.approx(1.0, abs=1e-4)
     assert m["learner/is_weight_mean"] == pytest.approx(1 + bumped / total * (math.e - 1), abs=1e-4)
-    assert m["learner/mismatch_k3"] == pytest.approx(bumped / total * math.exp(-1.0), abs=1e-4)  # e^-1 - 1 + 1
+    # r = log(proximal / engine) = 1 on the bumped tokens, 0 elsewhere: k3 = e^1 - 1 - 1 there, k1 = -1.
+    assert m["learner/mismatch_k3"] == pytest.approx(bumped / total * (math.e - 2.0), abs=1e-4)
+    assert m["learner/mismatch_k1"] == pytest.approx(-bumped / total, abs=1e-4)
     # Reference: ratio 1 against the learner's own log-probs, each token's -A weighted by its truncated weight.
     loss = 0.0
     for t, adv in zip(trajs, map(float, _reference_advantages(trajs)), strict=True):

@@ -196,8 +196,26 @@ def test_tis_truncates_weights_at_the_cap():
     assert c.stats["corrected"] == 1 and c.stats["tokens"] == 3
     assert c.stats["weight"] == pytest.approx(3.0 + 1.0 + 0.25)
     assert c.stats["max_abs_log_ratio"] == pytest.approx(math.log(4.0))
-    k3 = sum(math.exp(-r) - 1 + r for r in (math.log(3.0), 0.0, math.log(0.25)))
-    assert c.stats["k3"] == pytest.approx(k3)
+    # r = log(prox / behav) = ln 3, 0, ln 0.25: k3 = exp(r) - 1 - r = (2 - ln 3) + 0 + (ln 4 - 0.75) = 1.538 (the
+    # inverted exp(-r) - 1 + r gives 2.046), k1 = -r = ln 4 - ln 3.
+    assert c.stats["k3"] == pytest.approx(2.0 - math.log(3.0) + math.log(4.0) - 0.75)
+    assert c.stats["k1"] == pytest.approx(math.log(4.0) - math.log(3.0))
+
+
+def test_mismatch_k3_and_k1_average_to_kl_of_behaviour_to_proximal_over_behaviour_samples():
+    """Both estimators, averaged over the tokens the engine would sample (each outcome weighted by its behaviour
+    probability), give exactly KL(behaviour || proximal); the inverted k3, exp(-r) - 1 + r, does not."""
+    from torl.grpo import correction_metrics, rollout_correction
+
+    behav, prox = [0.7, 0.2, 0.1], [0.4, 0.4, 0.2]
+    kl = sum(b * math.log(b / p) for b, p in zip(behav, prox, strict=True))
+    pairs = zip(behav, prox, strict=True)
+    stats = [rollout_correction([math.log(p)], [math.log(b)], [1], "none").stats for b, p in pairs]
+    assert sum(b * s["k3"] for b, s in zip(behav, stats, strict=True)) == pytest.approx(kl)
+    assert sum(b * s["k1"] for b, s in zip(behav, stats, strict=True)) == pytest.approx(kl)
+    m = correction_metrics(stats)
+    assert m["learner/mismatch_k3"] == pytest.approx(sum(s["k3"] for s in stats) / 3)
+    assert m["learner/mismatch_k1"] == pytest.approx(sum(s["k1"] for s in stats) / 3)
 
 
 def test_mis_masks_tokens_outside_the_band_and_they_leave_the_denominator():
