@@ -241,19 +241,21 @@ class AlgoConfig:
         " update (what ToRL's veRL does; AReaL's proximal policy, right also for a stale batch); costs one forward"
         " pass. engine: vLLM's sampling log-probs (equal on CPU fp32 to ~1e-4, not in bf16 on GPUs).",
     )
-    rollout_correction: Literal["none", "tis", "mis"] = opt(
+    rollout_correction: Literal["none", "tis", "mis", "mis_reject"] = opt(
         "tis",
         "importance weights proximal / engine per token, for the engine's different numerics and staleness: tis"
-        " truncates them at tis_cap, mis drops tokens outside [mis_low, mis_high] from the loss (and its"
-        " denominator), none ignores the mismatch (ToRL). tis is the default because vLLM in bf16 and FSDP never"
-        " agree exactly on GPUs, and with matching numerics (CPU fp32) the weights are 1 and it changes nothing.",
+        " truncates them at tis_cap; mis keeps them on tokens inside [mis_low, mis_high] and drops the others from"
+        " the loss and its denominator (IcePop, as veRL, slime and AReaL); mis_reject drops the same tokens but"
+        " gives the kept ones weight 1 (rejection only: no correction inside the band); none ignores the mismatch"
+        " (ToRL). tis is the default because vLLM in bf16 and FSDP never agree exactly on GPUs, and with matching"
+        " numerics (CPU fp32) the weights are 1 and it changes nothing.",
     )
     correction_level: Literal["token", "sequence"] = opt(
         "token", "one weight per token, or per sequence (exp of the summed token log-ratios)"
     )
     tis_cap: float = opt(2.0, "truncation of the importance weight (veRL's rollout-correction default)")
-    mis_low: float = opt(0.5, "mis keeps tokens whose weight is at least this")
-    mis_high: float = opt(2.0, "mis keeps tokens whose weight is at most this")
+    mis_low: float = opt(0.5, "mis and mis_reject keep tokens whose weight is at least this")
+    mis_high: float = opt(2.0, "mis and mis_reject keep tokens whose weight is at most this")
 
     def __post_init__(self) -> None:
         if self.tis_cap < 1.0 or not 0.0 < self.mis_low <= 1.0 <= self.mis_high:

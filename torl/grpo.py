@@ -174,7 +174,7 @@ def policy_loss(
     return loss, metrics
 
 
-Correction = Literal["none", "tis", "mis"]
+Correction = Literal["none", "tis", "mis", "mis_reject"]
 CORRECTION_LEVELS: tuple[str, ...] = ("token", "sequence")
 
 
@@ -200,9 +200,11 @@ def rollout_correction(
     """Importance weights proximal/behaviour for one sequence: the learner's policy before the update over the
     engine's sampling policy (vLLM's kernels and precision differ from the learner's; a stale batch differs more).
 
-    ``tis`` truncates the weight at ``cap`` (veRL's rollout-correction TIS); ``mis`` keeps weight 1 and drops the
-    tokens whose weight falls outside ``[low, high]`` from the loss (IcePop-style masking): they leave the mask, so
-    the caller's aggregation counts them out of the denominator too. ``level="sequence"`` uses one weight per
+    ``tis`` truncates the weight at ``cap`` (veRL's rollout-correction TIS). ``mis`` drops the tokens whose weight
+    falls outside ``[low, high]`` from the loss and keeps the weight on the others (IcePop, as veRL, slime and AReaL
+    do: inside the band the staleness and numerics are still corrected); ``mis_reject`` drops the same tokens but
+    gives the kept ones weight 1 (rejection only). Dropped tokens leave the mask, so the caller's aggregation counts
+    them out of the denominator too. ``level="sequence"`` uses one weight per
     sequence, exp of the summed token log-ratios. ``stats`` holds SUMS over trained tokens (``tokens``; ``k3`` and
     ``k1``: two estimates per token of KL(behaviour || proximal) from the behaviour's own samples, see below;
     ``corrected``: tokens truncated or masked; ``weight``: the raw weight) plus ``max_abs_log_ratio`` (a max), so
@@ -228,9 +230,10 @@ def rollout_correction(
     for i in trained:
         if mode == "tis" and raw[i] > cap:
             weights[i], corrected = cap, corrected + 1
-        elif mode == "mis":
-            weights[i] = 1.0
-            if not low <= raw[i] <= high:
+        elif mode in ("mis", "mis_reject"):
+            in_band = low <= raw[i] <= high
+            weights[i] = raw[i] if mode == "mis" and in_band else 1.0  # out of band the mask drops the token anyway
+            if not in_band:
                 kept[i], corrected = 0, corrected + 1
         elif mode == "none":
             weights[i] = 1.0

@@ -95,6 +95,12 @@ def test_cross_field_checks():
         load_config([], ["learner.logprob_chunk_tokens=-1"])
 
 
+def test_rollout_correction_choices_include_mis_reject():
+    assert load_config([], ["algo.rollout_correction=mis_reject"]).algo.rollout_correction == "mis_reject"
+    with pytest.raises(ConfigError, match=r"algo\.rollout_correction: 'icepop' is not one of .*'mis', 'mis_reject'"):
+        load_config([], ["algo.rollout_correction=icepop"])
+
+
 def test_split_cli():
     files, overrides = split_cli(["configs/a.yaml", "rollout.n=2", "b.yml"])
     assert files == ["configs/a.yaml", "b.yml"] and overrides == ["rollout.n=2"]

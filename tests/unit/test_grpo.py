@@ -218,12 +218,28 @@ def test_mismatch_k3_and_k1_average_to_kl_of_behaviour_to_proximal_over_behaviou
     assert m["learner/mismatch_k1"] == pytest.approx(sum(s["k1"] for s in stats) / 3)
 
 
-def test_mis_masks_tokens_outside_the_band_and_they_leave_the_denominator():
+def test_mis_keeps_the_importance_weight_inside_the_band_and_mis_reject_does_not():
+    """Ratios 1.5 and 0.8 inside [0.5, 2], 3 and 0.25 outside: both modes drop the outside tokens; mis weights the
+    kept ones by their ratio (IcePop), mis_reject by 1."""
+    from torl.grpo import rollout_correction
+
+    prox = [math.log(1.5), math.log(0.8), math.log(3.0), math.log(0.25), -5.0]
+    behav, mask = [0.0] * 5, [1, 1, 1, 1, 0]
+    mis = rollout_correction(prox, behav, mask, "mis", low=0.5, high=2.0)
+    assert mis.mask == [1, 1, 0, 0, 0] and mis.stats["corrected"] == 2
+    assert mis.weights[:2] == pytest.approx([1.5, 0.8])
+    reject = rollout_correction(prox, behav, mask, "mis_reject", low=0.5, high=2.0)
+    assert reject.mask == mis.mask and reject.weights == [1.0] * 5 and reject.stats["corrected"] == 2
+    seq = rollout_correction(prox[:2], behav[:2], mask[:2], "mis", level="sequence", low=0.5, high=2.0)
+    assert seq.mask == [1, 1] and seq.weights == pytest.approx([1.2, 1.2])  # 1.5 x 0.8, inside the band
+
+
+def test_mis_reject_masks_tokens_outside_the_band_and_they_leave_the_denominator():
     import torch
 
     from torl.grpo import aggregation_weights, rollout_correction
 
-    c = rollout_correction(_PROX, _BEHAV, _MASK, "mis", low=0.5, high=2.0)
+    c = rollout_correction(_PROX, _BEHAV, _MASK, "mis_reject", low=0.5, high=2.0)
     assert c.mask == [0, 1, 0, 0] and c.weights == [1.0, 1.0, 1.0, 1.0] and c.stats["corrected"] == 2
     w = aggregation_weights(torch.tensor(c.mask), torch.zeros(4, dtype=torch.long), "token-mean", sum(c.mask), 1)
     assert w.tolist() == [0.0, 1.0, 0.0, 0.0]  # the one kept token carries the whole token mean
