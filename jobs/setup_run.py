@@ -291,6 +291,7 @@ class Shard:
     index: int  # which generator
     requests: list  # GenRequest
     greedy: bool
+    actor: ActorHandle  # the GeneratorActor it went to: its death is news only while it is still generator ``index``
     ref: Any  # ObjectRef to the generator's (trajectories, metrics)
 
 
@@ -332,11 +333,19 @@ class Run:
             for i, e in enumerate(batch)
         ]
         parts = [(i, requests[i :: len(self.generators)]) for i in range(len(self.generators))]
-        return [Shard(i, part, greedy, self.generators[i].generate.remote(part, greedy)) for i, part in parts if part]
+        return [
+            Shard(i, part, greedy, self.generators[i], self.generators[i].generate.remote(part, greedy))
+            for i, part in parts
+            if part
+        ]
 
     def collect(self, shards: list[Shard]) -> tuple[list, dict[str, float]]:
         """The shards' trajectories and merged metrics. A shard whose generator died is rolled out again, whole, by
-        its replacement (seeds are derived per request, so it samples what the dead one would have)."""
+        the live generator in its place, which holds the current weights (``version``): replaced here if this is the
+        first call to meet the death, or left alone if a weight push or another shard met it first (pipelined, every
+        rollout in flight on the dead actor fails; one death is one replacement). Seeds are derived per request, so
+        on-policy the replacement samples what the dead one would have; pipelined, the lost shard had started on
+        older weights, so it is sampled afresh on the current ones and its tokens carry that newer version."""
         import ray
 
         results = []
@@ -348,17 +357,22 @@ class Run:
                 except Exception as exc:
                     if dead_generator(exc, shard.index) is None:
                         raise
-                    self.replace_generator(shard.index, exc)
-                    self.push_weights(self.version)
-                    shard.ref = self.generators[shard.index].generate.remote(shard.requests, shard.greedy)
+                    if self.replace_generator(shard.index, exc, shard.actor):
+                        self.push_weights(self.version)
+                    shard.actor = self.generators[shard.index]
+                    shard.ref = shard.actor.generate.remote(shard.requests, shard.greedy)
         trajs = [t for ts, _ in results for t in ts]
         return trajs, merge_batch_metrics([m for _, m in results])
 
-    def replace_generator(self, index: int, cause: BaseException) -> None:
-        """A new generator in place of dead generator ``index`` (the caller pushes it the weights); at most
-        ``trainer.max_actor_restarts`` times per run, so a fault that repeats stops the run with its cause."""
+    def replace_generator(self, index: int, cause: BaseException, dead: ActorHandle) -> bool:
+        """A new generator in place of ``dead``, generator ``index`` (the caller pushes it the weights); at most
+        ``trainer.max_actor_restarts`` times per run, so a fault that repeats stops the run with its cause. False,
+        and nothing done, when ``dead`` was already replaced: the failure is an older call's on the same death, and
+        the live generator must not pay for it."""
         import ray
 
+        if self.generators[index] is not dead:
+            return False
         limit = self.cfg.trainer.max_actor_restarts
         if self.generator_restarts >= limit:
             raise RuntimeError(
@@ -376,10 +390,10 @@ class Run:
         except ray.exceptions.RayActorError as exc:
             # A lost node is declared dead only once its health checks fail, seconds after its actors stop
             # answering; a replacement placed there in between dies with it. It counts as another replacement.
-            self.replace_generator(index, exc)
-            return
+            return self.replace_generator(index, exc, self.generators[index])
         if self.cfg.rollout.weight_sync == "collective":
             self.learner.connect_generators(self.generators)  # a new group: the old one lost a member
+        return True
 
     def health_metrics(self) -> dict[str, float]:
         """Every step: replaced actors, the sandbox's isolation and queues, and the grader's counters (totals)."""
@@ -402,14 +416,15 @@ class Run:
     def push_weights(self, version: int) -> None:
         """Every generator to weights ``version``, replacing any that died on the way (bounded, see below)."""
         while True:
+            pushed = list(self.generators)
             try:
-                push_weights(self.cfg, self.learner, self.generators, version)
+                push_weights(self.cfg, self.learner, pushed, version)
                 break
             except Exception as exc:
                 index = dead_generator(exc)
                 if index is None:
                     raise
-                self.replace_generator(index, exc)
+                self.replace_generator(index, exc, pushed[index])
         self.version = version
 
     def save(self, step: int, resume_state: SamplerState, ahead: list | None = None) -> None:

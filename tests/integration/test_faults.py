@@ -3,6 +3,7 @@ lost node would, while the job runs in this process (the test's Ray cluster).
 
 - A dead generator actor, and a dead vLLM engine process under a live actor: the job replaces the generator, brings
   it to the current weights, rolls out the lost shard again and carries on; every step is trained and logged once.
+  Pipelined, every rollout in flight on the dead generator fails: each is sampled again by the one replacement.
 - A dead learner rank: the job stops with a message that says how to resume; a resume under a different algorithm
   is refused naming the field; the same command resumes from the last checkpoint and each step is logged once.
 """
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
+import ray
 from test_train import _args  # the training test's arguments (tests/integration is on sys.path)
 
 from jobs.train import main as train_main
@@ -128,6 +131,47 @@ def test_dead_generator_and_dead_engine_are_replaced(ray_cluster, tiny_model_dir
     assert all(r["rollout/trajectories"] == 16 for r in rows[1:])
     assert rows[-1]["faults/generator_restarts"] == 2
     assert rows[-1]["rollout/policy_version"] == 3  # the replacement samples on the current weights
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_one_generator_death_is_one_replacement_when_pipelined(ray_cluster, tiny_model_dir, tmp_path, monkeypatch, k):
+    """trainer.max_staleness=k: the generator is killed as the learner starts step 2, while the rollouts of steps
+    3..2+k run on it. The push after step 2 meets the death first and replaces the generator; each lost rollout then
+    fails when it is collected and is sampled again by that replacement, on the current weights, without replacing
+    it again (it used to: k+1 replacements for one death, and at k=3 the default limit of 3 ended the run)."""
+    from actors.learner import LearnerGroup
+
+    out = tmp_path / "run"
+    victims: list[int] = []
+    lost_in_flight: list[bool] = []  # at the kill: was the newest rollout ahead still decoding?
+    steps: list[int] = []
+    train_step = LearnerGroup.train_step
+
+    def kill_generator_then_train(self: LearnerGroup, trajs: list, ahead: list | None = None) -> dict[str, float]:
+        steps.append(len(steps) + 1)
+        if steps[-1] == 2:
+            assert len(ahead or []) == k  # one shard per rollout ahead: a single generator
+            lost_in_flight.append(not ray.wait(ahead[-1:], timeout=0, fetch_local=False)[0])
+            (victim,) = _actor_processes("Generator")
+            victims.extend([victim.pid, *(c.pid for c in victim.children(recursive=True))])
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(timeout=30)
+        return train_step(self, trajs, ahead)
+
+    monkeypatch.setattr(LearnerGroup, "train_step", kill_generator_then_train)
+    total = 2 + k
+    args = [*_args(tiny_model_dir, out, total, k), "trainer.val_every=0", "trainer.val_before_train=false"]
+    assert train_main(args) == 0
+    assert victims and lost_in_flight == [True]
+    _assert_nothing_left(victims)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(1, total + 1))  # each step once, none lost
+    assert all(r["rollout/trajectories"] == 16 and r["learner/trained_seqs"] == 16 for r in rows)
+    assert rows[-1]["faults/generator_restarts"] == 1
+    # Step 2+k's rollout had started on weights v1 when its generator died. Step 2's checkpoint (save_every=2)
+    # finishes the rollouts ahead: the replacement sampled it again there, on v2, so every token is k-1 versions
+    # behind the step that trains it, where the lost tokens would have been k behind.
+    assert rows[-1][f"staleness/share_lag_{k - 1}"] == 1
 
 
 def test_dead_learner_stops_the_run_and_the_same_command_resumes(ray_cluster, tiny_model_dir, tmp_path, capsys):
