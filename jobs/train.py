@@ -30,7 +30,7 @@ from jobs.setup_run import Run, load_run_config, prepare_run, run_preflight  # n
 from torl.config import Config, ConfigError, split_cli  # noqa: E402
 from torl.config_help import format_help, wants_help  # noqa: E402
 from torl.data import DataError  # noqa: E402
-from torl.dynamic_sampling import VariedBatch  # noqa: E402
+from torl.dynamic_sampling import VariedBatch, draw_seed_step  # noqa: E402
 from torl.grading import overlong_penalty  # noqa: E402
 from torl.metrics import rollout_metrics  # noqa: E402
 from torl.problem_rewards import record_problem_rewards  # noqa: E402
@@ -163,14 +163,14 @@ def keep_varied(
     run: Run, trajs: list[Trajectory], step: int, metrics: dict[str, float], say: Callable[[str], None]
 ) -> list[Trajectory]:
     """DAPO's dynamic sampling (``torl.dynamic_sampling``): this step's groups that vary by
-    ``algo.dynamic_sampling_metric``, topped up from further prompt batches (rolled out on the current weights, seeded
-    by ``step``) to ``data.batch_size`` groups."""
+    ``algo.dynamic_sampling_metric``, topped up from further prompt batches (rolled out on the current weights, each
+    draw seeded by ``step`` and its index, ``draw_seed_step``) to ``data.batch_size`` groups."""
     cfg = run.cfg
     batch = VariedBatch(cfg.data.batch_size, cfg.algo.dynamic_sampling_metric)
     batch.add(trajs)
     while not batch.full and batch.draws < cfg.algo.dynamic_sampling_max_draws:
         prompts, _ = run.draw()
-        extra, _ = run.collect(run.generate(prompts, step=step))
+        extra, _ = run.collect(run.generate(prompts, step=draw_seed_step(step, batch.draws)))
         grade(run, extra)
         batch.add(extra)
     metrics.update(batch.metrics())

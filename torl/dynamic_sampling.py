@@ -31,6 +31,19 @@ def group_signal(trajs: Sequence[Trajectory], metric: GroupMetric) -> list[float
     return [t.reward for t in trajs]
 
 
+def draw_seed_step(step: int, draw: int) -> int:
+    """The seed ingredient (``GenRequest.step``) of rollout batch ``draw`` of training step ``step``.
+
+    The step's own batch (draw 0) keeps ``step``; each further draw gets a value no other (step, draw) pair gives, so
+    a problem drawn twice in one step (the epoch wraps between draws) samples two random streams instead of one
+    stream twice, while a rerun of the step (a resume) samples the same ones. Further draws map to negative values
+    (training steps are >= 0) by Cantor pairing, which is one-to-one.
+    """
+    if draw == 0:
+        return step
+    return -((step + draw) * (step + draw + 1) // 2 + draw)
+
+
 @dataclass
 class VariedBatch:
     """Collects groups that vary by ``metric`` (``group_signal``), in the order they arrive, up to ``want`` groups."""

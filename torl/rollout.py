@@ -39,7 +39,8 @@ class GenRequest:
     answer: str = ""
     n: int = 1
     # The training step this rollout serves: part of every sample's seed, so a prompt drawn again in a later epoch
-    # samples a new random stream while a rerun of the same step samples the same one.
+    # samples a new random stream while a rerun of the same step samples the same one. A further dynamic-sampling
+    # draw of the step passes a value of its own (``torl.dynamic_sampling.draw_seed_step``).
     step: int = 0
 
 

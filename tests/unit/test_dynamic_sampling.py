@@ -68,3 +68,41 @@ def test_all_equal_rewards_leave_nothing():
     batch = VariedBatch(want=2)
     batch.add(_rollout([[1, 1, 1], [-1, -1, -1]], "a"))
     assert not batch.full and batch.trajectories() == [] and batch.metrics()["dynamic/varied_share"] == 0.0
+
+
+def test_each_draw_of_a_step_seeds_its_sampling_apart(monkeypatch):
+    """A problem drawn again within one step (the epoch wrapped between draws) gets new sampling seeds in each draw,
+    and the same ones when the step is rerun: keep_varied seeds draw k by ``draw_seed_step(step, k)``."""
+    from jobs import train
+    from torl.config import AlgoConfig, Config, DataConfig
+    from torl.dynamic_sampling import draw_seed_step
+    from torl.rollout import derive_seed
+
+    class FakeRun:  # every draw offers the same problem, never varied: keep_varied draws up to its bound
+        cfg = Config(data=DataConfig(batch_size=1), algo=AlgoConfig(dynamic_sampling_max_draws=3))
+
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def draw(self):
+            return ["p"], None
+
+        def generate(self, prompts, step):
+            self.steps.append(step)
+            return prompts
+
+        def collect(self, shards):
+            return _rollout([[1, 1]], "p"), {}
+
+    monkeypatch.setattr(train, "grade", lambda run, trajs: None)
+
+    def seeds(step: int) -> list[int]:
+        run = FakeRun()
+        train.keep_varied(run, _rollout([[1, 1]], "p"), step, {}, lambda _: None)
+        assert len(run.steps) == 2
+        # the step's own batch was sampled with GenRequest.step = step (RolloutQueue.fill)
+        return [derive_seed(1, "p0", 0, 0, s) for s in [step, *run.steps]]
+
+    assert len(set(seeds(5))) == 3 and seeds(5) == seeds(5)
+    keys = {draw_seed_step(step, draw) for step in range(50) for draw in range(12)}
+    assert len(keys) == 50 * 12  # no two (step, draw) pairs share a seed ingredient
