@@ -239,7 +239,8 @@ class AlgoConfig:
         "recompute",
         "the PPO ratio's old policy. recompute: the learner's own log-probs with the weights it holds before the"
         " update (what ToRL's veRL does; AReaL's proximal policy, right also for a stale batch); costs one forward"
-        " pass. engine: vLLM's sampling log-probs (equal on CPU fp32 to ~1e-4, not in bf16 on GPUs).",
+        " pass. engine: vLLM's sampling log-probs (equal on CPU fp32 to ~1e-4, not in bf16 on GPUs); needs"
+        " rollout_correction=none.",
     )
     rollout_correction: Literal["none", "tis", "mis", "mis_reject"] = opt(
         "tis",
@@ -260,6 +261,14 @@ class AlgoConfig:
     def __post_init__(self) -> None:
         if self.tis_cap < 1.0 or not 0.0 < self.mis_low <= 1.0 <= self.mis_high:
             raise ConfigError("algo.tis_cap must be >= 1 and algo.mis_low <= 1 <= algo.mis_high with mis_low > 0")
+        # With the engine's log-probs as the old policy the correction's weights compare the engine with itself: 1 on
+        # every token, a silent no-op (slime refuses the combination too).
+        if self.old_logprobs == "engine" and self.rollout_correction != "none":
+            raise ConfigError(
+                f"algo.old_logprobs=engine leaves nothing for algo.rollout_correction={self.rollout_correction} to"
+                " correct (its weights would compare the engine with itself): set algo.rollout_correction=none, or"
+                " keep algo.old_logprobs=recompute"
+            )
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,14 @@ def test_cross_field_checks():
         load_config([], ["learner.logprob_chunk_tokens=-1"])
 
 
+@pytest.mark.parametrize("correction", ["tis", "mis", "mis_reject"])
+def test_engine_old_logprobs_with_a_rollout_correction_is_refused(correction):
+    """The correction's weights would be engine / engine = 1: refused at load, naming both fields (#30)."""
+    with pytest.raises(ConfigError, match=rf"algo\.old_logprobs=engine .*algo\.rollout_correction={correction}"):
+        load_config([], ["algo.old_logprobs=engine", f"algo.rollout_correction={correction}"])
+    assert load_config([], ["algo.old_logprobs=engine", "algo.rollout_correction=none"]).algo.old_logprobs == "engine"
+
+
 def test_rollout_correction_choices_include_mis_reject():
     assert load_config([], ["algo.rollout_correction=mis_reject"]).algo.rollout_correction == "mis_reject"
     with pytest.raises(ConfigError, match=r"algo\.rollout_correction: 'icepop' is not one of .*'mis', 'mis_reject'"):
