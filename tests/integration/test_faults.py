@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-from test_train import _args  # the training test's arguments (tests/integration is on sys.path)
+from test_train import _args, _assert_resumed_at  # the training test's (tests/integration is on sys.path)
 
 from jobs.train import main as train_main
 
@@ -186,17 +186,19 @@ def test_dead_learner_stops_the_run_and_the_same_command_resumes(ray_cluster, ti
     err = capsys.readouterr().err
     assert "learner rank 0 died" in err and "run the same command again to resume from" in err
     assert "step_000002" in err
+    first = _rows(out)
 
     # A different algorithm is another run: refused, naming the field, before anything is loaded.
     assert train_main([*args, "algo.clip_high=0.28"]) == 2
     assert "algo.clip_high: checkpoint 0.2, now 0.28" in capsys.readouterr().err
 
     assert train_main(args) == 0
+    _assert_resumed_at(capsys.readouterr().out, out / "step_000002", 2, first, _rows(out))
     assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3]  # step 3 (cut short by the kill) logged once
     _assert_nothing_left([])
 
 
-def test_sigterm_stops_the_job_cleanly_and_the_next_start_resumes(tiny_model_dir, tmp_path):
+def test_sigterm_stops_the_job_cleanly_and_the_next_start_resumes(tiny_model_dir, tmp_path, capsys):
     """What `ray job stop` does: SIGTERM to the driver, here while it saves a checkpoint every step. The job exits
     130 after shutting its actors down; no temporary or marker-less checkpoint is left that a resume could pick,
     and the next start continues from the last complete one. Its own Ray instance, as a submitted job has."""
@@ -237,7 +239,9 @@ def test_sigterm_stops_the_job_cleanly_and_the_next_start_resumes(tiny_model_dir
     last = latest_checkpoint(out)
     assert last is not None
     done = json.loads((last / "trainer_state.json").read_text())["step"]
+    first = _rows(out)
 
     assert train_main(args) == 0
+    _assert_resumed_at(capsys.readouterr().out, last, done, first, _rows(out))
     assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3, 4]
     assert done >= 1

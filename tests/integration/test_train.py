@@ -7,6 +7,7 @@ bad config fails before any actor starts.
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,15 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_resumed_at(printed: str, ckpt: Path, step: int, before: list[dict], after: list[dict]) -> None:
+    """The run resumed from ``ckpt`` at ``step``: it says so, and the rows of steps up to ``step`` (``before``: the
+    interrupted run's) are kept, their timestamps too. Runs are deterministic here, so a resume that silently
+    started afresh, or from an older checkpoint, would rewrite rows with the same steps and figures."""
+    assert f"[torl] resumed from {ckpt} at step {step}" in printed
+    kept = [r for r in before if r["step"] <= step]
+    assert kept and [r for r in after if r["step"] <= step] == kept
+
+
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_train_steps_update_weights_and_reach_the_generator(ray_cluster, tiny_model_dir, tmp_path, staleness):
     out = tmp_path / "run"
@@ -67,12 +77,14 @@ def test_train_steps_update_weights_and_reach_the_generator(ray_cluster, tiny_mo
     assert (out / "samples.jsonl").is_file()
 
 
-def test_resume_continues_from_the_last_checkpoint_exactly(ray_cluster, tiny_model_dir, tmp_path):
+def test_resume_continues_from_the_last_checkpoint_exactly(ray_cluster, tiny_model_dir, tmp_path, capsys):
     """Stopped after step 2 and resumed, the run's step 3 equals an uninterrupted run's step 3 (on-policy: the same
     weights, optimizer and RNG state, prompts and sampling seeds)."""
     out = tmp_path / "run"
     assert train_main(_args(tiny_model_dir, out, 2, 0)) == 0
+    first = _metrics(out)
     assert train_main([*_args(tiny_model_dir, out, 3, 0), "trainer.val_before_train=true"]) == 0
+    _assert_resumed_at(capsys.readouterr().out, out / "step_000002", 2, first, _metrics(out))
     steps = [r["step"] for r in _metrics(out)]
     assert steps == [0, 1, 2, 3], steps  # no second validation at step 0, no retrained steps
     state = json.loads((out / "step_000003" / "trainer_state.json").read_text())
