@@ -99,28 +99,36 @@ class SandboxConfig:
     max_processes: int = opt(16, "RLIMIT_NPROC (enforced when the child can drop to an unprivileged uid)")
     max_open_files: int = opt(64, "RLIMIT_NOFILE")
     max_file_mb: int = opt(64, "RLIMIT_FSIZE: largest file a snippet can write")
+    scratch_mb: int = opt(
+        256,
+        "size of each snippet's own tmpfs (its /tmp, /var/tmp and /dev/shm, fresh per snippet or session), which "
+        "bounds what it can write in all; it is memory, so a snippet holds at most max_processes x memory_mb + "
+        "scratch_mb. Without a mount namespace scratch is a fresh directory on disk, bounded per file by max_file_mb",
+    )
     preload: tuple[str, ...] = opt(("sympy", "numpy", "math", "fractions", "itertools"), "imported once in the zygote")
     isolation: Literal["strict", "best", "none"] = opt(
         "strict",
-        "strict: refuse to start unless every layer (a uid or user namespace of the snippet's own; network, mount and "
-        "PID namespaces; the seccomp filter; Landlock) is available, naming what is missing and how to get it. best: "
-        "use what is available, warn once and report the level (ready info, metric sandbox/isolation). none: no "
-        "isolation, for trusted code only (UNSAFE: model-written code runs as the trainer). See README.md, "
-        '"Sandbox isolation".',
+        "strict: refuse to start unless every layer (a uid or user namespace of the snippet's own; network, mount, "
+        "PID and IPC namespaces; the seccomp filter; Landlock) is available, naming what is missing and how to get "
+        "it. best: use what is available, warn once and report the level (ready info, metric sandbox/isolation). "
+        "none: no isolation, for trusted code only (UNSAFE: model-written code runs as the trainer). See "
+        'README.md, "Sandbox isolation".',
     )
     uid_base: int = opt(
         200000, "first uid snippets run as; worker k prefers uid_base + 1000 k (+ slot), else a free block"
     )
     session_idle_s: float = opt(600.0, "persistent sessions idle this long are released")
-    scratch_root: str = opt("/tmp", "where each zygote makes its scratch directories")
+    scratch_root: str = opt(
+        "/tmp", "where each zygote makes its own scratch root (a new 0700 directory of random name, never this one)"
+    )
     max_restarts: int = opt(-1, "Ray restarts of a dead worker actor (-1 = always)")
     num_cpus: float = opt(0.25, "Ray CPU resource per worker actor")
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.concurrency_per_worker < 1 or self.max_queue < 1:
             raise ConfigError("sandbox.num_workers, concurrency_per_worker and max_queue must be >= 1")
-        if self.timeout_s <= 0 or self.memory_mb < 64 or self.max_output_bytes < 1:
-            raise ConfigError("sandbox.timeout_s must be > 0, memory_mb >= 64, max_output_bytes >= 1")
+        if self.timeout_s <= 0 or self.memory_mb < 64 or self.max_output_bytes < 1 or self.scratch_mb < 1:
+            raise ConfigError("sandbox.timeout_s must be > 0, memory_mb >= 64, max_output_bytes >= 1, scratch_mb >= 1")
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,8 @@ def test_strict_refuses_where_a_layer_is_missing(env):
         return str(exc.value)
 
     msg = asyncio.run(go())
-    assert msg.startswith("sandbox.isolation=strict: this host lacks") and "network, mount and PID namespaces" in msg
+    assert msg.startswith("sandbox.isolation=strict: this host lacks")
+    assert "network, mount, PID and IPC namespaces" in msg
     assert "sandbox.isolation=best" in msg
 
 

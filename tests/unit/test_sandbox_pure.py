@@ -11,6 +11,7 @@ from torl.sandbox.child import Limits, exit_code_of, run_code, snippet_env
 from torl.sandbox.client import ZYGOTE_ENV, result_from_reply, zygote_command, zygote_limits
 from torl.sandbox.isolation import Available, IsolationUnavailable, assess, warning
 from torl.sandbox.namespaces import hidden_prefixes
+from torl.sandbox.scratch import make_root, remove_stale_roots, remove_tree
 from torl.sandbox.zygote import CappedBuffer, classify
 
 
@@ -29,20 +30,21 @@ def test_capped_buffer_replaces_invalid_utf8():
 
 
 @pytest.mark.parametrize(
-    ("wait_status", "timed_out", "over", "stderr", "want"),
+    ("wait_status", "timed_out", "over", "setup_failed", "want"),
     [
-        (0, False, False, "", ("ok", 0)),
-        (1 << 8, False, False, "", ("error", 1)),
-        (11, False, False, "", ("killed", -11)),
-        (9, True, False, "", ("timeout", -9)),
-        (None, True, False, "", ("timeout", None)),
-        (9, False, True, "", ("killed", -9)),
-        (125 << 8, False, False, "[sandbox] setup failed\n...", ("sandbox_error", 125)),
-        (125 << 8, False, False, "user exit", ("error", 125)),
+        (0, False, False, False, ("ok", 0)),
+        (1 << 8, False, False, False, ("error", 1)),
+        (11, False, False, False, ("killed", -11)),
+        (9, True, False, False, ("timeout", -9)),
+        (None, True, False, False, ("timeout", None)),
+        (9, False, True, False, ("killed", -9)),
+        (125 << 8, False, False, True, ("sandbox_error", 125)),
+        (None, False, False, True, ("sandbox_error", None)),  # the forker could not start it
+        (125 << 8, False, False, False, ("error", 125)),  # exit 125 alone is the snippet's own (it can forge output)
     ],
 )
-def test_classify(wait_status, timed_out, over, stderr, want):
-    assert classify(wait_status, timed_out, over, stderr) == want
+def test_classify(wait_status, timed_out, over, setup_failed, want):
+    assert classify(wait_status, timed_out, over, setup_failed) == want
 
 
 def test_snippet_env_has_nothing_inherited():
@@ -56,7 +58,7 @@ def test_zygote_env_and_command_carry_no_secrets(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     cfg = SandboxConfig()
     cmd = zygote_command(cfg, rank=2)
-    assert "-E" in cmd and "-s" in cmd and "secret-123" not in " ".join(cmd)
+    assert "-I" in cmd and "secret-123" not in " ".join(cmd)  # isolated: no cwd or script dir on the import path
     assert not any(k.startswith(("RAY", "WANDB", "VLLM")) for k in ZYGOTE_ENV)
     limits = json.loads(cmd[-1])
     assert limits["uid_base"] == cfg.uid_base + 2000 and limits["preload"] == list(cfg.preload)
@@ -121,7 +123,7 @@ def test_strict_runs_only_with_every_layer():
     with pytest.raises(IsolationUnavailable) as exc:
         assess("strict", BARE_USER)
     msg = str(exc.value)
-    assert "a user identity of the snippet's own" in msg and "network, mount and PID namespaces" in msg
+    assert "a user identity of the snippet's own" in msg and "network, mount, PID and IPC namespaces" in msg
     assert "user.max_user_namespaces" in msg and "seccomp=unconfined" in msg and "sandbox.isolation=best" in msg
     assert "Landlock" not in msg.split("Ways")[0]  # present layers are not listed as missing
 
@@ -129,7 +131,7 @@ def test_strict_runs_only_with_every_layer():
 def test_best_reports_what_is_missing_and_exposed():
     report = assess("best", DOCKER)
     assert report.level == "partial" and report.missing == ("namespaces",)
-    assert len(report.exposed) == 1 and "pathname UNIX sockets" in report.exposed[0]
+    assert len(report.exposed) == 1 and "UNIX sockets and SysV/POSIX IPC are closed by seccomp" in report.exposed[0]
     bare = assess("best", BARE_USER)
     assert bare.missing == ("identity", "namespaces")
     assert any("kill(-1)" in e for e in bare.exposed)  # Landlock ABI 5 cannot scope signals
@@ -148,4 +150,55 @@ def test_one_warning_for_partial_workers():
     assert warning([full, full]) is None and warning([assess("none", FULL).as_dict()]) is None
     text = warning([full, partial])
     assert text.startswith("SANDBOX ISOLATION IS PARTIAL") and "1 of 2 workers" in text
-    assert "network, mount and PID namespaces" in text and "pathname UNIX sockets" in text
+    assert "network, mount, PID and IPC namespaces" in text and "UNIX sockets and SysV/POSIX IPC" in text
+
+
+def _deep_chain(top, depth: int) -> None:
+    """``depth`` nested directories under ``top`` (deeper than Python's recursion limit and than PATH_MAX), the
+    deepest without permissions, a file with a newline in its name every 500 levels."""
+    fd = os.open(top, os.O_RDONLY)
+    for i in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        below = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+        if i % 500 == 0:
+            os.close(os.open("odd\nname", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    os.chmod(f"/proc/self/fd/{fd}", 0)
+    os.close(fd)
+
+
+def test_remove_tree_survives_depth_permissions_names_and_symlinks(tmp_path):
+    """What a snippet can leave in scratch: a 3000-deep chain (shutil.rmtree raised RecursionError on it, and the
+    zygote died with every snippet in flight), directories without permissions, odd names, a symlink out."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    tree = tmp_path / "scratch"
+    tree.mkdir()
+    _deep_chain(tree, 3000)
+    (tree / "closed").mkdir()
+    (tree / "closed" / "f").write_text("x")
+    os.chmod(tree / "closed", 0)
+    os.symlink(outside, tree / "link")
+    assert remove_tree(str(tree)) and not tree.exists()
+    assert (outside / "keep").read_text() == "x"  # the symlink was removed, not followed
+    assert remove_tree(str(tmp_path / "missing"))
+
+
+def test_scratch_root_is_new_private_and_stale_roots_go(tmp_path):
+    """The zygote's root is a new directory of random name (never one planted under the expected name); stale roots
+    of dead zygotes are removed, but not a lookalike another user owns, nor a live zygote's."""
+    planted = tmp_path / f"torl-sandbox-{os.getpid()}"
+    planted.mkdir()
+    root = make_root(str(tmp_path))
+    assert root != str(planted) and os.path.basename(root).startswith(f"torl-sandbox-{os.getpid()}-")
+    assert oct(os.stat(root).st_mode & 0o777) == "0o711" and os.stat(root).st_uid == os.geteuid()
+    dead = tmp_path / "torl-sandbox-999999999-abc"
+    dead.mkdir()
+    _deep_chain(dead, 1500)
+    foreign = tmp_path / "torl-sandbox-999999998-abc"
+    foreign.mkdir()
+    os.chown(foreign, 12345, 12345)
+    remove_stale_roots(str(tmp_path))
+    assert not dead.exists() and foreign.exists()

@@ -1,14 +1,20 @@
 """What runs inside a forked sandbox child: isolation steps, then the snippet as ``__main__``.
 
-The zygote (``torl.sandbox.zygote``) forks and calls ``stateless_child`` or ``session_child``; both never return.
+The zygote's forker (``torl.sandbox.forker``) forks and calls ``stateless_child`` or ``session_child``; both never
+return. The child holds nothing of other snippets: the forker never reads a request or an output, so its memory (and
+the child's copy of it) has none, and the child reads its own code from a pipe once isolated.
 Isolation, in order, each step where the zygote found it available (``torl.sandbox.isolation``): new session, the
-slot's own network namespace (no network, loopback down) and mount namespace (scratch bound over /tmp, /var/tmp and
-/dev/shm; an unreadable home replaced by a tmpfs showing only the Python prefix), built once per slot and joined per
-snippet (``torl.sandbox.namespaces``; the zygote forks the child straight into the slot's PID namespace), stdin
-from /dev/null, pipes on fd 1/2, the slot's Landlock rules (``torl.sandbox.landlock_rules``), every other inherited
-fd closed, a scrubbed environment, rlimits, an unprivileged uid of its own (or, for a non-root zygote, an unmapped
-uid in a user namespace of its own), and last the seccomp filter (``torl.sandbox.seccomp_filter``).
-Standard library only. Not here: timeouts, output caps and killing leftovers (the zygote does those from outside).
+slot's own network namespace (no network, loopback down) and mount namespace (an unreadable home replaced by a tmpfs
+showing only the Python prefix), built once per slot and joined per snippet (``torl.sandbox.namespaces``; the forker
+forks the child straight into the slot's PID namespace); then a mount and IPC namespace of the snippet's own, with a
+fresh size-limited tmpfs as /tmp, /var/tmp and /dev/shm (where there are no namespaces: a fresh directory made for
+this snippet), stdin from /dev/null, pipes on fd 1/2, every other inherited fd closed, a scrubbed environment,
+rlimits, an unprivileged uid of its own (or, for a non-root zygote, an unmapped uid in a user namespace of its own),
+Landlock rules built for this scratch (``torl.sandbox.landlock_rules``) and last the seccomp filter
+(``torl.sandbox.seccomp_filter``). A setup failure is reported on a status pipe that the snippet never holds, so
+only the sandbox can report one.
+Standard library only (plus ``landlock_rules``). Not here: timeouts, output caps and killing leftovers (the zygote and
+its forker do those from outside).
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from torl.sandbox import landlock_rules
+
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
@@ -36,6 +45,9 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 SNIPPET_FILENAME = "<snippet>"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+STATUS_FD = 1023  # where the setup-status pipe waits during setup; closed before the snippet runs
+MS_NOSUID, MS_NODEV, MS_BIND = 2, 4, 4096
+SCRATCH_INODES = 16384  # files and directories a snippet's tmpfs holds (their kernel memory is outside size=)
 
 
 @dataclass
@@ -49,6 +61,7 @@ class Limits:
     max_processes: int = 16
     max_open_files: int = 64
     max_file_mb: int = 64
+    scratch_mb: int = 256
     preload: list[str] = field(default_factory=list)
     isolation: str = "strict"  # strict | best | none (torl.sandbox.isolation)
     uid_base: int = 200000
@@ -110,34 +123,57 @@ def check(ret: int, what: str) -> None:
 
 @dataclass
 class ChildSetup:
-    """How to isolate one child: built by the zygote for the child's slot, used after fork.
+    """How to isolate one child: built by the forker for the child's slot, used after fork.
 
-    ``namespaces``: ``(fd, CLONE_NEW*)`` of the slot's network and mount namespaces; ``uid``: the slot's own uid (root
-    zygotes); ``nested_userns``: enter an unmapped user namespace instead (non-root zygotes); ``nproc``: the
-    RLIMIT_NPROC to set, or None; ``landlock``: the slot's ruleset (``landlock_rules.slot_ruleset``) or None;
+    ``scratch``: the fresh directory made for this snippet, or None where the child mounts its own tmpfs (it has a
+    mount namespace); ``fds``: the pipes that become fds 1, 2, 3 (code in), 4 (session: done out) and the status
+    pipe; ``namespaces``: ``(fd, CLONE_NEW*)`` of the slot's network and mount namespaces; ``uid``: the slot's own uid
+    (root zygotes); ``nested_userns``: enter an unmapped user namespace instead (non-root zygotes); ``nproc``: the
+    RLIMIT_NPROC to set, or None; ``landlock_paths``: what the snippet may read when Landlock is on, else None;
     ``seccomp``: the filter (``seccomp_filter.Program``) or None.
     """
 
     limits: Limits
-    scratch: str
+    scratch: str | None
     out_fd: int
     err_fd: int
+    code_fd: int
+    status_fd: int
+    done_fd: int = -1
     namespaces: tuple[tuple[int, int], ...] = ()
     uid: int | None = None
     nested_userns: bool = False
     nproc: int | None = None
-    landlock: Any = None
+    landlock_paths: tuple[str, ...] | None = None
     seccomp: Any = None
 
 
-def enter_sandbox(setup: ChildSetup, extra_fds: tuple = ()) -> str:
-    """Isolate this freshly forked child; ``extra_fds`` end up as fds 3, 4, ...; returns the snippet's cwd/HOME.
+def _own_tmp(setup: ChildSetup) -> None:
+    """A mount and IPC namespace of this snippet's own, with a fresh tmpfs over /tmp, /var/tmp and /dev/shm.
+
+    Fresh per snippet, so nothing one snippet leaves (files, xattrs, times, SysV or POSIX IPC objects) reaches the
+    next one in the slot, and nothing needs deleting: the kernel frees both namespaces with the snippet's last
+    process. The tmpfs size bounds what the snippet writes in all (memory, not disk)."""
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(mount, IPC)")
+    owner = f",uid={setup.uid},gid={setup.uid}" if setup.uid is not None else ""
+    opts = f"size={setup.limits.scratch_mb}m,nr_inodes={SCRATCH_INODES},mode=0700{owner}".encode()
+    check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount scratch tmpfs on /tmp")
+    for target in ("/var/tmp", "/dev/shm"):
+        if os.path.isdir(target):
+            check(libc.mount(b"/tmp", target.encode(), None, MS_BIND, None), f"bind scratch over {target}")
+
+
+def enter_sandbox(setup: ChildSetup) -> str:
+    """Isolate this freshly forked child; its code pipe ends up as fd 3 (and a session's done pipe as fd 4);
+    returns the snippet's cwd/HOME.
 
     Joining the slot's namespaces is cheap, while creating a network namespace per snippet cost ~1 ms here plus
-    kernel clean-up work, and building the private mounts another ~1.3 ms (``torl.sandbox.namespaces``).
+    kernel clean-up work, and building the private mounts another ~1.3 ms (``torl.sandbox.namespaces``); the
+    snippet's own mount and IPC namespace with its tmpfs cost ~0.3 ms, its Landlock rules ~0.5 ms.
     """
+    os.dup2(setup.status_fd, STATUS_FD, inheritable=False)  # first: setup failures are reported there
     limits = setup.limits
-    os.setsid()  # own session and process group: the zygote kills the whole group
+    os.setsid()  # own session and process group: the forker kills the whole group
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM):  # SIGPIPE stays ignored, as in any Python script
         signal.signal(sig, signal.SIG_DFL)
@@ -145,19 +181,20 @@ def enter_sandbox(setup: ChildSetup, extra_fds: tuple = ()) -> str:
     home = setup.scratch
     for fd, nstype in setup.namespaces:  # with the zygote's capabilities: the slot's network and mount namespaces
         check(libc.setns(fd, nstype), f"setns({nstype:#x})")
-        if nstype == CLONE_NEWNS:
-            home = "/tmp"
+    if home is None:
+        _own_tmp(setup)
+        home = "/tmp"
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(setup.out_fd, 1)
     os.dup2(setup.err_fd, 2)
-    parked = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in extra_fds]
+    extra = [setup.code_fd] + ([setup.done_fd] if setup.done_fd >= 0 else [])
+    parked = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in extra]
     for i, fd in enumerate(parked):
         os.dup2(fd, 3 + i, inheritable=False)
-    if setup.landlock is not None:
-        setup.landlock.restrict()  # uses the ruleset's fd, which the next line closes
-    # Nothing of the zygote (its protocol pipe, other jobs' pipes, namespace fds) stays reachable.
-    os.closerange(3 + len(parked), 65536)
+    # Nothing of the zygote (its protocol socket, other jobs' pipes, namespace fds) stays reachable.
+    os.closerange(3 + len(parked), STATUS_FD)
+    os.closerange(STATUS_FD + 1, 65536)
     os.chdir(home)
     os.environ.clear()
     os.environ.update(snippet_env(home))
@@ -170,7 +207,7 @@ def enter_sandbox(setup: ChildSetup, extra_fds: tuple = ()) -> str:
         (resource.RLIMIT_FSIZE, limits.max_file_mb * 1024 * 1024),
         (resource.RLIMIT_CORE, 0),
     ):
-        hard = resource.RLIM_INFINITY if res == resource.RLIMIT_CPU and extra_fds else value
+        hard = resource.RLIM_INFINITY if res == resource.RLIMIT_CPU and setup.done_fd >= 0 else value
         resource.setrlimit(res, (value, hard))
     if setup.nested_userns:
         # Before RLIMIT_NPROC: the kernel counts processes per user namespace and uid, and holds the new namespace's
@@ -185,8 +222,11 @@ def enter_sandbox(setup: ChildSetup, extra_fds: tuple = ()) -> str:
         os.setgid(setup.uid)
         os.setuid(setup.uid)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set after setuid, which clears it
+    if setup.landlock_paths is not None:
+        landlock_rules.restrict(home, setup.landlock_paths)  # after the mounts: a rule names this scratch's inode
     if setup.seccomp is not None:
         setup.seccomp.install()  # last: it denies the unshare above
+    os.close(STATUS_FD)  # isolated: from here on, whatever goes wrong is the snippet's own failure
     sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - lives as long as the process
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
     sys.stderr = io.TextIOWrapper(
@@ -230,25 +270,26 @@ def _flush() -> None:
             pass
 
 
-SETUP_FAILED = "[sandbox] setup failed"
+def _report_setup_failure() -> None:
+    """Write why isolation failed on the status pipe (the forker's side channel, which the snippet never holds)."""
+    try:
+        os.write(STATUS_FD, traceback.format_exc().encode())
+    except OSError:
+        pass
 
 
-def _report_setup_failure(err_fd: int) -> None:
-    """Write why isolation failed where the zygote will read it (the pipe, or fd 2 once it was moved there)."""
-    msg = f"{SETUP_FAILED}\n{traceback.format_exc()}".encode()
-    for fd in (err_fd, 2):
-        try:
-            os.write(fd, msg)
-            return
-        except OSError:
-            continue
+def _read_code(fd: int) -> str:
+    """The snippet's code: everything on its code pipe up to EOF (the zygote closes its end after writing)."""
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
 
 
-def stateless_child(code: str, setup: ChildSetup) -> NoReturn:
+def stateless_child(setup: ChildSetup) -> NoReturn:
     try:
         enter_sandbox(setup)
-    except BaseException:  # noqa: BLE001 - a setup failure must never fall back into the zygote's loop
-        _report_setup_failure(setup.err_fd)
+        code = _read_code(3)
+    except BaseException:  # noqa: BLE001 - a setup failure must never fall back into the forker's loop
+        _report_setup_failure()
         os._exit(125)
     status = 1
     try:
@@ -258,15 +299,18 @@ def stateless_child(code: str, setup: ChildSetup) -> NoReturn:
         os._exit(status)
 
 
-def session_child(ctrl_fd: int, done_fd: int, setup: ChildSetup) -> NoReturn:
-    """Serve one session: read a JSON line per snippet on fd 3, run it in the same globals, answer on fd 4."""
+def session_child(setup: ChildSetup) -> NoReturn:
+    """Serve one session: read a JSON line per snippet on fd 3, run it in the same globals, answer on fd 4.
+
+    Between snippets the forker stops this process (SIGSTOP), so nothing the snippet left running (a thread) runs
+    unaccounted; what fd 4 says only ends the current call early, it cannot make the zygote think the process idle."""
     status = 125
     try:
         limits = setup.limits
         try:
-            enter_sandbox(setup, extra_fds=(ctrl_fd, done_fd))
+            enter_sandbox(setup)
         except BaseException:  # noqa: BLE001
-            _report_setup_failure(setup.err_fd)
+            _report_setup_failure()
             os._exit(125)
         ctrl = os.fdopen(3, "rb")
         namespace = _fresh_main()

@@ -53,6 +53,7 @@ def zygote_limits(cfg: SandboxConfig, rank: int = 0) -> dict[str, Any]:
         "max_processes": cfg.max_processes,
         "max_open_files": cfg.max_open_files,
         "max_file_mb": cfg.max_file_mb,
+        "scratch_mb": cfg.scratch_mb,
         "preload": list(cfg.preload),
         "isolation": cfg.isolation,
         "uid_base": cfg.uid_base + rank * UIDS_PER_WORKER,
@@ -63,11 +64,15 @@ def zygote_limits(cfg: SandboxConfig, rank: int = 0) -> dict[str, Any]:
 
 
 def zygote_command(cfg: SandboxConfig, rank: int = 0) -> list[str]:
-    """argv of the zygote: this interpreter with -E -s (no PYTHON* variables, no user site) and the limits JSON."""
+    """argv of the zygote: this interpreter in isolated mode and the limits JSON.
+
+    ``-I``: no PYTHON* variables, no user site, and, above all, not the working directory first on the import path
+    (with ``-c`` it would be: a ``selectors.py`` planted in a shared directory would run as the zygote, root
+    included). The project root is appended, after the standard library."""
     boot = (
         f"import sys; sys.path.append({PROJECT_ROOT!r}); import torl.sandbox.zygote as z; sys.exit(z.main(sys.argv))"
     )
-    return [sys.executable, "-E", "-s", "-c", boot, json.dumps(zygote_limits(cfg, rank))]
+    return [sys.executable, "-I", "-c", boot, json.dumps(zygote_limits(cfg, rank))]
 
 
 def result_from_reply(reply: dict[str, Any], queue_s: float = 0.0) -> ExecResult:
@@ -126,8 +131,8 @@ class Zygote:
                 *self.command(),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
-                env=dict(ZYGOTE_ENV, HOME=self.cfg.scratch_root),
-                cwd=self.cfg.scratch_root,
+                env=ZYGOTE_ENV,  # HOME: the zygote sets its own private scratch root
+                cwd="/",
                 limit=1 << 24,  # one reply holds up to 2 x max_output_bytes, JSON-escaped
             )
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=120)

@@ -21,7 +21,7 @@ LEVEL_VALUE = {"full": 2.0, "partial": 1.0, "none": 0.0}  # the run's metric ``s
 # What each layer is, what its absence leaves open, and how a user gets it. Keys as in ``Available.missing``.
 NAMES = {
     "identity": "a user identity of the snippet's own (a uid per slot, or an unmapped uid in a user namespace)",
-    "namespaces": "network, mount and PID namespaces",
+    "namespaces": "network, mount, PID and IPC namespaces",
     "seccomp": "the seccomp filter",
     "landlock": "Landlock",
 }
@@ -39,12 +39,14 @@ HOW_TO_GET = {
 EXPOSED = {
     "identity": "snippets run as the trainer's own user: RLIMIT_NPROC counts all of that user's processes, so a fork "
     "bomb is held by a shared ceiling, not by sandbox.max_processes",
-    "namespaces": "no network, mount or PID namespace: no private /tmp or /dev/shm (Landlock still denies opening "
-    "them), connect() to pathname UNIX sockets the snippet's user may write is open (Landlock covers it from ABI 9), "
-    "abstract UNIX socket names are shared with the host (a snippet can occupy one; Landlock ABI 6 stops it "
-    "connecting to others'), and the network is closed by seccomp and Landlock alone",
+    "namespaces": "no network, mount, PID or IPC namespace: the network, UNIX sockets and SysV/POSIX IPC are closed "
+    "by seccomp (and the network by Landlock) alone; scratch is a fresh directory on disk per snippet, bounded per "
+    "file (sandbox.max_file_mb) but not in total; /tmp and /dev/shm are not private (Landlock denies opening them)",
     "seccomp": "system calls an unprivileged process may make stay open: ptrace of its own processes, io_uring, bpf, "
-    "perf_event_open, keyctl; without namespaces, so is the network",
+    "perf_event_open, keyctl, memfd_create (memory outside RLIMIT_AS), connect() to pathname UNIX sockets the "
+    "snippet's user may write (a docker.sock of a group the trainer belongs to), and without a uid of its own, "
+    "renicing the trainer's processes and changing the mode, times and xattrs of its files (Landlock does not "
+    "govern them); without namespaces, so are the network and the host's SysV/POSIX IPC",
     "landlock": "files: the snippet reads and writes whatever its user may (a world-readable output_dir, and without "
     "a uid of its own the trainer's home, checkpoints and weight files)",
 }

@@ -1,11 +1,13 @@
-"""Landlock rules for sandbox children: write only the slot's scratch directory, read only what Python needs.
+"""Landlock rules for sandbox children: write only the snippet's own scratch, read only what Python needs.
 
 Landlock (Linux 5.13+) lets an unprivileged process restrict itself, so it holds for non-root users and in
-containers, where a uid of its own or a mount namespace may be unavailable. Each slot gets one ruleset, built in the
-zygote when the slot is made (about 0.5 ms) and enforced by each child in 0.1 ms (docs/platform-notes.md §13). What a
+containers, where a uid of its own or a mount namespace may be unavailable. Each child builds its ruleset after
+mounting its own scratch (a rule names an inode, and a fresh tmpfs is a new one; a rule on the directory it covers
+would not count, since Landlock skips covered mount points), about 0.5 ms, and enforces it in 0.1 ms
+(docs/platform-notes.md §13). What a
 snippet may open: the Python installation (read, execute), system directories (/usr, /lib*, /bin, /sbin, /etc),
 the CPU list under /sys that ``os.cpu_count`` reads, a few character devices (/dev/null, /dev/urandom, ...), and its
-scratch directory (everything). Not the home directory (``~/.netrc``, ``~/.ray``, ``~/.cache``), not the run's
+scratch (everything). Not the home directory (``~/.netrc``, ``~/.ray``, ``~/.cache``), not the run's
 output or checkpoints, not /tmp, /dev/shm or /proc. Where the kernel has them, TCP bind/connect are denied (ABI 4)
 and the snippet can neither signal processes nor reach abstract UNIX sockets outside its own domain (ABI 6), so
 ``kill(-1)`` cannot reach the trainer even without a PID namespace.
@@ -39,9 +41,10 @@ def read_paths() -> list[str]:
     return [p for p in (*READ_DIRS, *sorted(pythons)) if os.path.exists(p)]
 
 
-def slot_ruleset(scratch: str, readable: list[str]) -> Ruleset:
-    """One slot's ruleset: the zygote keeps it, each child of the slot calls its ``restrict()`` (which also sets
-    ``no_new_privs``; irreversible) before the snippet runs."""
+def restrict(scratch: str, readable: tuple[str, ...]) -> None:
+    """Restrict this process (and what it starts) to ``readable`` plus ``scratch``; sets ``no_new_privs`` too.
+
+    Irreversible; called in the child once its scratch is mounted or made."""
     ruleset = Ruleset(
         handled_net=AccessNet.BIND_TCP | AccessNet.CONNECT_TCP,  # no port rule: all TCP is denied
         scoped=Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL,
@@ -54,4 +57,5 @@ def slot_ruleset(scratch: str, readable: list[str]) -> Ruleset:
         if os.path.exists(path):
             ruleset.allow_path(path, AccessFS.READ_FILE | AccessFS.WRITE_FILE | AccessFS.IOCTL_DEV)
     ruleset.allow_path(scratch, everything)
-    return ruleset
+    ruleset.restrict()
+    ruleset.close()

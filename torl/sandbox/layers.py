@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torl.sandbox import landlock_rules, seccomp_filter
 from torl.sandbox.child import Limits
 from torl.sandbox.isolation import NOTHING, Available, Identity, Report, assess
-from torl.sandbox.namespaces import PidHome, enter_own_userns, enter_pid_home, slots_work, userns_works
+from torl.sandbox.namespaces import enter_own_userns, slots_work, userns_works
 
 # Without a uid or user namespace of its own, RLIMIT_NPROC counts every task (thread) of the trainer's user: snippets
 # get a ceiling this far above that count when the zygote starts. It bounds a fork bomb; threads the trainer starts
@@ -27,7 +27,7 @@ class Layers:
     """What the zygote's children get: the report, and the means for each layer that is on."""
 
     report: Report
-    pid_home: PidHome | None  # set when the children get network, mount and PID namespaces
+    namespaces: bool  # children get network, mount, PID and IPC namespaces (the forker makes them)
     seccomp: seccomp_filter.Program | None
     landlock_paths: tuple[str, ...] | None  # what snippets may read, when Landlock is on
     nproc: int | None  # RLIMIT_NPROC for each snippet (None: not set)
@@ -39,9 +39,10 @@ class Layers:
 
 def set_up(limits: Limits) -> Layers:
     """Probe, enter what needs entering, assess; raises ``isolation.IsolationUnavailable`` under strict."""
-    if limits.isolation == "none":
-        return Layers(assess("none", NOTHING), None, None, None, None)
     root = os.geteuid() == 0
+    if limits.isolation == "none":  # no layer, but the process limit still holds (as a ceiling shared with the user)
+        nproc = None if root else _user_tasks(os.geteuid()) + SHARED_NPROC_HEADROOM
+        return Layers(assess("none", NOTHING), False, None, None, nproc)
     namespaces = slots_work()
     if not namespaces and userns_works(nested=not root):
         enter_own_userns()
@@ -51,13 +52,13 @@ def set_up(limits: Limits) -> Layers:
         identity = "uid"
     elif namespaces and not root:
         identity = "userns"
-    seccomp = seccomp_filter.probe()
+    seccomp = seccomp_filter.probe(shared_uid=identity != "uid")
     abi = landlock_rules.abi()
     report = assess(limits.isolation, Available(identity, namespaces, seccomp is not None, abi))
     nproc = limits.max_processes if identity else _user_tasks(os.geteuid()) + SHARED_NPROC_HEADROOM
     return Layers(
         report,
-        enter_pid_home() if namespaces else None,
+        namespaces,
         seccomp,
         tuple(landlock_rules.read_paths()) if abi >= 1 else None,
         nproc,

@@ -1,4 +1,5 @@
-"""Namespaces for sandbox children: network, mount and PID namespaces per slot, with or without privilege.
+"""Namespaces for sandbox children: network, mount and PID namespaces per slot (and a mount and IPC namespace per
+snippet, ``torl.sandbox.child``), with or without privilege.
 
 Root with CAP_SYS_ADMIN creates them directly. Anyone else (a non-root user, root in a container without
 CAP_SYS_ADMIN) first moves the zygote into a user namespace of its own, where it holds the capabilities over
@@ -7,13 +8,13 @@ that still has CAP_SETUID outside), so snippets still get uids of their own; ano
 each of its snippets then enters a further user namespace as an unmapped uid with no power over the slot's
 namespaces (``torl.sandbox.child``).
 
-PID namespaces: the zygote moves its own future children into a "home" PID namespace (``enter_pid_home``) and each
-slot gets a PID namespace nested in it, with an idle init process that reaps orphans. Before forking a snippet the
-zygote points its children at the slot's namespace (``setns``) and afterwards back home: no second fork per
-snippet, and the snippet is not PID 1 (which would ignore its own SIGTERM). A snippet's ``kill(-1)`` and
-``kill(pid)`` then reach only its own slot; when the zygote dies, the home init dies with it and the kernel kills
-every process in the namespaces below. Joining the home namespace back needs no privilege outside the user
-namespace, which joining the zygote's original one would (docs/platform-notes.md §13).
+PID namespaces: the forker (``torl.sandbox.forker``) moves its own future children into a "home" PID namespace
+(``enter_pid_home``) and each slot gets a PID namespace nested in it, with an idle init process that reaps orphans.
+Before forking a snippet the forker points its children at the slot's namespace (``setns``) and afterwards back
+home: no second fork per snippet, and the snippet is not PID 1 (which would ignore its own SIGTERM). A snippet's
+``kill(-1)`` and ``kill(pid)`` then reach only its own slot; when the forker dies, the home init dies with it and
+the kernel kills every process in the namespaces below. Joining the home namespace back needs no privilege outside
+the user namespace, which joining the forker's original one would (docs/platform-notes.md §13).
 
 Standard library only (plus ``torl.sandbox.child``).
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from torl.sandbox.child import (
+    CLONE_NEWIPC,
     CLONE_NEWNET,
     CLONE_NEWNS,
     CLONE_NEWPID,
@@ -79,6 +81,9 @@ def slots_work() -> bool:
             libc.unshare(SLOT_FLAGS) == 0
             and libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0
             and libc.mount(b"/tmp", b"/tmp", None, MS_BIND, None) == 0
+            # what each child does on top (torl.sandbox.child): its own mount and IPC namespace and tmpfs
+            and libc.unshare(CLONE_NEWNS | CLONE_NEWIPC) == 0
+            and libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m") == 0
         )
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
@@ -209,19 +214,11 @@ def reexpose(hidden: list[tuple[str, str]], stage_dir: str) -> None:
             os.rmdir(stage)
 
 
-def _mount_scratch(scratch: str, hidden: list[tuple[str, str]]) -> None:
-    """In a fresh private mount namespace: scratch bound over /tmp, /var/tmp and /dev/shm (writes land in scratch and
-    vanish with it), unreadable homes replaced by an empty tmpfs that shows only the Python prefix."""
-    reexpose(hidden, scratch)
-    for target in ("/var/tmp", "/dev/shm", "/tmp"):  # /tmp last: the scratch path itself lives under it
-        if os.path.isdir(target):
-            check(libc.mount(scratch.encode(), target.encode(), None, MS_BIND, None), f"bind {target}")
-
-
 def make_slot_namespaces(scratch: str, hidden: list[tuple[str, str]]) -> SlotNamespaces:
     """Build a slot's namespaces once; children of the slot then join them (``setns``) instead of creating them.
 
-    A short-lived helper child unshares them, sets up the private mounts for ``scratch`` and forks the slot's init;
+    A short-lived helper child unshares them, re-exposes the Python installation (``scratch`` is its staging
+    directory; each child then mounts a tmpfs of its own over /tmp, ``torl.sandbox.child``) and forks the slot's init;
     the caller opens the namespaces through /proc and the helper exits. Isolation stays per snippet: a slot runs one
     snippet at a time, the zygote kills every process a snippet leaves behind before the slot is reused (so no socket
     or listener survives into the next snippet), a fresh namespace has its loopback down, and snippets have no
@@ -239,7 +236,7 @@ def make_slot_namespaces(scratch: str, hidden: list[tuple[str, str]]) -> SlotNam
                 os.close(fd)
             check(libc.unshare(SLOT_FLAGS), "unshare(net, mount, pid)")
             check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
-            _mount_scratch(scratch, hidden)
+            reexpose(hidden, scratch)
             if os.fork() == 0:
                 _be_init(keep_r, die_with_parent=False)
             os.write(ready_w, b"1")

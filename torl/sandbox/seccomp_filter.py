@@ -1,7 +1,13 @@
 """The project's own seccomp filter, applied in each sandbox child right before the snippet runs.
 
-It allows every system call except those a math snippet never needs and an escape would: sockets other than
-AF_UNIX (no network even without a network namespace), namespace and mount calls (``unshare``, ``setns``,
+It allows every system call except those a math snippet never needs and an escape would: every socket but a
+connected AF_UNIX pair (no network even without a network namespace, and no connect() to a pathname UNIX socket
+outside scratch, such as /run/dbus, journald or a docker.sock of a group the trainer belongs to: seccomp cannot read
+the path, so ``socket(AF_UNIX)`` itself is denied; ``socketpair`` stays), SysV IPC and POSIX message queues (shared
+with the host where there is no IPC namespace), ``memfd_create`` (memory outside RLIMIT_AS), changing the priority
+or limits of another process (``setpriority`` of anything but itself, ``prlimit64`` setting another's), where
+snippets act as the trainer's own user the metadata calls Landlock does not govern (``chmod``, ``chown``, xattrs,
+``utime``: ``METADATA``), namespace and mount calls (``unshare``, ``setns``,
 ``clone`` with a ``CLONE_NEW*`` flag, ``mount`` and the new mount API), ``ptrace`` and cross-process memory access,
 ``bpf``, ``perf_event_open``, ``io_uring`` (it can open sockets past the filter), keyrings, ``kexec_*``, module
 loading and the like. Denied calls fail with an errno, so the snippet gets an ordinary Python exception. A seccomp
@@ -34,6 +40,22 @@ DENIED = (
     "swapon", "swapoff", "syslog", "acct", "quotactl", "lookup_dcookie", "iopl", "ioperm", "vhangup",
     "name_to_handle_at", "open_by_handle_at", "fanotify_init",
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
+    "shmget", "shmat", "shmdt", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl", "semget", "semop", "semtimedop",
+    "semctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
+    "memfd_create", "memfd_secret",
+)  # fmt: skip
+# Where snippets keep the trainer's kernel uid (a non-root trainer: an unmapped uid in a user namespace still acts as
+# the trainer on files; or no identity at all), they own the trainer's files, and Landlock does not govern metadata:
+# mode, owner, extended attributes and times of any file they can name would be theirs to change.
+METADATA = (
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
+    "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr", "setxattrat", "removexattrat",
+    "utime", "utimes", "utimensat", "futimesat",
+)  # fmt: skip
+# (system call, argument index) pairs denied unless that argument is 0, i.e. the caller itself.
+SELF_ONLY = (
+    ("setpriority", 0), ("setpriority", 1), ("sched_setscheduler", 0), ("sched_setparam", 0), ("sched_setattr", 0),
+    ("ioprio_set", 1),
 )  # fmt: skip
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x00000080)
 SECCOMP_SET_MODE_FILTER = 1
@@ -61,21 +83,30 @@ class Program:
             raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
 
 
-def build() -> Program:
-    """The filter, compiled by libseccomp; raises ``OSError``/``RuntimeError``/``ImportError`` where unavailable."""
+def build(shared_uid: bool = False) -> Program:
+    """The filter, compiled by libseccomp; raises ``OSError``/``RuntimeError``/``ImportError`` where unavailable.
+
+    ``shared_uid``: snippets act on files as the trainer's own user, so ``METADATA`` calls are denied too."""
     import pyseccomp  # raises RuntimeError when libseccomp.so is missing
 
     deny = pyseccomp.ERRNO(errno.EPERM)
     filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     filt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)  # 32-bit syscalls on x86_64: no way around
-    for name in DENIED:
-        filt.add_rule(deny, name)
+    for name in DENIED + (METADATA if shared_uid else ()):
+        try:
+            filt.add_rule(deny, name)
+        except OSError:  # a call this libseccomp does not know (newer than it): nothing to deny
+            continue
     for flag in NAMESPACE_FLAGS:  # clone with any CLONE_NEW* flag; plain fork and threads stay allowed
         filt.add_rule(deny, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
     filt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")  # flags hide in a struct: glibc falls back to clone
     no_family = pyseccomp.ERRNO(errno.EAFNOSUPPORT)
-    for name in ("socket", "socketpair"):
-        filt.add_rule(no_family, name, pyseccomp.Arg(0, pyseccomp.NE, socket.AF_UNIX))
+    filt.add_rule(no_family, "socket")  # any family, AF_UNIX included (see above)
+    filt.add_rule(no_family, "socketpair", pyseccomp.Arg(0, pyseccomp.NE, socket.AF_UNIX))
+    for name, index in SELF_ONLY:
+        filt.add_rule(deny, name, pyseccomp.Arg(index, pyseccomp.NE, 0))
+    # prlimit64(pid, resource, new, old): reading another's limits is harmless, setting them is not
+    filt.add_rule(deny, "prlimit64", pyseccomp.Arg(0, pyseccomp.NE, 0), pyseccomp.Arg(2, pyseccomp.NE, 0))
     with tempfile.TemporaryFile() as f:
         filt.export_bpf(f)
         f.seek(0)
@@ -83,10 +114,10 @@ def build() -> Program:
     return Program(bpf, pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, "seccomp"))
 
 
-def probe() -> Program | None:
+def probe(shared_uid: bool = False) -> Program | None:
     """The filter if this host can build and install it (tried in a throwaway child), else None."""
     try:
-        program = build()
+        program = build(shared_uid)
     except (ImportError, OSError, RuntimeError):
         return None
     pid = os.fork()

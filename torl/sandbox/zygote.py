@@ -1,56 +1,50 @@
-"""The zygote: a warm, clean Python process forking one isolated child per snippet (docs/platform-notes.md §7, §10).
+"""The zygote: a warm, clean Python process running each snippet in an isolated child (docs/platform-notes.md §7, §10).
 
-Started by ``torl.sandbox.client.Zygote`` as ``python -E -s -c ...zygote.main(...)`` with a minimal environment (no
-RAY_*, no API keys, no VLLM vars), it first sets up the isolation layers the host allows (``torl.sandbox.layers``;
-under ``sandbox.isolation=strict`` it refuses to start without all of them), preloads sympy/numpy once and then
-serves newline-delimited JSON requests on stdin, answering on stdout. Each snippet runs in a forked child, born in
-its slot's PID namespace, that enters a new session, joins its slot's network namespace (no network) and mount
-namespace (a private /tmp), takes the slot's Landlock rules, gets rlimits, drops to an unprivileged uid of its own,
-installs the seccomp filter, chdirs into a private scratch directory and ``exec``s the code as ``__main__`` (a
-script, like ToRL's Sandbox Fusion: the last expression is not echoed). The zygote enforces the wall timeout and the
-output cap and kills whatever the snippet left behind: its process group, and, because the zygote is a child
-subreaper, any orphan that escaped into a new session.
+Started by ``torl.sandbox.client.Zygote`` as ``python -I -c ...zygote.main(...)`` (isolated mode: no PYTHON*
+variables, no user site, and neither its working directory nor any other directory another user could write on its
+import path) with a minimal environment (no RAY_*, no API keys, no VLLM vars), it first sets up the isolation layers
+the host allows (``torl.sandbox.layers``; under ``sandbox.isolation=strict`` it refuses to start without all of
+them), makes a private scratch root (``torl.sandbox.scratch``), preloads sympy/numpy once, forks its forker
+(``torl.sandbox.forker``) and then serves newline-delimited JSON requests on stdin, answering on stdout.
 
-Persistent sessions keep one long-lived child per session id that runs successive snippets in the same globals.
+Two processes, so that no snippet holds another's data: this one reads requests and collects output (other
+trajectories' code and text), and never forks a snippet; the forker, forked once before any request was read, forks
+every child and never sees code or output. For each snippet this process makes the pipes (stdout, stderr, code in,
+a status pipe for setup failures, and for a session a done pipe), hands the child's ends to the forker, writes the
+code into the code pipe without ever blocking on it, enforces the wall timeout and the output cap, and asks the
+forker to end (kill, clean up) what is finished. Every byte from a child is hostile input: read without blocking,
+capped, parsed defensively; a child can fail its own request, never the zygote. A sandbox error is reported only
+from what the forker or the status pipe says, never from the snippet's output.
 
-Standard library only (plus ``torl.sandbox.child``): the zygote must stay small, quick to fork, and free of Ray.
+Persistent sessions keep one long-lived child per session id that runs successive snippets in the same globals; the
+forker stops it between calls.
+
+Standard library only (plus ``torl.sandbox``): the zygote must stay small, quick to fork, and free of Ray.
 Not here: request routing, Ray, the ExecResult record (see ``torl.sandbox.client`` and ``actors/sandbox.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import importlib
+import itertools
 import json
 import os
 import resource
 import selectors
-import shutil
 import signal
+import socket
+import stat
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from torl.sandbox import landlock_rules
-from torl.sandbox.child import (
-    CLONE_NEWNET,
-    CLONE_NEWNS,
-    CLONE_NEWPID,
-    PR_SET_CHILD_SUBREAPER,
-    PR_SET_PDEATHSIG,
-    SETUP_FAILED,
-    ChildSetup,
-    Limits,
-    check,
-    libc,
-    session_child,
-    stateless_child,
-)
+from torl.sandbox import forker, scratch
+from torl.sandbox.child import PR_SET_PDEATHSIG, Limits, libc
 from torl.sandbox.isolation import IsolationUnavailable
 from torl.sandbox.layers import Layers, set_up
-from torl.sandbox.namespaces import SlotNamespaces, hidden_prefixes, make_slot_namespaces
+from torl.sandbox.namespaces import hidden_prefixes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers (unit-tested).
@@ -81,8 +75,13 @@ class CappedBuffer:
         return b"".join(self.parts).decode("utf-8", errors="replace")
 
 
-def classify(wait_status: int | None, timed_out: bool, over_output: bool, stderr: str = "") -> tuple[str, int | None]:
+def classify(
+    wait_status: int | None, timed_out: bool, over_output: bool, setup_failed: bool = False
+) -> tuple[str, int | None]:
     """Map how a snippet ended to ``(status, exit_code)``; a signal gives a negative exit code like ``subprocess``.
+
+    ``setup_failed``: the sandbox itself said so (the forker, or the child's status pipe, which the snippet never
+    holds); what the snippet prints or its exit code never makes a sandbox error.
 
     >>> classify(0, False, False)
     ('ok', 0)
@@ -92,6 +91,8 @@ def classify(wait_status: int | None, timed_out: bool, over_output: bool, stderr
     code: int | None = None
     if wait_status is not None:
         code = os.waitstatus_to_exitcode(wait_status)
+    if setup_failed:
+        return "sandbox_error", code
     if timed_out:
         return "timeout", code
     if over_output:
@@ -100,13 +101,14 @@ def classify(wait_status: int | None, timed_out: bool, over_output: bool, stderr
         return "killed", None
     if code < 0:
         return "killed", code
-    if code == 125 and stderr.startswith(SETUP_FAILED):
-        return "sandbox_error", code
     return ("ok" if code == 0 else "error"), code
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Zygote side: the request loop.
+
+MAX_CODE_BYTES = 1 << 20  # a request's code; more is refused (the client never sends that much)
+MAX_DONE_BYTES = 256  # a session's done line is {"exit": N}; a longer line is not one
 
 
 @dataclass
@@ -114,18 +116,17 @@ class Job:
     """One snippet being run (in a fresh child, or in a session's child)."""
 
     rid: Any
-    pid: int
+    num: int  # the forker's job number of its process (a session's, for a session snippet)
     out: CappedBuffer
     err: CappedBuffer
     started: float
     deadline: float
     session: Session | None = None
-    out_fd: int = -1
-    err_fd: int = -1
-    slot: int = -1
+    fds: dict[str, int] = field(default_factory=dict)  # stateless: out, err, status (and code while written)
     wait_status: int | None = None
     timed_out: bool = False
     over_output: bool = False
+    error: str = ""  # why the sandbox could not run it (the forker said so)
 
 
 @dataclass
@@ -133,59 +134,31 @@ class Session:
     """A long-lived child holding one interpreter state (persistent-session mode)."""
 
     sid: str
-    pid: int
-    ctrl_fd: int
-    done_fd: int
-    out_fd: int
-    err_fd: int
-    slot: int
+    num: int
+    fds: dict[str, int]  # out, err, status, code (to the child), done (from it)
     last_used: float
     job: Job | None = None
     pending: bytes = b""
+    calls: int = 0
 
 
 class Zygote:
-    def __init__(self, limits: Limits, proto_in: int, proto_out: int, layers: Layers) -> None:
+    def __init__(self, limits: Limits, proto_in: int, proto_out: int, layers: Layers, sock: socket.socket,
+                 forker_pid: int) -> None:  # fmt: skip
         self.limits = limits
+        self.forker_pid = forker_pid
         self.layers = layers
         self.proto_in, self.proto_out = proto_in, proto_out
+        self.sock = sock  # to the forker
         self.sel = selectors.DefaultSelector()
-        self.jobs: dict[int, Job] = {}  # stateless jobs by child pid
+        self.jobs: dict[int, Job] = {}  # stateless jobs by number
         self.sessions: dict[str, Session] = {}
+        self.writes: dict[int, tuple[memoryview, bool]] = {}  # code still to write: fd -> (rest, close when done)
         self.inbuf = b""
-        self.free_slots: list[int] = []  # slot i = uid uid_base+i with scratch dir <root>/i, reused between jobs
-        self.num_slots = 0
-        self.slot_ns: dict[int, SlotNamespaces] = {}  # slot -> its namespaces, if the host allows them
-        self.slot_setup: dict[int, ChildSetup] = {}  # slot -> how its children isolate themselves
-        self.root = os.path.realpath(os.path.join(limits.scratch_root, f"torl-sandbox-{os.getpid()}"))
-        _remove_stale_roots(limits.scratch_root)
-        os.makedirs(self.root, mode=0o711, exist_ok=True)
-        os.chmod(self.root, 0o711)
-        self.privileged = layers.identity == "uid"  # snippets get uids of their own
-        # Two pools on one machine (training beside evaluation or serving) would otherwise hand out the same uids,
-        # and snippets of one could signal the other's processes.
-        self.uid_base, self._uid_lock = limits.uid_base, None
-        if self.privileged:
-            self.uid_base, self._uid_lock = claim_uid_block(limits.uid_base, limits.uid_block)
-        self.hidden = hidden_prefixes([sys.base_prefix, sys.prefix]) if self.privileged else []
-        self.namespaces = layers.pid_home is not None  # network, mount and PID namespaces per slot
-        if self.hidden and not self.namespaces:
-            sys.stderr.write(
-                f"[zygote] snippets run as uid {self.uid_base}+ and cannot read the Python installation under "
-                f"{self.hidden[0][0]} (not world-readable), and no mount namespace is available to re-expose it: "
-                "only preloaded modules will import. Use a Python outside that directory or allow namespaces "
-                '(README.md, "Sandbox isolation").\n'
-            )
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of snippets become our children, so we can kill them
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.wake_r = wake_r
+        self.nums = itertools.count(1)
         os.set_blocking(proto_in, False)
         self.sel.register(proto_in, selectors.EVENT_READ, ("proto", None))
-        self.sel.register(wake_r, selectors.EVENT_READ, ("wake", None))
+        self.sel.register(sock, selectors.EVENT_READ, ("forker", None))
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -199,11 +172,14 @@ class Zygote:
     def handle(self, msg: dict[str, Any]) -> None:
         op, rid = msg.get("op"), msg.get("id")
         if op == "run":
+            code = msg["code"]
+            if not isinstance(code, str) or len(code) > MAX_CODE_BYTES:
+                raise ValueError(f"code must be a string of at most {MAX_CODE_BYTES} characters")
             timeout = float(msg.get("timeout") or self.limits.timeout_s)
             if msg.get("session"):
-                self.run_in_session(rid, str(msg["session"]), msg["code"], timeout)
+                self.run_in_session(rid, str(msg["session"]), code, timeout)
             else:
-                self.run_stateless(rid, msg["code"], timeout)
+                self.run_stateless(rid, code, timeout)
         elif op == "close":
             sess = self.sessions.get(str(msg.get("session")))
             if sess is not None:
@@ -223,101 +199,62 @@ class Zygote:
         else:
             self.reply({"id": rid, "status": "sandbox_error", "stderr": f"unknown op {op!r}"})
 
-    def _new_child_io(self) -> tuple[int, ChildSetup, tuple[int, int], tuple[int, int]]:
-        """A free slot, its child setup (with the write ends of fresh stdout/stderr pipes), and those pipes.
-
-        Slots (uid + scratch dir + namespaces + Landlock rules) are reused: creating and deleting a directory per
-        snippet cost ~5 ms on a busy ext4 disk, emptying an already empty one costs one scandir; joining a slot's
-        namespaces is cheaper than creating them per snippet (``make_slot_namespaces``).
-        """
-        if self.free_slots:
-            slot = self.free_slots.pop()
-        else:
-            slot = self.num_slots
-            if self.privileged and slot >= self.limits.uid_block:
-                raise RuntimeError(
-                    f"{slot} snippets or sessions at once on one sandbox worker: its uid block holds "
-                    f"{self.limits.uid_block}; close sessions or add sandbox workers"
-                )
-            path = os.path.join(self.root, str(slot))
-            os.mkdir(path, 0o700)
-            if self.privileged:
-                os.chown(path, self.uid_base + slot, self.uid_base + slot)
-            self.slot_setup[slot] = self._slot_setup(slot, path)
-            self.num_slots += 1
-        out_w, err_w = os.pipe(), os.pipe()
-        setup = dataclasses.replace(self.slot_setup[slot], out_fd=out_w[1], err_fd=err_w[1])
-        return slot, setup, out_w, err_w
-
-    def _slot_setup(self, slot: int, path: str) -> ChildSetup:
-        """Build what a new slot's children need: its namespaces and Landlock rules, its uid and limits."""
-        layers, namespaces = self.layers, ()
-        if self.namespaces:
-            ns = self.slot_ns[slot] = make_slot_namespaces(path, self.hidden)
-            namespaces = ((ns.net_fd, CLONE_NEWNET), (ns.mnt_fd, CLONE_NEWNS))
-        paths = layers.landlock_paths
-        return ChildSetup(
-            self.limits,
-            path,
-            out_fd=-1,
-            err_fd=-1,
-            namespaces=namespaces,
-            uid=self.uid_base + slot if self.privileged else None,
-            nested_userns=layers.identity == "userns",
-            nproc=layers.nproc,
-            landlock=landlock_rules.slot_ruleset(path, list(paths)) if paths is not None else None,
-            seccomp=layers.seccomp,
-        )
-
-    def _fork(self, slot: int) -> int:
-        """``os.fork()``, the child born in the slot's PID namespace when it has one (see ``namespaces``)."""
-        ns = self.slot_ns.get(slot)
-        if ns is None:
-            return os.fork()
-        check(libc.setns(ns.pid_fd, CLONE_NEWPID), "setns(slot PID namespace)")
+    def _spawn(self, session: bool) -> tuple[int, dict[str, int]]:
+        """Ask the forker for a child: make its pipes, hand over the child's ends; returns our ends by name."""
+        num = next(self.nums)
+        names = ("out", "err", "code", "status") + (("done",) if session else ())
+        pipes = {name: os.pipe() for name in names}
+        ours = {name: (w if name == "code" else r) for name, (r, w) in pipes.items()}
+        theirs = [(r if name == "code" else w) for name, (r, w) in pipes.items()]
         try:
-            pid = os.fork()
+            socket.send_fds(self.sock, [json.dumps({"op": "spawn", "job": num, "session": session}).encode()], theirs)
         except BaseException:
-            self.layers.pid_home.join()
+            for fd in (*ours.values(), *theirs):
+                os.close(fd)
             raise
-        if pid:
-            self.layers.pid_home.join()  # later forks (helpers, other slots) start from home again
-        return pid
+        for fd in theirs:
+            os.close(fd)
+        for name in ("out", "err") + (("done",) if session else ()):
+            os.set_blocking(ours[name], False)
+            self.sel.register(ours[name], selectors.EVENT_READ, (name, num))
+        os.set_blocking(ours["status"], False)
+        return num, ours
 
-    def _kill_slot_leftovers(self, slot: int) -> None:
-        """Kill what a snippet left in its slot's PID namespace (orphans go to the slot's init, not to us)."""
-        ns = self.slot_ns.get(slot)
-        if ns is not None:
-            for pid in _descendants(ns.init_pid):
-                _kill(pid)
-
-    def _watch(self, fd: int, kind: str, owner: Any) -> None:
+    def _write(self, fd: int, data: bytes, close: bool) -> None:
+        """Send ``data`` to a child's code pipe without ever blocking (a child may never read it)."""
         os.set_blocking(fd, False)
-        self.sel.register(fd, selectors.EVENT_READ, (kind, owner))
+        self.writes[fd] = (memoryview(data), close)
+        self.sel.register(fd, selectors.EVENT_WRITE, ("code", None))
+        self.on_writable(fd)
+
+    def on_writable(self, fd: int) -> None:
+        rest, close = self.writes[fd]
+        try:
+            rest = rest[os.write(fd, rest) :]
+        except BlockingIOError:
+            return
+        except OSError:  # the child is gone or closed its end; its exit says what happened
+            rest = rest[len(rest) :]
+        if rest:
+            self.writes[fd] = (rest, close)
+            return
+        self._stop_writing(fd, close)
+
+    def _stop_writing(self, fd: int, close: bool) -> None:
+        self.writes.pop(fd, None)
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        if close:
+            os.close(fd)
 
     def run_stateless(self, rid: Any, code: str, timeout: float) -> None:
-        slot, setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
         now = time.monotonic()
-        pid = self._fork(slot)
-        if pid == 0:
-            stateless_child(code, setup)
-        os.close(out_w)
-        os.close(err_w)
+        num, fds = self._spawn(session=False)
         cap = self.limits.max_output_bytes
-        job = Job(
-            rid,
-            pid,
-            CappedBuffer(cap),
-            CappedBuffer(cap),
-            now,
-            now + timeout,
-            out_fd=out_r,
-            err_fd=err_r,
-            slot=slot,
-        )
-        self.jobs[pid] = job
-        self._watch(out_r, "out", job)
-        self._watch(err_r, "err", job)
+        self.jobs[num] = Job(rid, num, CappedBuffer(cap), CappedBuffer(cap), now, now + timeout, fds=fds)
+        self._write(fds["code"], code.encode("utf-8", errors="surrogatepass"), close=True)
 
     def run_in_session(self, rid: Any, sid: str, code: str, timeout: float) -> None:
         sess = self.sessions.get(sid) or self.start_session(sid)
@@ -328,34 +265,39 @@ class Zygote:
             return
         now = time.monotonic()
         cap = self.limits.max_output_bytes
-        sess.job = Job(rid, sess.pid, CappedBuffer(cap), CappedBuffer(cap), now, now + timeout, session=sess)
+        sess.job = Job(rid, sess.num, CappedBuffer(cap), CappedBuffer(cap), now, now + timeout, session=sess)
         sess.last_used = now
-        os.set_blocking(sess.ctrl_fd, True)
-        try:
-            os.write(sess.ctrl_fd, (json.dumps({"code": code}) + "\n").encode())
-        except OSError as exc:  # the session died between snippets; the reaper reports it
-            sess.job.err.append(f"[sandbox] session process is gone: {exc}\n".encode())
+        if sess.calls:
+            self._tell("resume", sess.num)  # stopped since its last call
+        sess.calls += 1
+        if sess.fds["code"] in self.writes:  # the child has not read the last call's code: it will not read this
+            sess.job.err.append(b"[sandbox] the session stopped reading its input\n")
+            sess.job.over_output = True
+            self.finish(sess.job)
+            return
+        self._write(sess.fds["code"], (json.dumps({"code": code}) + "\n").encode(), close=False)
 
     def start_session(self, sid: str) -> Session:
-        slot, setup, (out_r, out_w), (err_r, err_w) = self._new_child_io()
-        ctrl_r, ctrl_w = os.pipe()
-        done_r, done_w = os.pipe()
-        pid = self._fork(slot)
-        if pid == 0:
-            session_child(ctrl_r, done_w, setup)
-        for fd in (out_w, err_w, ctrl_r, done_w):
-            os.close(fd)
-        sess = Session(sid, pid, ctrl_w, done_r, out_r, err_r, slot, time.monotonic())
+        num, fds = self._spawn(session=True)
+        sess = Session(sid, num, fds, time.monotonic())
         self.sessions[sid] = sess
-        self._watch(out_r, "out", sess)
-        self._watch(err_r, "err", sess)
-        self._watch(done_r, "done", sess)
         return sess
+
+    def _tell(self, op: str, num: int) -> None:
+        self.sock.sendall(json.dumps({"op": op, "job": num}).encode())
 
     # -- events ------------------------------------------------------------------------------------------------
 
-    def on_output(self, kind: str, owner: Job | Session, fd: int) -> None:
-        job = owner.job if isinstance(owner, Session) else owner
+    def _owner(self, num: int) -> tuple[Job | None, Session | None]:
+        job = self.jobs.get(num)
+        if job is not None:
+            return job, None
+        for sess in self.sessions.values():
+            if sess.num == num:
+                return sess.job, sess
+        return None, None
+
+    def on_output(self, kind: str, num: int, fd: int) -> None:
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
@@ -365,61 +307,72 @@ class Zygote:
         if not data:
             self.sel.unregister(fd)
             return
-        if job is None:  # output of a session between snippets (a stray thread): nobody asked for it
+        job, _ = self._owner(num)
+        if job is None:  # output of a session between snippets: nobody asked for it
             return
         if (job.out if kind == "out" else job.err).append(data) and not job.over_output:
             job.over_output = True  # a snippet printing gigabytes costs one cap's worth of reading, then dies
             self.finish(job)
 
     def on_done(self, sess: Session) -> None:
+        """A session's runner says its snippet returned: ``{"exit": N}``. The snippet can write here too; anything
+        but that line ends the session (its own loss), never the zygote."""
         try:
-            data = os.read(sess.done_fd, 4096)
+            data = os.read(sess.fds["done"], 4096)
         except BlockingIOError:
             return
+        except OSError:
+            data = b""
         if not data:
-            self.sel.unregister(sess.done_fd)
+            self.sel.unregister(sess.fds["done"])
             return
         sess.pending += data
-        while b"\n" in sess.pending:
-            line, sess.pending = sess.pending.split(b"\n", 1)
+        while sess.pending:
+            line, sep, rest = sess.pending.partition(b"\n")
+            if not sep:
+                if len(sess.pending) > MAX_DONE_BYTES:
+                    self._violation(sess)
+                return
+            sess.pending = rest
+            try:
+                exit_code = json.loads(line)["exit"]
+                if not isinstance(exit_code, int):
+                    raise TypeError(exit_code)
+            except (ValueError, KeyError, TypeError):
+                self._violation(sess)
+                return
             if sess.job is not None:
-                sess.job.wait_status = (json.loads(line)["exit"] & 0xFF) << 8  # as if the process exited with it
+                sess.job.wait_status = (exit_code & 0xFF) << 8  # as if the process exited with it
                 self.finish(sess.job)
 
-    def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            job = self.jobs.get(pid)
-            if job is not None:
-                job.wait_status = status
-                self.finish(job)
-                continue
-            for sess in list(self.sessions.values()):
-                if sess.pid == pid:
-                    if sess.job is not None:
-                        sess.job.wait_status = status
-                        self.finish(sess.job)
-                    self.end_session(sess)
-        self.kill_orphans()
+    def _violation(self, sess: Session) -> None:
+        if sess.job is not None:
+            sess.job.err.append(b"[sandbox] the session broke its protocol with the sandbox; it was ended\n")
+            sess.job.wait_status = signal.SIGKILL
+        self.end_session(sess)
 
-    def kill_orphans(self) -> None:
-        """Kill every child we did not fork ourselves: as subreaper we inherit what snippets left running."""
+    def on_forker(self) -> bool:
+        """A message from the forker: a process exited, or could not be started. False when the forker is gone."""
         try:
-            with open(f"/proc/self/task/{os.getpid()}/children") as f:
-                kids = [int(p) for p in f.read().split()]
-        except OSError:
-            return
-        known = set(self.jobs) | {s.pid for s in self.sessions.values()}
-        if self.layers.pid_home is not None:
-            known.add(self.layers.pid_home.init_pid)
-        for pid in kids:
-            if pid not in known:
-                _kill(pid)
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        msg = json.loads(data)
+        job, sess = self._owner(msg["job"])
+        if msg.get("error"):
+            msg.setdefault("status", None)
+        if sess is not None:  # the session's process is gone: its state with it
+            if job is not None:
+                job.wait_status = msg["status"]
+                job.error = msg.get("error", "")
+            self.end_session(sess)
+        elif job is not None:
+            job.wait_status = msg["status"]
+            job.error = msg.get("error", "")
+            self.finish(job)
+        return True
 
     def check_deadlines(self, now: float) -> float | None:
         nearest = None
@@ -437,7 +390,8 @@ class Zygote:
 
     # -- completion --------------------------------------------------------------------------------------------
 
-    def _drain(self, fd: int, buf: CappedBuffer) -> None:
+    @staticmethod
+    def _drain(fd: int, buf: CappedBuffer) -> None:
         while True:
             try:
                 data = os.read(fd, 65536)
@@ -446,36 +400,47 @@ class Zygote:
             if not data or buf.append(data):
                 return
 
+    @staticmethod
+    def _setup_failure(fd: int) -> str:
+        """What the child wrote on its status pipe: set only when its isolation failed (empty otherwise)."""
+        try:
+            return os.read(fd, 65536).decode("utf-8", errors="replace")
+        except (BlockingIOError, OSError):
+            return ""
+
     def finish(self, job: Job) -> None:
-        """Kill what the snippet left behind, collect its output and answer the request."""
+        """Have the forker end what the snippet left running, collect its output and answer the request."""
         sess = job.session
-        now = time.monotonic()
-        if sess is None:
-            _kill_group(job.pid)
-            self._kill_slot_leftovers(job.slot)
-            self.jobs.pop(job.pid, None)
-            out_fd, err_fd = job.out_fd, job.err_fd
-        else:
+        if sess is not None:
             sess.job = None
-            sess.last_used = now
-            out_fd, err_fd = sess.out_fd, sess.err_fd
+            sess.last_used = time.monotonic()
             if job.timed_out or job.over_output:
-                self.end_session(sess)
-            else:
-                for pid in _descendants(sess.pid):  # background processes must not outlive the snippet
-                    _kill(pid)
-                self._kill_slot_leftovers(sess.slot)
-        self._drain(out_fd, job.out)
-        self._drain(err_fd, job.err)
+                self.end_session(sess, job)
+                return
+            self._tell("pause", sess.num)
+            fds = sess.fds
+        else:
+            self.jobs.pop(job.num, None)
+            self._tell("end", job.num)
+            fds = job.fds
+        self._answer(job, fds, "")
         if sess is None:
-            for fd in (out_fd, err_fd):
-                self._close(fd)
-            self._cleanup_slot(job.slot)
+            if fds["code"] in self.writes:
+                self._stop_writing(fds["code"], close=True)
+            for name in ("out", "err", "status"):
+                self._close(fds[name])
+
+    def _answer(self, job: Job, fds: dict[str, int], note: str) -> None:
+        self._drain(fds["out"], job.out)
+        self._drain(fds["err"], job.err)
+        failure = job.error or self._setup_failure(fds["status"])
         if job.wait_status is None and (job.timed_out or job.over_output):
-            job.wait_status = signal.SIGKILL  # killed by us; the zombie is reaped later
+            job.wait_status = signal.SIGKILL  # killed on our request
+        status, code = classify(job.wait_status, job.timed_out, job.over_output, setup_failed=bool(failure))
         stderr = job.err.text()
-        status, code = classify(job.wait_status, job.timed_out, job.over_output, stderr)
-        if job.over_output:
+        if failure:
+            stderr += f"\n[sandbox] setup failed: {failure}\n"
+        elif job.over_output:
             stderr += f"\n[sandbox] output exceeded {self.limits.max_output_bytes} bytes; the process was killed\n"
         elif job.timed_out:
             stderr += f"\n[sandbox] timed out after {job.deadline - job.started:.1f} s\n"
@@ -484,42 +449,27 @@ class Zygote:
                 "id": job.rid,
                 "status": status,
                 "stdout": job.out.text(),
-                "stderr": stderr,
+                "stderr": stderr + note,
                 "exit_code": code,
-                "wall_s": now - job.started,
+                "wall_s": time.monotonic() - job.started,
                 "truncated": job.out.truncated or job.err.truncated,
             }
         )
-        self.kill_orphans()
 
-    def end_session(self, sess: Session) -> None:
+    def end_session(self, sess: Session, job: Job | None = None) -> None:
+        """End a session's process (the forker kills it and all it left) and answer its snippet, if one runs."""
         self.sessions.pop(sess.sid, None)
-        _kill_group(sess.pid)
-        for pid in _descendants(sess.pid):
-            _kill(pid)
-        self._kill_slot_leftovers(sess.slot)
-        if sess.job is not None:
-            job, sess.job = sess.job, None
-            job.session = None
-            job.wait_status = job.wait_status if job.wait_status is not None else signal.SIGKILL
-            job.out_fd, job.err_fd = sess.out_fd, sess.err_fd
-            self._drain(sess.out_fd, job.out)
-            self._drain(sess.err_fd, job.err)
-            status, code = classify(job.wait_status, job.timed_out, job.over_output)
-            self.reply(
-                {
-                    "id": job.rid,
-                    "status": status,
-                    "stdout": job.out.text(),
-                    "stderr": job.err.text() + "\n[sandbox] the session ended; its state is lost\n",
-                    "exit_code": code,
-                    "wall_s": time.monotonic() - job.started,
-                    "truncated": job.out.truncated,
-                }
-            )
-        for fd in (sess.out_fd, sess.err_fd, sess.done_fd, sess.ctrl_fd):
+        self._tell("end", sess.num)
+        job = job or sess.job
+        sess.job = None
+        if job is not None:
+            if job.wait_status is None:
+                job.wait_status = signal.SIGKILL
+            self._answer(job, sess.fds, "\n[sandbox] the session ended; its state is lost\n")
+        if sess.fds["code"] in self.writes:
+            self._stop_writing(sess.fds["code"], close=False)
+        for fd in sess.fds.values():
             self._close(fd)
-        self._cleanup_slot(sess.slot)
 
     def _close(self, fd: int) -> None:
         try:
@@ -531,40 +481,10 @@ class Zygote:
         except OSError:
             pass
 
-    def _cleanup_slot(self, slot: int) -> None:
-        """Empty the slot's scratch directory (what the snippet wrote, even under /tmp) and free the slot."""
-        path = os.path.join(self.root, str(slot))
-        try:
-            entries = list(os.scandir(path))
-        except OSError:
-            entries = []
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(entry.path)
-                except OSError:
-                    pass
-        try:
-            os.chmod(path, 0o700)  # the snippet may have opened up its directory
-        except OSError:
-            pass
-        self.free_slots.append(slot)
-
     # -- loop --------------------------------------------------------------------------------------------------
 
-    def serve(self) -> None:
-        self.reply(
-            {
-                "id": None,
-                "status": "ready",
-                "pid": os.getpid(),
-                "isolation": self.layers.report.as_dict(),
-                "uid_base": self.uid_base,
-                "uid_block": self.limits.uid_block,
-            }
-        )
+    def serve(self, ready: dict[str, Any]) -> None:
+        self.reply(ready)
         while True:
             nearest = self.check_deadlines(time.monotonic())
             timeout = None if nearest is None else max(0.0, nearest - time.monotonic())
@@ -575,20 +495,22 @@ class Zygote:
                 if kind == "proto":
                     if not self.read_requests():
                         return
-                elif kind == "wake":
-                    try:
-                        os.read(self.wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                    self.reap()
+                elif kind == "forker":
+                    if not self.on_forker():
+                        sys.stderr.write("[zygote] the forker died; exiting\n")
+                        return
                 elif not self._still_watched(key):
                     # Handling an earlier event of this batch closed this fd and a new job's pipe reused the number:
                     # reading now would hand the new job's output to the finished one (lost output, seen as an
                     # empty stdout about 3 times in 1000 at 32 concurrent snippets). The new job's own event comes
                     # with the next select.
                     continue
+                elif kind == "code":
+                    self.on_writable(key.fd)
                 elif kind == "done":
-                    self.on_done(owner)
+                    _, sess = self._owner(owner)
+                    if sess is not None:
+                        self.on_done(sess)
                 else:
                     self.on_output(kind, owner, key.fd)
 
@@ -612,22 +534,19 @@ class Zygote:
                 try:
                     msg = json.loads(line)
                     self.handle(msg)
-                except Exception as exc:  # noqa: BLE001 - a bad request (or a failed fork) must not take us down
+                except Exception as exc:  # noqa: BLE001 - a bad request (or a failed spawn) must not take us down
                     # Answer with the request's id: a reply the client cannot match would leave its caller waiting.
                     rid = msg.get("id") if isinstance(msg, dict) else None
                     self.reply({"id": rid, "status": "sandbox_error", "stderr": f"sandbox: {exc!r}"})
         return True
 
     def shutdown(self) -> None:
-        for sess in list(self.sessions.values()):
-            self.end_session(sess)
-        for job in list(self.jobs.values()):
-            _kill_group(job.pid)
-        self.kill_orphans()
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Closing the socket makes the forker kill every process and delete the scratch root; wait for it."""
+        self.sock.close()
+        os.waitpid(self.forker_pid, 0)
 
 
-UID_LOCK_DIR = "/tmp/torl-uid-locks"  # machine-wide; not "torl-sandbox-*", which _remove_stale_roots sweeps
+UID_LOCK_DIR = "/tmp/torl-uid-locks"  # machine-wide; not "torl-sandbox-*", which stale-root removal sweeps
 
 
 def claim_uid_block(preferred: int, size: int, tries: int = 256) -> tuple[int, int]:
@@ -636,66 +555,19 @@ def claim_uid_block(preferred: int, size: int, tries: int = 256) -> tuple[int, i
     The preferred block (``sandbox.uid_base`` + 1000 x rank) is taken when free, else the next free one above it.
     """
     os.makedirs(UID_LOCK_DIR, mode=0o700, exist_ok=True)
+    st = os.lstat(UID_LOCK_DIR)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{UID_LOCK_DIR} is not a directory of this user's that only it can write: remove it")
     for k in range(tries):
         base = preferred + k * size
-        fd = os.open(os.path.join(UID_LOCK_DIR, f"{base}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path = os.path.join(UID_LOCK_DIR, f"{base}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return base, fd
         except BlockingIOError:
             os.close(fd)
     raise RuntimeError(f"no free sandbox uid block among {tries} from uid {preferred}: too many sandbox workers here")
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _remove_stale_roots(parent: str) -> None:
-    """Delete scratch roots of zygotes that were SIGKILLed (they could not clean up after themselves)."""
-    try:
-        names = [n for n in os.listdir(parent) if n.removeprefix("torl-sandbox-").isdigit()]
-    except OSError:
-        return
-    for name in names:
-        pid = name.removeprefix("torl-sandbox-")
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"torl.sandbox.zygote" in f.read():
-                    continue  # a live zygote owns it
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _descendants(root: int) -> list[int]:
-    """All live descendants of ``root`` (any thread may have forked), found via /proc/<pid>/task/*/children."""
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    kids = [int(p) for p in f.read().split()]
-            except OSError:
-                continue
-            out.extend(kids)
-            todo.extend(kids)
-    return out
 
 
 def _warm(preload: list[str]) -> None:
@@ -724,8 +596,8 @@ def main(argv: list[str]) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
-    # Each slot holds a few fds (its namespaces, its Landlock ruleset); a zygote with hundreds of sessions needs more
-    # than the usual soft limit of 1024. Snippets get their own, small limit.
+    # Each slot holds a few fds (its namespaces); a zygote with hundreds of sessions needs more than the usual soft
+    # limit of 1024. Snippets get their own, small limit.
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     try:
         layers = set_up(limits)  # first: it may enter a user namespace, which needs a single thread
@@ -734,10 +606,49 @@ def main(argv: list[str]) -> int:
         return 3
     # Die with the worker that started us (set after set_up: entering a user namespace clears it).
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    scratch.remove_stale_roots(limits.scratch_root)
+    root = scratch.make_root(limits.scratch_root)
+    os.chdir(root)
+    os.environ["HOME"] = root  # caches a preloaded library writes go here, not to a shared directory
     _warm(limits.preload)
-    zygote = Zygote(limits, proto_in, proto_out, layers)
+    privileged = layers.identity == "uid"  # snippets get uids of their own
+    # Two pools on one machine (training beside evaluation or serving) would otherwise hand out the same uids, and
+    # snippets of one could signal the other's processes.
+    uid_base = limits.uid_base
+    if privileged:
+        uid_base, _lock = claim_uid_block(limits.uid_base, limits.uid_block)
+    hidden = hidden_prefixes([sys.base_prefix, sys.prefix]) if privileged else []
+    if hidden and not layers.namespaces:
+        sys.stderr.write(
+            f"[zygote] snippets run as uid {uid_base}+ and cannot read the Python installation under "
+            f"{hidden[0][0]} (not world-readable), and no mount namespace is available to re-expose it: "
+            "only preloaded modules will import. Use a Python outside that directory or allow namespaces "
+            '(README.md, "Sandbox isolation").\n'
+        )
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # The forker: forked now, warm and before any request is read, so no child it forks holds anyone's code or output.
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        for fd in (proto_in, proto_out):
+            os.close(fd)
+        forker.run(limits, layers, theirs, root, uid_base, hidden)
+    theirs.close()
+    if json.loads(ours.recv(4096) or b"{}").get("op") != "ready":
+        raise RuntimeError("the sandbox forker did not start (see its error above)")
+    zygote = Zygote(limits, proto_in, proto_out, layers, ours, pid)
     try:
-        zygote.serve()
+        zygote.serve(
+            {
+                "id": None,
+                "status": "ready",
+                "pid": os.getpid(),
+                "forker_pid": pid,
+                "isolation": layers.report.as_dict(),
+                "uid_base": uid_base,
+                "uid_block": limits.uid_block,
+            }
+        )
     finally:
         zygote.shutdown()
     return 0

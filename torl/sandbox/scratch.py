@@ -1,0 +1,111 @@
+"""The zygote's scratch root and the removal of what snippets wrote: private, and impossible to defeat by shape.
+
+A zygote works under a directory of its own, made fresh with mode 0700 under ``sandbox.scratch_root`` (a random
+name, so a directory planted in a shared /tmp beforehand is never taken over), and deletes trees with
+``remove_tree``, which walks one directory descriptor at a time: no recursion (a 3000-deep chain made
+``shutil.rmtree`` raise ``RecursionError`` and the zygote die with every snippet in flight), no path longer than a
+name (a deep chain passes PATH_MAX), never following a symlink, and opening up directories a snippet closed (mode
+000). Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+ROOT_PREFIX = "torl-sandbox-"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def make_root(parent: str) -> str:
+    """A new private scratch root under ``parent``: ``torl-sandbox-<pid>-<random>``, ours, 0711 (snippets with uids
+    of their own may pass through it to their own directories, and list nothing)."""
+    root = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-", dir=parent)  # O_EXCL, 0700
+    os.chmod(root, 0o711)
+    return os.path.realpath(root)
+
+
+def remove_tree(path: str) -> bool:
+    """Delete ``path`` and all under it; ``False`` (and the tree left in place) when part of it cannot be removed.
+
+    Called only once every process that could change the tree is dead, so walking up through ``..`` returns to the
+    directory the walk came down from."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return True
+    except OSError:  # a symlink or a file where a directory was expected
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return True
+    names: list[str] = []  # the way down from ``path``
+    left: str | None = None  # the directory the walk just came up from, emptied
+    try:
+        while True:
+            below = _clear_entries(fd)
+            if below is not None and below == left:
+                return False  # emptied but still not removable (a mount point, say): do not loop on it
+            if below is not None:
+                with contextlib.suppress(OSError):
+                    os.chmod(below, 0o700, dir_fd=fd)  # a directory the snippet left without permissions
+                child = os.open(below, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd, left = child, None
+                names.append(below)
+            elif not names:
+                break
+            else:
+                parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd, left = parent, names.pop()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
+def _clear_entries(fd: int) -> str | None:
+    """Unlink every file and empty directory in ``fd``; the name of a non-empty directory to go into, else None."""
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                try:
+                    os.rmdir(entry.name, dir_fd=fd)
+                except OSError:
+                    return entry.name
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=fd)
+    return None
+
+
+def remove_stale_roots(parent: str) -> None:
+    """Delete scratch roots of zygotes that were SIGKILLed (they could not clean up after themselves).
+
+    Only directories this user owns (never a lookalike another user planted) whose zygote is no longer alive."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(ROOT_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        pid = name.removeprefix(ROOT_PREFIX).split("-", 1)[0]
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not pid.isdigit() or st.st_uid != os.geteuid() or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"torl.sandbox.zygote" in f.read():
+                    continue  # a live zygote owns it
+        except (OSError, ValueError):
+            pass
+        remove_tree(path)
