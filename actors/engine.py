@@ -107,6 +107,10 @@ class Engine:
                 max_num_seqs=e.max_num_seqs,
                 max_num_batched_tokens=max(e.max_num_batched_tokens, self.cfg.model.max_model_len),
                 seed=e.seed,
+                # The log-probs of the distribution each token was sampled from (after temperature, top-k and top-p),
+                # not of the raw logits: what the learner's ratio and rollout correction compare against (it divides
+                # its logits by rollout.temperature the same way; veRL asks vLLM for the same mode).
+                logprobs_mode="processed_logprobs",
                 disable_log_stats=True,
                 use_tqdm_on_load=False,  # a shard bar on every weight update, for one small file
                 enable_chunked_prefill=(

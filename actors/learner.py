@@ -86,9 +86,9 @@ def _flat(rows: list[list[Any]], dtype: torch.dtype, device: torch.device) -> to
 
 
 def _bind_logprobs(model: torch.nn.Module) -> None:
-    """Give ``model`` a ``torl_logprobs(ids, pos, keep, chunk_tokens)`` method (``causal_lm_logprobs``: decoder,
-    then the chunked head, so the micro-batch's full logits never exist) and, when sharded, register it as an FSDP
-    forward method. It calls ``model.model`` and reads ``model.lm_head.weight`` directly, so without the root's
+    """Give ``model`` a ``torl_logprobs(ids, pos, keep, chunk_tokens, temperature)`` method (``causal_lm_logprobs``:
+    decoder, then the chunked head, so the micro-batch's full logits never exist) and, when sharded, register it as an
+    FSDP forward method. It calls ``model.model`` and reads ``model.lm_head.weight`` directly, so without the root's
     pre-forward hook the root's own parameters (embeddings, final norm, head) would still be shards, and without the
     hooks it installs on the outputs their gradients would not be reduce-scattered. No-op registration unsharded."""
     from torch.distributed.fsdp import register_fsdp_forward_method
@@ -308,8 +308,11 @@ class Learner:
     def _forward_logprobs(
         self, model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs and entropies [N], [N] of the tokens after ``keep`` in the packed row ``ids`` (chunked head)."""
-        return model.torl_logprobs(ids, pos, keep, self.cfg.learner.logprob_chunk_tokens)
+        """Log-probs and entropies [N], [N] of the tokens after ``keep`` in the packed row ``ids`` (chunked head), of
+        the policy at ``rollout.temperature``: the current, proximal and reference log-probs alike, as the engine's
+        processed log-probs are (veRL divides the logits by T in every one of these forwards)."""
+        lc = self.cfg.learner
+        return model.torl_logprobs(ids, pos, keep, lc.logprob_chunk_tokens, self.cfg.rollout.temperature)
 
     def _join_collectives(self) -> torch.Tensor:
         """A one-token pass of a rank whose micro-batch is empty: FSDP's collectives run on every rank, so it takes
@@ -394,7 +397,8 @@ class Learner:
 
     @torch.no_grad()
     def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
-        """Per-token log-probs of each (prompt_ids, response_ids) under the current policy (fp32, temperature 1).
+        """Per-token log-probs of each (prompt_ids, response_ids) under the current policy (fp32, at
+        ``rollout.temperature``, as the engine reports them).
 
         A collective under FSDP: call it on every rank with the same input."""
         return self._sequence_logprobs(sequences)

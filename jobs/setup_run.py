@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from torl import preflight
 from torl.checkpoint import run_identity
-from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict
+from torl.config import Config, ConfigError, check_training_sampling, load_config, replace, split_cli, to_dict
 from torl.data import load_problems
 from torl.metrics import merge_batch_metrics
 from torl.paths import resolve
@@ -505,9 +505,12 @@ def _resume(run: Run) -> None:
 
 
 def load_run_config(argv: list[str]) -> Config:
-    """The job's config from presets and overrides (the CPU default without a preset), with absolute paths."""
+    """The training job's config from presets and overrides (the CPU default without a preset), with absolute paths;
+    sampling settings its off-policy correction cannot honour are refused here (``check_training_sampling``)."""
     files, overrides = split_cli(argv)
-    return with_absolute_paths(load_config(files or [str(DEFAULT_PRESET)], overrides))
+    cfg = load_config(files or [str(DEFAULT_PRESET)], overrides)
+    check_training_sampling(cfg)
+    return with_absolute_paths(cfg)
 
 
 def prepare_run(argv: list[str], job: str = "train") -> Run:

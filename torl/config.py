@@ -160,9 +160,19 @@ class EngineConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     n: int = opt(16, "samples per prompt (ToRL: rollout.n=16)")
-    temperature: float = opt(1.0, "ToRL: 1.0")
-    top_p: float = opt(1.0, "ToRL: 1.0")
-    top_k: int = opt(-1, "ToRL: -1 (off)")
+    temperature: float = opt(
+        1.0,
+        "ToRL: 1.0. The learner's log-probs are those of softmax(logits / temperature), the distribution the engine"
+        " samples from and reports (training needs > 0)",
+    )
+    top_p: float = opt(
+        1.0,
+        "ToRL: 1.0. Training with top_p < 1 needs algo.rollout_correction=none: the learner's policy is the full"
+        " softmax, so no weight can correct for tokens top-p never samples",
+    )
+    top_k: int = opt(
+        -1, "ToRL: -1 (off; 0 is off too). Training with top_k on needs algo.rollout_correction=none, as top_p"
+    )
     max_response_tokens: int = opt(3072, "model + observation tokens after the prompt (ToRL: response_length=3072)")
     mode: Literal["async", "sync"] = opt("async", "sync = ToRL's batch-synchronous loop, kept to measure the gain")
     num_generators: int = opt(1, "generator actors (vLLM engines)")
@@ -323,6 +333,40 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if self.logprob_chunk_tokens < 0:
             raise ConfigError("learner.logprob_chunk_tokens must be >= 0 (0 = the whole micro-batch at once)")
+
+
+def check_training_sampling(cfg: Config) -> None:
+    """Refuse sampling settings a training run's off-policy correction cannot honour (evaluation and serving sample
+    with any of them; jobs/setup_run.py calls this for training only).
+
+    The learner takes log-probs of softmax(logits / rollout.temperature), the same distribution the engine samples
+    from and reports (vLLM's processed log-probs), so any temperature > 0 is honoured on both sides. Top-p and top-k
+    are not: the engine renormalises over the tokens they keep, the learner over the whole vocabulary. The weights
+    proximal / engine (``algo.rollout_correction``) and a ratio against the engine's log-probs
+    (``algo.old_logprobs=engine``) would then be systematically below 1, and no weight reaches the tokens top-p and
+    top-k never sample. With ``rollout_correction=none`` and recomputed old log-probs the loss compares the learner
+    with itself only and ignores the sampling difference, as ToRL's veRL does.
+    """
+    r, a = cfg.rollout, cfg.algo
+    if r.temperature <= 0:
+        raise ConfigError(
+            f"rollout.temperature={r.temperature}: training samples at a temperature > 0 (the learner divides its"
+            " logits by it; greedy samples of a group are identical and carry no advantage)"
+        )
+    truncated = [f for f, on in (("rollout.top_p", r.top_p < 1.0), ("rollout.top_k", r.top_k not in (-1, 0))) if on]
+    if truncated and (a.rollout_correction != "none" or a.old_logprobs == "engine"):
+        uses = (
+            f"algo.rollout_correction={a.rollout_correction}"
+            if a.rollout_correction != "none"
+            else "algo.old_logprobs=engine"
+        )
+        raise ConfigError(
+            f"{' and '.join(truncated)} cannot be honoured by {uses}: the engine samples from the top-p/top-k"
+            " truncated distribution, the learner's log-probs are of the full softmax, so the correction would"
+            " weigh every token by less than 1 and never reach the tokens that were cut. Set rollout.top_p=1 and"
+            " rollout.top_k=-1, or train without a correction (algo.rollout_correction=none,"
+            " algo.old_logprobs=recompute), ignoring the difference as ToRL does"
+        )
 
 
 def learner_threads(cfg: Config, cores: int, engine_busy: bool = False) -> int:

@@ -66,12 +66,20 @@ def zero_variance_groups(rewards: Sequence[float], group_ids: Sequence[int]) -> 
     return {g for g, rs in _groups(rewards, group_ids).items() if max(rs) == min(rs)}
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of ``targets`` and the entropy of each position's distribution, in fp32 at temperature 1.
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` and the entropy of each position's distribution, in fp32, of the policy that
+    samples at ``temperature``: softmax(logits / T).
 
-    Temperature 1 and fp32 so that, on-policy, the ratio to vLLM's sampled logprobs is 1 (up to kernel noise).
+    The engine samples from, and reports the log-probs of, that same distribution (vLLM's processed log-probs,
+    ``actors/engine.py``), so on-policy the ratio to them is 1 up to kernel noise at any T (veRL divides the
+    logits by T the same way). fp32 for the same reason.
     """
-    logp_all = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature  # out of place: ``z`` may be ``logits`` itself, which autograd still needs
+    logp_all = torch.log_softmax(z, dim=-1)  # [N, V]
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
     entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N]
     return logp, entropy

@@ -126,7 +126,7 @@ def _request(tok, trace, pid, n=1):
     return GenRequest(problem_id=pid, group=0, prompt_ids=_encode(tok, trace[0]), answer="42", n=n)
 
 
-def _hf_logprobs(sd, model_dir, prompt_ids, response_ids) -> list[float]:
+def _hf_logprobs(sd, model_dir, prompt_ids, response_ids, temperature=1.0) -> list[float]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -134,7 +134,7 @@ def _hf_logprobs(sd, model_dir, prompt_ids, response_ids) -> list[float]:
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response_ids)[:, None])[:, 0].tolist()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(response_ids)[:, None])[:, 0].tolist()
 
 
 def test_two_tool_calls_masks_budget_and_sampled_ids(ray_cluster, generator, models):
@@ -322,3 +322,24 @@ def test_sampling_seed_follows_the_training_step(ray_cluster, generator, models)
         assert sample(5) != sample(6)
     finally:
         ray_cluster.get(generator.update_weights.remote(warm_sd, version + 2))
+
+
+def test_logprobs_are_of_the_distribution_sampled_at_the_temperature(ray_cluster, generator, models):
+    """At rollout temperature 0.5 the engine reports log softmax(logits / 0.5) of each sampled token (vLLM's processed
+    log-probs), what the learner computes at that temperature; raw log-probs (T = 1) are off by far more (#30). On
+    the random weights, whose distributions are not near one-hot at either temperature."""
+    model_dir, tok, warm_sd, random_sd = models
+    version = ray_cluster.get(generator.version.remote())
+    ray_cluster.get(generator.update_weights.remote(random_sd, version + 1))
+    over = {"temperature": 0.5, "stream": False, "seed": 3, "max_tokens": 40}
+    try:
+        gen = generator.generate_stream.options(num_returns="streaming").remote(_encode(tok, NO_BLOCK[0]), over)
+        t = [ray_cluster.get(ref) for ref in gen][-1].trajectory
+    finally:
+        ray_cluster.get(generator.update_weights.remote(warm_sd, version + 2))
+    sampled = [i for i, m_ in enumerate(t.loss_mask) if m_]
+    assert len(sampled) >= 10
+    at_t = _hf_logprobs(random_sd, model_dir, t.prompt_ids, t.response_ids, temperature=0.5)
+    at_one = _hf_logprobs(random_sd, model_dir, t.prompt_ids, t.response_ids)
+    assert max(abs(at_t[i] - t.logprobs[i]) for i in sampled) < 1e-4
+    assert max(abs(at_one[i] - t.logprobs[i]) for i in sampled) > 0.1

@@ -42,9 +42,9 @@ def _hf(path_or_sd, model_dir):
     return AutoModelForCausalLM.from_pretrained(path_or_sd, dtype=torch.float32)
 
 
-def _hf_logprobs(model, prompt, response):
+def _hf_logprobs(model, prompt, response, temperature=1.0):
     logits = model(torch.tensor([prompt + response])).logits[0]  # [L, V]
-    logp = torch.log_softmax(logits.float(), -1)[len(prompt) - 1 : -1]  # [R, V]
+    logp = torch.log_softmax(logits.float() / temperature, -1)[len(prompt) - 1 : -1]  # [R, V]
     return logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)  # [R]
 
 
@@ -335,3 +335,30 @@ def test_mis_drops_the_mismatched_tokens_from_loss_and_denominator(single):
     assert m["learner/is_corrected_share"] > 0.2
     assert m["learner/loss"] == pytest.approx(kept["learner/loss"], rel=1e-5, abs=1e-7)
     assert m["learner/grad_norm"] == pytest.approx(kept["learner/grad_norm"], rel=1e-5)
+
+
+def test_the_learner_takes_log_probs_at_the_rollout_temperature(single):
+    """rollout.temperature=0.6: the current, proximal and public log-probs are of softmax(logits / 0.6), the
+    distribution the engine samples from and reports (#30). Behaviour log-probs at that temperature then give weights
+    1 and nothing to correct; a learner at temperature 1 would see a mismatch of a nat or more on some tokens."""
+    state = {k: v.clone() for k, v in single.model.state_dict().items()}
+    cfg = single.cfg
+    trajs = _batch(3, single.model)
+    with torch.no_grad():
+        for t in trajs:
+            lp = _hf_logprobs(single.model, t.prompt_ids, t.response_ids, temperature=0.6)
+            t.logprobs = [float(x) if m else 0.0 for x, m in zip(lp, t.loss_mask, strict=True)]
+        at_one = _hf_logprobs(single.model, trajs[0].prompt_ids, trajs[0].response_ids)
+    algo = replace(cfg.algo, old_logprobs="recompute", rollout_correction="tis")
+    single.cfg = replace(cfg, rollout=replace(cfg.rollout, temperature=0.6), algo=algo)
+    try:
+        (lp,) = single.logprobs([(trajs[0].prompt_ids, trajs[0].response_ids)])
+        m = single.train_step(trajs)
+    finally:
+        single.cfg = cfg
+        single.model.load_state_dict(state)
+    masked = [x if m_ else 0.0 for x, m_ in zip(lp, trajs[0].loss_mask, strict=True)]
+    torch.testing.assert_close(torch.tensor(masked), torch.tensor(trajs[0].logprobs), rtol=0, atol=1e-5)
+    assert (at_one - torch.tensor(lp)).abs().max() > 0.1
+    assert m["learner/mismatch_max_abs_log_ratio"] < 1e-4 and m["learner/is_weight_mean"] == pytest.approx(1, abs=1e-4)
+    assert m["learner/approx_kl"] == pytest.approx(0, abs=1e-6)  # the first step's ratio against its own proximal

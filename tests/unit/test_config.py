@@ -103,6 +103,39 @@ def test_engine_old_logprobs_with_a_rollout_correction_is_refused(correction):
     assert load_config([], ["algo.old_logprobs=engine", "algo.rollout_correction=none"]).algo.old_logprobs == "engine"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["rollout.top_p=0.9"], r"rollout\.top_p cannot be honoured by algo\.rollout_correction=tis"),
+        (["rollout.top_k=20", "algo.rollout_correction=mis"], r"rollout\.top_k .*algo\.rollout_correction=mis"),
+        (
+            ["rollout.top_k=20", "rollout.top_p=0.95", "algo.rollout_correction=none", "algo.old_logprobs=engine"],
+            r"rollout\.top_p and rollout\.top_k cannot be honoured by algo\.old_logprobs=engine",
+        ),
+        (["rollout.temperature=0"], r"rollout\.temperature=0\.0: training samples at a temperature > 0"),
+    ],
+)
+def test_training_refuses_sampling_its_correction_cannot_honour(overrides, named):
+    """Top-p/top-k renormalise the engine's distribution, not the learner's: refused for training with a correction
+    or the engine's ratio, naming the fields (#30); the training job's loader is where it happens."""
+    from jobs.setup_run import load_run_config
+    from torl.config import check_training_sampling
+
+    with pytest.raises(ConfigError, match=named):
+        check_training_sampling(load_config([], overrides))
+    with pytest.raises(ConfigError, match=named):
+        load_run_config(overrides)
+    load_config([], overrides)  # evaluation and serving may sample so
+
+
+def test_training_accepts_any_temperature_and_top_p_without_a_correction():
+    from torl.config import check_training_sampling
+
+    check_training_sampling(load_config([], ["rollout.temperature=0.6"]))  # honoured on both sides
+    check_training_sampling(load_config([], ["rollout.top_k=0", "rollout.top_p=1.0"]))  # 0 is off in vLLM too
+    check_training_sampling(load_config([], ["rollout.top_p=0.9", "algo.rollout_correction=none"]))
+
+
 def test_rollout_correction_choices_include_mis_reject():
     assert load_config([], ["algo.rollout_correction=mis_reject"]).algo.rollout_correction == "mis_reject"
     with pytest.raises(ConfigError, match=r"algo\.rollout_correction: 'icepop' is not one of .*'mis', 'mis_reject'"):

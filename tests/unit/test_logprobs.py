@@ -125,3 +125,24 @@ def test_causal_lm_logprobs_equal_the_models_own_logits():
     model.zero_grad()
     (ref_logp.sum() + ref_ent.sum()).backward()
     torch.testing.assert_close(emb_grad, model.model.embed_tokens.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_temperature_gives_the_sampling_distributions_logprobs_and_their_gradients(chunk, bias):
+    """At T = 0.7 the log-probs, entropies and gradients are those of softmax(logits / T), written out here by hand:
+    what vLLM samples from at that temperature and reports as processed log-probs (#30). At T = 1 they differ, so a
+    learner that ignored the temperature fails this."""
+    t = 0.7
+    hidden, weight, b, targets = _inputs(bias=bias)
+    logp, ent = hidden_logprobs(hidden, weight, b, targets, chunk, temperature=t)
+    values, grads = _backward(logp, ent, hidden, weight, b, True, True)
+    hidden, weight, b, targets = _inputs(bias=bias)
+    logp_all = torch.log_softmax(F.linear(hidden, weight, b) / t, dim=-1)  # [N, V]
+    ref_logp = logp_all.gather(-1, targets[:, None])[:, 0]
+    ref_ent = -(logp_all.exp() * logp_all).sum(-1)
+    ref_values, ref_grads = _backward(ref_logp, ref_ent, hidden, weight, b, True, True)
+    for got, want in zip(values + grads, ref_values + ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    at_one, _ = hidden_logprobs(hidden.detach(), weight.detach(), None if b is None else b.detach(), targets, chunk)
+    assert (at_one - ref_logp.detach()).abs().max() > 0.1
