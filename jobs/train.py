@@ -194,7 +194,8 @@ class RolloutQueue:
     samples at most k weight versions behind the learner. A checkpoint must resume to the same run: on-policy the one
     rollout pending was started on the checkpoint's own weights, so a resumed run redoes it exactly from the sampler
     state before it; pipelined, the pending rollouts were sampled (partly) on older weights than any checkpoint holds,
-    so they are finished and stored in the checkpoint, and a resumed run trains on exactly those.
+    so they are finished and stored in the checkpoint, and a resumed run trains on exactly those, first, whatever
+    staleness it resumes with (at 0 they are stored again until trained: the sampler has moved past them).
     """
 
     def __init__(self, run: Run, start: int, total: int, restored: list[Rollout] | None = None) -> None:
@@ -225,10 +226,13 @@ class RolloutQueue:
 
     def checkpoint(self) -> tuple[SamplerState, list[Rollout]]:
         """What a checkpoint records to resume this queue: the sampler state to continue from, and the finished
-        rollouts to train on first (pipelined only; on-policy they are redone, see the class docstring)."""
+        rollouts to train on first (pipelined, or restored from a pipelined checkpoint and not trained yet; a rollout
+        started on-policy is redone instead, see the class docstring)."""
         if not self.pending:
             return copy.copy(self.run.sampler.state), []
-        if self.run.cfg.trainer.max_staleness == 0:
+        # On-policy the pending rollout is redone, unless it is one restored from a pipelined checkpoint (resumed at
+        # staleness 0): its sampler state is the one after it, and it was sampled on weights no checkpoint holds.
+        if self.run.cfg.trainer.max_staleness == 0 and not isinstance(self.pending[0][0], tuple):
             return copy.copy(self.pending[0][1]), []
         self.pending = deque((self._finished(work), before) for work, before in self.pending)
         return copy.copy(self.run.sampler.state), [work for work, _ in self.pending]
