@@ -200,16 +200,10 @@ class Learner:
         # or the engine's sampling log-probs. The engine's stay the behaviour policy of the rollout correction.
         proximal = self._proximal_logprobs(trajs) if algo.old_logprobs == "recompute" else [t.logprobs for t in trajs]
         t_prox = time.perf_counter() - t_prox
+        cap, low, high = algo.correction_thresholds()
         corrected = [
             rollout_correction(
-                prox,
-                t.logprobs,
-                t.loss_mask,
-                algo.rollout_correction,
-                algo.correction_level,
-                algo.tis_cap,
-                algo.mis_low,
-                algo.mis_high,
+                prox, t.logprobs, t.loss_mask, algo.rollout_correction, algo.correction_level, cap, low, high
             )
             for prox, t in zip(proximal, trajs, strict=True)
         ]

@@ -262,23 +262,41 @@ class AlgoConfig:
     )
     rollout_correction: Literal["none", "tis", "mis", "mis_reject"] = opt(
         "tis",
-        "importance weights proximal / engine per token, for the engine's different numerics and staleness: tis"
-        " truncates them at tis_cap; mis keeps them on tokens inside [mis_low, mis_high] and drops the others from"
-        " the loss and its denominator (IcePop, as veRL, slime and AReaL); mis_reject drops the same tokens but"
-        " gives the kept ones weight 1 (rejection only: no correction inside the band); none ignores the mismatch"
-        " (ToRL). tis is the default because vLLM in bf16 and FSDP never agree exactly on GPUs, and with matching"
-        " numerics (CPU fp32) the weights are 1 and it changes nothing.",
+        "importance weights proximal / engine (per token, or per sequence: correction_level), for the engine's"
+        " different numerics and staleness: tis truncates them at tis_cap; mis keeps them on tokens inside"
+        " [mis_low, mis_high] and drops the others from the loss and its denominator (IcePop, as veRL, slime and"
+        " AReaL); mis_reject drops the same tokens but gives the kept ones weight 1 (rejection only: no correction"
+        " inside the band); none ignores the mismatch (ToRL). tis is the default because vLLM in bf16 and FSDP"
+        " never agree exactly on GPUs, and with matching numerics (CPU fp32) the weights are 1 and it changes"
+        " nothing.",
     )
-    correction_level: Literal["token", "sequence"] = opt(
-        "token", "one weight per token, or per sequence (exp of the summed token log-ratios)"
+    correction_level: Literal["token", "sequence", "geometric"] = opt(
+        "token",
+        "what one importance weight covers. token: each token its own ratio. sequence: one weight per sequence, the"
+        " product of its token ratios (exp of the summed log-ratios), against tis_cap / [mis_low, mis_high]; it"
+        " spreads with length, so on long responses the band rejects many sequences. geometric: one weight per"
+        " sequence, the geometric mean of its token ratios (exp of the mean log-ratio over its model tokens; veRL's"
+        " Geo-RS), against thresholds of its own near 1: tis truncates it at geo_high, mis and mis_reject keep the"
+        " sequences inside [geo_low, geo_high]",
     )
     tis_cap: float = opt(2.0, "truncation of the importance weight (veRL's rollout-correction default)")
     mis_low: float = opt(0.5, "mis and mis_reject keep tokens whose weight is at least this")
     mis_high: float = opt(2.0, "mis and mis_reject keep tokens whose weight is at most this")
+    geo_low: float = opt(
+        0.999,
+        "correction_level=geometric: mis and mis_reject keep sequences whose weight is at least this (veRL: 0.999)",
+    )
+    geo_high: float = opt(
+        1.001,
+        "correction_level=geometric: mis and mis_reject keep sequences whose weight is at most this, and tis truncates"
+        " the weight here (veRL's Geo-RS: 1.001, an average deviation of 0.1% per token)",
+    )
 
     def __post_init__(self) -> None:
         if self.tis_cap < 1.0 or not 0.0 < self.mis_low <= 1.0 <= self.mis_high:
             raise ConfigError("algo.tis_cap must be >= 1 and algo.mis_low <= 1 <= algo.mis_high with mis_low > 0")
+        if not 0.0 < self.geo_low <= 1.0 <= self.geo_high:
+            raise ConfigError("algo.geo_low <= 1 <= algo.geo_high with geo_low > 0")
         # With the engine's log-probs as the old policy the correction's weights compare the engine with itself: 1 on
         # every token, a silent no-op (slime refuses the combination too).
         if self.old_logprobs == "engine" and self.rollout_correction != "none":
@@ -287,6 +305,14 @@ class AlgoConfig:
                 " correct (its weights would compare the engine with itself): set algo.rollout_correction=none, or"
                 " keep algo.old_logprobs=recompute"
             )
+
+    def correction_thresholds(self) -> tuple[float, float, float]:
+        """(cap, low, high) for ``torl.grpo.rollout_correction`` at this correction_level: a geometric mean sits
+        near 1 at any length, where the token and product thresholds (2, [0.5, 2]) would never act, so it has its
+        own (tis truncates at its upper bound, as veRL's geometric level uses one threshold for both)."""
+        if self.correction_level == "geometric":
+            return self.geo_high, self.geo_low, self.geo_high
+        return self.tis_cap, self.mis_low, self.mis_high
 
 
 @dataclass(frozen=True)

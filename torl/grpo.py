@@ -183,7 +183,7 @@ def policy_loss(
 
 
 Correction = Literal["none", "tis", "mis", "mis_reject"]
-CORRECTION_LEVELS: tuple[str, ...] = ("token", "sequence")
+CORRECTION_LEVELS: tuple[str, ...] = ("token", "sequence", "geometric")
 
 
 @dataclass(frozen=True)
@@ -212,11 +212,19 @@ def rollout_correction(
     falls outside ``[low, high]`` from the loss and keeps the weight on the others (IcePop, as veRL, slime and AReaL
     do: inside the band the staleness and numerics are still corrected); ``mis_reject`` drops the same tokens but
     gives the kept ones weight 1 (rejection only). Dropped tokens leave the mask, so the caller's aggregation counts
-    them out of the denominator too. ``level="sequence"`` uses one weight per
-    sequence, exp of the summed token log-ratios. ``stats`` holds SUMS over trained tokens (``tokens``; ``k3`` and
-    ``k1``: two estimates per token of KL(behaviour || proximal) from the behaviour's own samples, see below;
-    ``corrected``: tokens truncated or masked; ``weight``: the raw weight) plus ``max_abs_log_ratio`` (a max), so
-    callers can reduce over any split.
+    them out of the denominator too.
+
+    ``level`` says what one weight covers: ``token``, each token its own ratio; ``sequence``, the whole sequence one
+    weight, the product of its token ratios (exp of the summed log-ratios: the sequence's true likelihood ratio, whose
+    spread grows with length); ``geometric``, one weight per sequence, the geometric mean of its token ratios (exp of
+    the MEAN log-ratio over the sequence's trained tokens: veRL's geometric level / Geo-RS), which stays near 1 at any
+    length and so wants thresholds of its own near 1 (the caller passes them; ``AlgoConfig.correction_thresholds``).
+    Sequence and geometric weights truncate or drop all of a sequence's trained tokens together. Only trained tokens
+    enter any of them: tool output has no behaviour log-prob.
+
+    ``stats`` holds SUMS over trained tokens (``tokens``; ``k3`` and ``k1``: two estimates per token of
+    KL(behaviour || proximal) from the behaviour's own samples, see below; ``corrected``: tokens truncated or masked;
+    ``weight``: the raw weight) plus ``max_abs_log_ratio`` (a max), so callers can reduce over any split.
 
     With r = log(proximal / behaviour) on a token the engine sampled, ``k1 = -r`` and ``k3 = exp(r) - 1 - r`` both
     have expectation KL(behaviour || proximal) under the behaviour policy (veRL's ``compute_offpolicy_metrics``):
@@ -228,8 +236,9 @@ def rollout_correction(
         raise ValueError(f"lengths differ: {len(proximal)} proximal, {len(behaviour)} behaviour, {len(mask)} mask")
     log_ratio = [max(-20.0, min(20.0, p - b)) if m else 0.0 for p, b, m in zip(proximal, behaviour, mask, strict=True)]
     trained = [i for i, m in enumerate(mask) if m]
-    if level == "sequence":
-        seq = math.exp(max(-20.0, min(20.0, sum(log_ratio))))
+    if level in ("sequence", "geometric"):
+        total = sum(log_ratio)  # 0 on untrained tokens
+        seq = math.exp(max(-20.0, min(20.0, total if level == "sequence" else total / max(len(trained), 1))))
         raw = [seq if m else 1.0 for m in mask]
     else:
         raw = [math.exp(r) if m else 1.0 for r, m in zip(log_ratio, mask, strict=True)]

@@ -362,3 +362,31 @@ def test_the_learner_takes_log_probs_at_the_rollout_temperature(single):
     assert (at_one - torch.tensor(lp)).abs().max() > 0.1
     assert m["learner/mismatch_max_abs_log_ratio"] < 1e-4 and m["learner/is_weight_mean"] == pytest.approx(1, abs=1e-4)
     assert m["learner/approx_kl"] == pytest.approx(0, abs=1e-6)  # the first step's ratio against its own proximal
+
+
+def test_geometric_level_drops_the_sequences_outside_its_own_band(single):
+    """algo.correction_level=geometric with mis: group 0's engine log-probs are 0.01 nat low on every model token, a
+    geometric-mean weight of e^0.01 = 1.010, outside the level's own band [0.999, 1.001] (inside the token band
+    [0.5, 2] it would pass): exactly group 0's tokens are dropped, the step equals training without them (#30)."""
+    state = {k: v.clone() for k, v in single.model.state_dict().items()}
+    cfg = single.cfg
+    trajs = _exact(_batch(4, single.model), single.model)
+    for t in trajs:
+        if t.group == 0:
+            t.logprobs = [lp - 0.01 if m else lp for lp, m in zip(t.logprobs, t.loss_mask, strict=True)]
+    dropped = sum(sum(t.loss_mask) for t in trajs if t.group == 0) / sum(sum(t.loss_mask) for t in trajs)
+    algo = replace(cfg.algo, old_logprobs="recompute", rollout_correction="mis", correction_level="geometric")
+    single.cfg = replace(cfg, algo=algo)
+    try:
+        m = single.train_step(trajs)
+        single.model.load_state_dict(state)
+        single.cfg = cfg  # engine log-probs, no correction: group 0 masked by hand
+        for t in trajs:
+            t.loss_mask = [0] * len(t.loss_mask) if t.group == 0 else t.loss_mask
+        kept = single.train_step(_exact(trajs, single.model))
+    finally:
+        single.cfg = cfg
+        single.model.load_state_dict(state)
+    assert m["learner/is_corrected_share"] == pytest.approx(dropped)
+    assert m["learner/loss"] == pytest.approx(kept["learner/loss"], rel=1e-5, abs=1e-7)
+    assert m["learner/grad_norm"] == pytest.approx(kept["learner/grad_norm"], rel=1e-5)

@@ -136,6 +136,13 @@ def test_training_accepts_any_temperature_and_top_p_without_a_correction():
     check_training_sampling(load_config([], ["rollout.top_p=0.9", "algo.rollout_correction=none"]))
 
 
+def test_geometric_level_has_thresholds_of_its_own():
+    algo = load_config([], ["algo.correction_level=geometric", "algo.geo_low=0.99", "algo.geo_high=1.02"]).algo
+    assert algo.correction_thresholds() == (1.02, 0.99, 1.02)  # tis truncates at the band's top
+    with pytest.raises(ConfigError, match=r"algo\.geo_low <= 1 <= algo\.geo_high"):
+        load_config([], ["algo.geo_low=1.01"])
+
+
 def test_rollout_correction_choices_include_mis_reject():
     assert load_config([], ["algo.rollout_correction=mis_reject"]).algo.rollout_correction == "mis_reject"
     with pytest.raises(ConfigError, match=r"algo\.rollout_correction: 'icepop' is not one of .*'mis', 'mis_reject'"):

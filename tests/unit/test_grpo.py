@@ -256,6 +256,62 @@ def test_sequence_level_weight_is_the_product_and_none_is_identity():
         rollout_correction(_PROX, _BEHAV[:2], _MASK, "tis")
 
 
+# Token ratios 1.5, 1.5, 1.2 on the model's tokens around a tool-output token whose (meaningless) log-ratio is +5:
+# product 2.7, geometric mean 2.7 ** (1/3) = 1.3925 (2.7 ** (1/4) = 1.2818 if the tool token were counted).
+_SEQ_PROX = [math.log(1.5) - 1.0, math.log(1.5) - 2.0, 5.0, math.log(1.2) - 0.5]
+_SEQ_BEHAV = [-1.0, -2.0, 0.0, -0.5]
+_SEQ_MASK = [1, 1, 0, 1]
+_GEO = 2.7 ** (1 / 3)
+
+
+@pytest.mark.parametrize(
+    ("mode", "level", "thresholds", "weights", "mask", "corrected"),
+    [
+        ("tis", "token", (2.0, 0.5, 2.0), [1.5, 1.5, 1.0, 1.2], [1, 1, 0, 1], 0),
+        ("tis", "sequence", (2.0, 0.5, 2.0), [2.0, 2.0, 1.0, 2.0], [1, 1, 0, 1], 3),  # 2.7 truncated at 2
+        ("tis", "sequence", (3.0, 0.5, 3.0), [2.7, 2.7, 1.0, 2.7], [1, 1, 0, 1], 0),
+        ("mis", "sequence", (2.0, 0.5, 2.0), [1.0, 1.0, 1.0, 1.0], [0, 0, 0, 0], 3),  # 2.7 out of band: all dropped
+        ("mis", "sequence", (3.0, 0.5, 3.0), [2.7, 2.7, 1.0, 2.7], [1, 1, 0, 1], 0),
+        ("tis", "geometric", (1.3, 0.9, 1.3), [1.3, 1.3, 1.0, 1.3], [1, 1, 0, 1], 3),  # 1.3925 truncated at 1.3
+        ("tis", "geometric", (1.5, 0.9, 1.5), [_GEO, _GEO, 1.0, _GEO], [1, 1, 0, 1], 0),
+        ("mis", "geometric", (1.5, 0.7, 1.5), [_GEO, _GEO, 1.0, _GEO], [1, 1, 0, 1], 0),  # in band, weight kept
+        ("mis", "geometric", (1.3, 0.7, 1.3), [1.0, 1.0, 1.0, 1.0], [0, 0, 0, 0], 3),  # 1.3925 > 1.3: dropped
+        ("mis_reject", "geometric", (1.5, 0.7, 1.5), [1.0, 1.0, 1.0, 1.0], [1, 1, 0, 1], 0),
+        ("mis_reject", "geometric", (1.3, 0.7, 1.3), [1.0, 1.0, 1.0, 1.0], [0, 0, 0, 0], 3),
+    ],
+)
+def test_sequence_and_geometric_levels_truncate_and_mask_whole_sequences(
+    mode, level, thresholds, weights, mask, corrected
+):
+    """One weight per sequence: the product of the model tokens' ratios (sequence) or their geometric mean
+    (geometric, veRL's Geo-RS), truncated at the cap or dropping every model token of the sequence outside the band
+    (#30). Worked out by hand; the tool token neither enters the weight nor is counted in the mean."""
+    from torl.grpo import rollout_correction
+
+    cap, low, high = thresholds
+    c = rollout_correction(_SEQ_PROX, _SEQ_BEHAV, _SEQ_MASK, mode, level=level, cap=cap, low=low, high=high)
+    assert c.weights == pytest.approx(weights) and c.mask == mask and c.stats["corrected"] == corrected
+    assert c.stats["weight"] == pytest.approx(3 * {"sequence": 2.7, "geometric": _GEO}.get(level, 4.2 / 3))
+
+
+def test_geometric_level_keeps_long_sequences_that_the_product_rejects():
+    """3000 model tokens each 0.03% more likely under the proximal policy: the product is e^0.9 = 2.46, outside the
+    product's band [0.5, 2]; the geometric mean is 1.0003, inside its own band [0.999, 1.001] (veRL's Geo-RS), and
+    AlgoConfig hands each level its thresholds."""
+    from torl.config import load_config
+    from torl.grpo import rollout_correction
+
+    prox, behav, mask = [-1.0 + 3e-4] * 3000, [-1.0] * 3000, [1] * 3000
+    seq_cfg = load_config([], ["algo.correction_level=sequence", "algo.rollout_correction=mis"]).algo
+    geo_cfg = load_config([], ["algo.correction_level=geometric", "algo.rollout_correction=mis"]).algo
+    assert seq_cfg.correction_thresholds() == (2.0, 0.5, 2.0)
+    assert geo_cfg.correction_thresholds() == (1.001, 0.999, 1.001)
+    seq = rollout_correction(prox, behav, mask, "mis", "sequence", *seq_cfg.correction_thresholds())
+    geo = rollout_correction(prox, behav, mask, "mis", "geometric", *geo_cfg.correction_thresholds())
+    assert sum(seq.mask) == 0 and seq.stats["weight"] / 3000 == pytest.approx(math.exp(0.9))
+    assert geo.mask == mask and geo.weights[0] == pytest.approx(math.exp(3e-4))
+
+
 def test_policy_loss_scales_each_token_by_its_importance_weight():
     import torch
 
