@@ -22,6 +22,8 @@ import socket
 import time
 import types
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -360,20 +362,32 @@ class Learner:
         m["loss"] = float(loss.detach())
         return loss, m
 
+    @contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """The policy as a distribution, not as a training forward: dropout (and any train-only behaviour) off, as
+        veRL's compute_log_prob runs in eval(); back in train() mode after, for the updates."""
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+
     @torch.no_grad()
     def _proximal_logprobs(self, trajs: list[Trajectory]) -> list[list[float]]:
-        """Each trajectory's response log-probs under the weights held now, micro-batched like training; under
-        FSDP every rank computes its share and the shares are exchanged, so all ranks see every sequence."""
+        """Each trajectory's response log-probs under the weights held now, in eval() mode (``_evaluating``),
+        micro-batched like training; under FSDP every rank computes its share and the shares are exchanged, so all
+        ranks see every sequence."""
         lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajs]
         plan = plan_micro_batches(lengths, self.world_size, self.cfg.learner.micro_batch_tokens)[self.rank]
         local: dict[int, list[float]] = {}
-        for mb in plan:
-            self._threads()
-            if not mb:  # the other ranks still run a forward pass: join the collectives
-                self._join_collectives()
-                continue
-            seqs = [(trajs[i].prompt_ids, trajs[i].response_ids) for i in mb]
-            local.update(zip(mb, self._sequence_logprobs(seqs), strict=True))
+        with self._evaluating():
+            for mb in plan:
+                self._threads()
+                if not mb:  # the other ranks still run a forward pass: join the collectives
+                    self._join_collectives()
+                    continue
+                seqs = [(trajs[i].prompt_ids, trajs[i].response_ids) for i in mb]
+                local.update(zip(mb, self._sequence_logprobs(seqs), strict=True))
         if self.world_size > 1:
             shares: list[dict[int, list[float]] | None] = [None] * self.world_size
             dist.all_gather_object(shares, local)
@@ -394,8 +408,9 @@ class Learner:
         """Per-token log-probs of each (prompt_ids, response_ids) under the current policy (fp32, at
         ``rollout.temperature``, as the engine reports them).
 
-        A collective under FSDP: call it on every rank with the same input."""
-        return self._sequence_logprobs(sequences)
+        A collective under FSDP: call it on every rank with the same input. In eval() mode, as the proximal pass."""
+        with self._evaluating():
+            return self._sequence_logprobs(sequences)
 
     # ---- weights and checkpoints -------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -167,7 +167,9 @@ def policy_loss(
         "tokens": float(maskf.sum()),
         "pg_loss": float(pg_loss.detach()),
         "clip_frac": float(((pg_clipped > pg_unclipped).float() * maskf).sum()),
-        "approx_kl": float((-log_ratio.detach() * maskf).sum()),  # k1 to the behaviour policy, as veRL's ppo_kl
+        # k1 of KL(old || current) against ``old_logprobs`` (the proximal policy, not the engine's unless
+        # algo.old_logprobs=engine): how far the updates moved, as veRL's ppo_kl; the engine's is mismatch_k1/k3
+        "approx_kl": float((-log_ratio.detach() * maskf).sum()),
         "ratio": float((ratio.detach() * maskf).sum()),
     }
     if entropy is not None:

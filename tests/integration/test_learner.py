@@ -305,6 +305,8 @@ def test_injected_mismatch_is_measured_and_truncated(recomputing, tiny_model_dir
     # r = log(proximal / engine) = 1 on the bumped tokens, 0 elsewhere: k3 = e^1 - 1 - 1 there, k1 = -1.
     assert m["learner/mismatch_k3"] == pytest.approx(bumped / total * (math.e - 2.0), abs=1e-4)
     assert m["learner/mismatch_k1"] == pytest.approx(-bumped / total, abs=1e-4)
+    # approx_kl is against the proximal policy (one update, so 0), not the engine (-bumped / total there).
+    assert m["learner/approx_kl"] == pytest.approx(0.0, abs=1e-6)
     # Reference: ratio 1 against the learner's own log-probs, each token's -A weighted by its truncated weight.
     loss = 0.0
     for t, adv in zip(trajs, map(float, _reference_advantages(trajs)), strict=True):
@@ -390,3 +392,25 @@ def test_geometric_level_drops_the_sequences_outside_its_own_band(single):
     assert m["learner/is_corrected_share"] == pytest.approx(dropped)
     assert m["learner/loss"] == pytest.approx(kept["learner/loss"], rel=1e-5, abs=1e-7)
     assert m["learner/grad_norm"] == pytest.approx(kept["learner/grad_norm"], rel=1e-5)
+
+
+def test_old_log_probs_are_recomputed_in_eval_mode(single):
+    """With attention dropout 0.5 the proximal pass is still the deterministic network (eval(), as veRL's
+    compute_log_prob): two passes agree with each other and with the dropout-free forward, and the model is back in
+    train() mode for the updates (#30). In train() mode each pass draws its own dropout masks."""
+    trajs = _batch(8, single.model)
+    with torch.no_grad():  # dropout 0 so far: this is the deterministic forward
+        want = [_hf_logprobs(single.model, t.prompt_ids, t.response_ids).tolist() for t in trajs]
+    attentions = [layer.self_attn for layer in single.model.model.layers]
+    for a in attentions:
+        a.attention_dropout = 0.5
+    try:
+        first, second = single._proximal_logprobs(trajs), single._proximal_logprobs(trajs)
+        public = single.logprobs([(t.prompt_ids, t.response_ids) for t in trajs[:1]])
+        training = single.model.training
+    finally:
+        for a in attentions:
+            a.attention_dropout = 0.0
+    assert first == second and training
+    for got, ref in zip(first + public, want + want[:1], strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=0, atol=1e-5)
