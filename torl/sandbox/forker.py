@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from torl.sandbox import scratch
+from torl.sandbox import landlock_rules, scratch
 from torl.sandbox.child import (
     CLONE_NEWNET,
     CLONE_NEWNS,
@@ -106,10 +106,13 @@ class Forker:
         if len(fds) != (5 if session else 4):
             raise ValueError(f"spawn needs {5 if session else 4} fds, got {len(fds)}")
         slot = self._take_slot()
+        rules, pid = None, -1
         try:
             where = None if self.layers.namespaces else self._fresh_dir(slot)
             ns = self.slot_ns.get(slot)
             layers = self.layers
+            if layers.landlock_paths is not None:
+                rules = landlock_rules.ruleset(layers.landlock_paths)
             setup = ChildSetup(
                 self.limits,
                 where,
@@ -122,13 +125,16 @@ class Forker:
                 uid=self.uid_base + slot if self.privileged else None,
                 nested_userns=layers.identity == "userns",
                 nproc=layers.nproc,
-                landlock_paths=layers.landlock_paths,
+                landlock=rules,
                 seccomp=layers.seccomp,
             )
             pid = self._fork(slot)
         except BaseException:
             self.free_slots.append(slot)
             raise
+        finally:
+            if rules is not None and pid != 0:  # the child's copy is its own
+                rules.close()
         if pid == 0:
             (session_child if session else stateless_child)(setup)
         proc = Proc(job, pid, slot, where)

@@ -1,10 +1,10 @@
 """Landlock rules for sandbox children: write only the snippet's own scratch, read only what Python needs.
 
 Landlock (Linux 5.13+) lets an unprivileged process restrict itself, so it holds for non-root users and in
-containers, where a uid of its own or a mount namespace may be unavailable. Each child builds its ruleset after
-mounting its own scratch (a rule names an inode, and a fresh tmpfs is a new one; a rule on the directory it covers
-would not count, since Landlock skips covered mount points), about 0.5 ms, and enforces it in 0.1 ms
-(docs/platform-notes.md §13). What a
+containers, where a uid of its own or a mount namespace may be unavailable. Each child gets a ruleset of its own, built
+by the forker before the fork, and adds its scratch to it once that is mounted (a rule names an inode, and a fresh
+tmpfs is a new one; a rule on the directory it covers would not count, since Landlock skips covered mount points),
+then enforces it in 0.1 ms (docs/platform-notes.md §13). What a
 snippet may open: the Python installation (read, execute), system directories (/usr, /lib*, /bin, /sbin, /etc),
 the CPU list under /sys that ``os.cpu_count`` reads, a few character devices (/dev/null, /dev/urandom, ...), and its
 scratch (everything). Not the home directory (``~/.netrc``, ``~/.ray``, ``~/.cache``), not the run's
@@ -41,21 +41,25 @@ def read_paths() -> list[str]:
     return [p for p in (*READ_DIRS, *sorted(pythons)) if os.path.exists(p)]
 
 
-def restrict(scratch: str, readable: tuple[str, ...]) -> None:
-    """Restrict this process (and what it starts) to ``readable`` plus ``scratch``; sets ``no_new_privs`` too.
-
-    Irreversible; called in the child once its scratch is mounted or made."""
-    ruleset = Ruleset(
+def ruleset(readable: tuple[str, ...]) -> Ruleset:
+    """A new ruleset with every rule but the scratch's: built by the forker for each child, before the fork (0.1 ms
+    there, against 0.8 ms in the child, whose first touch of each page copies it)."""
+    rules = Ruleset(
         handled_net=AccessNet.BIND_TCP | AccessNet.CONNECT_TCP,  # no port rule: all TCP is denied
         scoped=Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL,
     )
-    everything = fs_for_abi(ruleset.abi_version)
     read = AccessFS.READ_FILE | AccessFS.READ_DIR | AccessFS.EXECUTE
     for path in readable:
-        ruleset.allow_path(path, read)
+        rules.allow_path(path, read)
     for path in DEVICES:
         if os.path.exists(path):
-            ruleset.allow_path(path, AccessFS.READ_FILE | AccessFS.WRITE_FILE | AccessFS.IOCTL_DEV)
-    ruleset.allow_path(scratch, everything)
-    ruleset.restrict()
-    ruleset.close()
+            rules.allow_path(path, AccessFS.READ_FILE | AccessFS.WRITE_FILE | AccessFS.IOCTL_DEV)
+    return rules
+
+
+def restrict(rules: Ruleset, scratch: str) -> None:
+    """Add the scratch (everything) to the child's own ``rules`` and restrict this process and what it starts; sets
+    ``no_new_privs`` too. Irreversible; called in the child once its scratch is mounted or made."""
+    rules.allow_path(scratch, fs_for_abi(rules.abi_version))
+    rules.restrict()
+    rules.close()
