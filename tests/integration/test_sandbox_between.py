@@ -433,5 +433,20 @@ def test_process_limit_holds_at_none(pool):
     assert 0 < soft == hard < 5000, res.stdout  # the user's task count at start + 256, not the inherited limit
 
 
+def test_trainer_processes_cannot_be_reniced(pool):
+    """Without a uid of its own a snippet shares the trainer's user: setpriority of the zygote, its forker and client
+    (by pid, or all of the user's at once) is refused, and their priority stays."""
+    protected = pool.protected()
+    before = [os.getpriority(os.PRIO_PROCESS, pid) for pid in protected]
+    code = (
+        f"import os\nfor which, who in [*((os.PRIO_PROCESS, p) for p in {protected!r}), (os.PRIO_USER, 0), "
+        "(os.PRIO_PGRP, 0)]:\n    try:\n        os.setpriority(which, who, 19)\n        print('reniced', which, who)\n"
+        "    except OSError as e:\n        print('refused', e.errno)"
+    )
+    res = run(pool, code)
+    assert res.status == "ok" and "reniced" not in res.stdout, res
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in protected] == before
+
+
 def test_no_stray_process_left(pool):
     assert not wait_no_strays(pool)
