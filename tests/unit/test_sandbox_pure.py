@@ -7,6 +7,7 @@ import os
 import pytest
 
 from torl.config import ConfigError, SandboxConfig
+from torl.sandbox import scratch
 from torl.sandbox.child import Limits, exit_code_of, run_code, snippet_env
 from torl.sandbox.client import ZYGOTE_ENV, result_from_reply, zygote_command, zygote_limits
 from torl.sandbox.isolation import Available, IsolationUnavailable, assess, warning
@@ -202,3 +203,27 @@ def test_scratch_root_is_new_private_and_stale_roots_go(tmp_path):
     os.chown(foreign, 12345, 12345)
     remove_stale_roots(str(tmp_path))
     assert not dead.exists() and foreign.exists()
+
+
+def test_remove_tree_stops_when_a_step_up_is_not_the_way_down(tmp_path, monkeypatch):
+    """Should a surviving process move a directory during the walk, ``..`` leads elsewhere: the walk stops there
+    rather than deleting outside the tree (simulated: ``..`` opens a bystander directory)."""
+    tree, bystander = tmp_path / "scratch", tmp_path / "bystander"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "f").write_text("x")
+    bystander.mkdir()
+    (bystander / "keep").write_text("x")
+
+    class MovedOs:
+        """``os`` as the walk sees it, but ``..`` opens the bystander."""
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def open(path, flags, mode=0o777, *, dir_fd=None):
+            return os.open(bystander, flags) if path == ".." else os.open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(scratch, "os", MovedOs())
+    assert remove_tree(str(tree)) is False
+    assert (bystander / "keep").read_text() == "x"

@@ -188,10 +188,12 @@ class Forker:
             return
         proc.ended = True
         _kill_group(proc.pid)
-        for pid in _descendants(proc.pid):
-            _kill(pid)
-        _kill(proc.pid)
+        if proc.pid in self.by_pid:  # not reaped yet: the pid is still its own (after reaping it could be anyone's)
+            for pid in _descendants(proc.pid):
+                _kill(pid)
+            _kill(proc.pid)
         self._kill_slot_leftovers(proc.slot)
+        self.kill_orphans()  # without PID namespaces what it left comes to us: dead before its scratch is removed
         if proc.scratch is not None and not scratch.remove_tree(proc.scratch):
             os.write(2, f"[zygote] could not remove {proc.scratch}\n".encode())
         self.free_slots.append(proc.slot)

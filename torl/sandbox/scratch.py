@@ -29,8 +29,9 @@ def make_root(parent: str) -> str:
 def remove_tree(path: str) -> bool:
     """Delete ``path`` and all under it; ``False`` (and the tree left in place) when part of it cannot be removed.
 
-    Called only once every process that could change the tree is dead, so walking up through ``..`` returns to the
-    directory the walk came down from."""
+    Called once every process that could change the tree is dead; should one survive and move a directory, walking
+    up through ``..`` would not return where the walk came down from, so each step up is checked against the
+    directory's identity (device, inode) and the removal stops there instead of leaving the tree."""
     try:
         fd = os.open(path, _DIR_FLAGS)
     except FileNotFoundError:
@@ -40,6 +41,7 @@ def remove_tree(path: str) -> bool:
             os.unlink(path)
         return True
     names: list[str] = []  # the way down from ``path``
+    above: list[tuple[int, int]] = []  # (device, inode) of the directory each of ``names`` is in
     left: str | None = None  # the directory the walk just came up from, emptied
     try:
         while True:
@@ -50,15 +52,20 @@ def remove_tree(path: str) -> bool:
                 with contextlib.suppress(OSError):
                     os.chmod(below, 0o700, dir_fd=fd)  # a directory the snippet left without permissions
                 child = os.open(below, _DIR_FLAGS, dir_fd=fd)
+                st = os.fstat(fd)
                 os.close(fd)
                 fd, left = child, None
                 names.append(below)
+                above.append((st.st_dev, st.st_ino))
             elif not names:
                 break
             else:
                 parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd, left = parent, names.pop()
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != above.pop():
+                    return False  # moved under the walk: not the way it came down
     except OSError:
         return False
     finally:
