@@ -383,26 +383,34 @@ def connect(
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     register()
+    info = trainer_init_info(cfg, fleet.world_size, rank, master)
+    return WeightTransferTrainerFactory.trainer_init(info, client=fleet, source=source)
+
+
+def trainer_init_info(cfg: Config, world_size: int, rank: int, master: tuple[str, int]) -> TrainerInitInfo:
+    """The trainer-side init info for this run's backend: vLLM's NCCL one on GPUs, torl's gloo one on CPU.
+
+    Apart so that a CPU test can build the GPU branch against the installed vLLM (tests/integration/test_vllm_api.py):
+    nothing else on CPU reaches it.
+    """
     bucket = cfg.rollout.weight_sync_bucket_mb << 20
     host, port = master
     if backend_for(cfg) == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-        info: TrainerInitInfo = NCCLTrainerInitInfo(
+        return NCCLTrainerInitInfo(
             master_address=host,
             master_port=port,
-            world_size=fleet.world_size,
+            world_size=world_size,
             packed=True,
             packed_buffer_size_bytes=bucket,
             rank=rank,
         )
-    else:
-        info = GlooTrainerInitInfo(
-            master_address=host,
-            master_port=port,
-            world_size=fleet.world_size,
-            bucket_bytes=bucket,
-            timeout_s=cfg.rollout.weight_sync_timeout_s,
-            rank=rank,
-        )
-    return WeightTransferTrainerFactory.trainer_init(info, client=fleet, source=source)
+    return GlooTrainerInitInfo(
+        master_address=host,
+        master_port=port,
+        world_size=world_size,
+        bucket_bytes=bucket,
+        timeout_s=cfg.rollout.weight_sync_timeout_s,
+        rank=rank,
+    )

