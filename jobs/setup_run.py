@@ -465,35 +465,54 @@ class Run:
             print(f"[torl] warning: the run's files were not stored: {exc}", file=sys.stderr)
 
 
-def _resume(run: Run) -> None:
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumes from, found and checked against the run's identity before any actor starts."""
+
+    ckpt: str | Path
+    stored: bool  # in the run's storage: each learner node loads its copy of it (downloaded if missing)
+    shown: str | Path  # how messages name it: the storage location, or the local directory
+
+
+def find_resume_point(cfg: Config, storage: Storage | None, identity: dict[str, Any]) -> ResumePoint | None:
+    """The checkpoint ``trainer.resume`` picks, or None to start afresh; a checkpoint another run wrote is refused.
+
+    Only its trainer_state.json is read, so this runs before Ray and the actors start: a refused resume costs
+    seconds, not an engine and learner start-up that is thrown away."""
     from torl.checkpoint import identity_differences, latest_checkpoint, read_trainer_state
 
-    cfg = run.cfg.trainer
-    if cfg.resume == "never":
-        run.tracker.keep_steps_before(0)
-        return
-    # With a storage, the newest checkpoint there: each learner node loads its copy of it (downloaded if missing).
-    name = run.storage.latest() if run.storage is not None and cfg.resume == "auto" else None
+    trainer = cfg.trainer
+    if trainer.resume == "never":
+        return None
+    # With a storage, the newest checkpoint there.
+    name = storage.latest() if storage is not None and trainer.resume == "auto" else None
     stored = name is not None
-    ckpt: str | Path | None = Path(cfg.output_dir) / name if stored else None
+    ckpt: str | Path | None = Path(trainer.output_dir) / name if stored else None
     if not stored:
-        ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
-        if ckpt and run.storage is not None and cfg.resume == "auto":
-            print(f"[torl] warning: no checkpoint in {run.storage.location()}; resuming from this node's {ckpt}")
+        ckpt = latest_checkpoint(trainer.output_dir) if trainer.resume == "auto" else trainer.resume
+        if ckpt and storage is not None and trainer.resume == "auto":
+            print(f"[torl] warning: no checkpoint in {storage.location()}; resuming from this node's {ckpt}")
     if not ckpt:
-        run.tracker.keep_steps_before(0)
-        return
-    state = run.storage.read_trainer_state(name) if stored else read_trainer_state(ckpt)
-    shown = run.storage.location(name) if stored else ckpt
+        return None
+    state = storage.read_trainer_state(name) if stored else read_trainer_state(ckpt)
+    shown = storage.location(name) if stored else ckpt
     saved = state.get("identity")
     if saved is None:
         print(f"[torl] warning: {shown} records no run identity (written by an older torl); resuming unchecked")
-    elif (diffs := identity_differences(saved, run.identity)) and not cfg.resume_force:
+    elif (diffs := identity_differences(saved, identity)) and not trainer.resume_force:
         raise ConfigError(
             f"{shown} was written by a different run:\n  " + "\n  ".join(diffs) + "\nResume anyway with "
             "trainer.resume_force=true, or start afresh with trainer.resume=never or another trainer.output_dir"
         )
-    extra = run.learner.load(str(ckpt), stored=stored)
+    return ResumePoint(ckpt, stored, shown)
+
+
+def _resume(run: Run, point: ResumePoint | None) -> None:
+    """Load ``point`` (found by ``find_resume_point``) into the started actors, or start the run's log afresh."""
+    if point is None:
+        run.tracker.keep_steps_before(0)
+        return
+    extra = run.learner.load(str(point.ckpt), stored=point.stored)
     run.start_step = int(extra["step"])
     run.sampler.state = SamplerState(**extra["sampler"])
     run.restored_rollouts = [
@@ -501,7 +520,7 @@ def _resume(run: Run) -> None:
     ]
     run.push_weights(run.start_step)
     run.tracker.keep_steps_before(run.start_step + 1)  # the steps after the checkpoint are redone: logged once
-    print(f"[torl] resumed from {shown} at step {run.start_step}")
+    print(f"[torl] resumed from {point.shown} at step {run.start_step}")
 
 
 def load_run_config(argv: list[str]) -> Config:
@@ -519,6 +538,8 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
         raise ConfigError("data.train_files is required (e.g. data.train_files=[synthetic:train] or a parquet path)")
     storage = open_run_storage(cfg)
     model_path = ensure_model(cfg)
+    identity = run_identity(to_dict(cfg), model_path, cfg.model.tokenizer_path or model_path)
+    resume_point = find_resume_point(cfg, storage, identity)
 
     from transformers import AutoTokenizer
 
@@ -547,8 +568,7 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     if storage is not None and cfg.trainer.resume != "never":  # the run's rows so far, e.g. written on another node
         storage.download_files(cfg.trainer.output_dir)
     tracker = Tracker(cfg.wandb, cfg.trainer.output_dir, to_dict(cfg), job=job)
-    run = Run(cfg, model_path, sampler, val, tracker, total_steps=total, storage=storage)
-    run.identity = run_identity(to_dict(cfg), model_path, cfg.model.tokenizer_path or model_path)
+    run = Run(cfg, model_path, sampler, val, tracker, total_steps=total, storage=storage, identity=identity)
     try:
         log_dir = str(Path(cfg.trainer.output_dir) / "logs")
         run.sandbox, run.generators, run.grader = spawn_rollout_actors(cfg, model_path, log_dir=log_dir)
@@ -556,7 +576,7 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
         ray.get([g.start.remote() for g in run.generators])
         if cfg.rollout.weight_sync == "collective":
             run.learner.connect_generators(run.generators)
-        _resume(run)
+        _resume(run, resume_point)
     except BaseException:
         run.close()
         raise

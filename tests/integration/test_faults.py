@@ -188,9 +188,11 @@ def test_dead_learner_stops_the_run_and_the_same_command_resumes(ray_cluster, ti
     assert "step_000002" in err
     first = _rows(out)
 
-    # A different algorithm is another run: refused, naming the field, before anything is loaded.
+    # A different algorithm is another run: refused, naming the field, before the data is read or any actor starts.
     assert train_main([*args, "algo.clip_high=0.28"]) == 2
-    assert "algo.clip_high: checkpoint 0.2, now 0.28" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "algo.clip_high: checkpoint 0.2, now 0.28" in refused.err
+    assert "training prompts" not in refused.out  # printed once the data is read, before Ray and the actors start
 
     assert train_main(args) == 0
     _assert_resumed_at(capsys.readouterr().out, out / "step_000002", 2, first, _rows(out))

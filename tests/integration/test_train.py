@@ -7,6 +7,8 @@ bad config fails before any actor starts.
 
 import json
 import math
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,10 +55,26 @@ def _assert_resumed_at(printed: str, ckpt: Path, step: int, before: list[dict], 
     assert kept and [r for r in after if r["step"] <= step] == kept
 
 
+@pytest.fixture(scope="module")
+def two_step_run(ray_cluster, tiny_model_dir, tmp_path_factory) -> Callable[[int], Path]:
+    """The output directory of a two-step run at a staleness bound, run once per module: the plain test reads the
+    on-policy run and the exact-resume test continues a copy of it, where each used to start the same job itself
+    (a minute of actor start-up and training on this CPU). Tests must not write into the returned directory."""
+    runs: dict[int, Path] = {}
+
+    def run(staleness: int) -> Path:
+        if staleness not in runs:
+            out = tmp_path_factory.mktemp(f"two_steps_staleness{staleness}") / "run"
+            assert train_main(_args(tiny_model_dir, out, 2, staleness)) == 0
+            runs[staleness] = out
+        return runs[staleness]
+
+    return run
+
+
 @pytest.mark.parametrize("staleness", [0, 1])
-def test_train_steps_update_weights_and_reach_the_generator(ray_cluster, tiny_model_dir, tmp_path, staleness):
-    out = tmp_path / "run"
-    assert train_main(_args(tiny_model_dir, out, 2, staleness)) == 0
+def test_train_steps_update_weights_and_reach_the_generator(two_step_run, tiny_model_dir, staleness):
+    out = two_step_run(staleness)
 
     rows = {r["step"]: r for r in _metrics(out)}
     assert set(rows) == {0, 1, 2}  # step 0 = validation before training
@@ -77,11 +95,12 @@ def test_train_steps_update_weights_and_reach_the_generator(ray_cluster, tiny_mo
     assert (out / "samples.jsonl").is_file()
 
 
-def test_resume_continues_from_the_last_checkpoint_exactly(ray_cluster, tiny_model_dir, tmp_path, capsys):
+def test_resume_continues_from_the_last_checkpoint_exactly(two_step_run, tiny_model_dir, tmp_path, capsys):
     """Stopped after step 2 and resumed, the run's step 3 equals an uninterrupted run's step 3 (on-policy: the same
-    weights, optimizer and RNG state, prompts and sampling seeds)."""
+    weights, optimizer and RNG state, prompts and sampling seeds). The two steps are the shared on-policy run's,
+    continued in a copy so that the plain test reads that run as it ended, whichever test runs first."""
     out = tmp_path / "run"
-    assert train_main(_args(tiny_model_dir, out, 2, 0)) == 0
+    shutil.copytree(two_step_run(0), out)
     first = _metrics(out)
     assert train_main([*_args(tiny_model_dir, out, 3, 0), "trainer.val_before_train=true"]) == 0
     _assert_resumed_at(capsys.readouterr().out, out / "step_000002", 2, first, _metrics(out))
