@@ -49,13 +49,13 @@ def _pid_named(name: str, timeout: float = 5.0) -> int:
 
 
 def _memory_holds(pid: int, needles: list[bytes]) -> list[bytes]:
-    """The needles found anywhere in ``pid``'s readable memory (read from outside through /proc/<pid>/mem)."""
+    """The needles found anywhere in ``pid``'s writable memory (read from outside through /proc/<pid>/mem)."""
     found = set()
     with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
         for line in maps:
             span, perms, *rest = line.split()
-            if "r" not in perms or (rest and rest[-1] in ("[vvar]", "[vsyscall]", "[vvar_vclock]")):
-                continue
+            if not perms.startswith("rw") or (rest and rest[-1] in ("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue  # code and read-only data hold no request: the writable mappings are the heap and stacks
             start, end = (int(x, 16) for x in span.split("-"))
             try:
                 mem.seek(start)
