@@ -73,7 +73,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_METRIC_KEYS = ("loss", "pg_loss", "tokens", "clip_frac", "approx_kl", "ratio", "entropy", "kl_ref")
+_METRIC_KEYS = ("loss", "pg_loss", "tokens", "seqs", "clip_frac", "approx_kl", "ratio", "entropy", "kl_ref")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -85,6 +85,17 @@ def _dtype(name: str) -> torch.dtype:
 def _flat(rows: list[list[Any]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Concatenate per-sequence lists into one flat tensor (the packed token order)."""
     return torch.tensor([x for r in rows for x in r], dtype=dtype, device=device)
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a train() forward draws dropout (a ``Dropout`` module or an attention's ``attention_dropout``, which
+    HF applies only in train() mode): its log-probs are then not the eval() proximal pass's."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return True
+        if float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0:
+            return True
+    return False
 
 
 def _bind_logprobs(model: torch.nn.Module) -> None:
@@ -197,40 +208,50 @@ class Learner:
         self._ahead = list(ahead or [])
         self._threads()
         algo, lc = self.cfg.algo, self.cfg.learner
-        t_prox = time.perf_counter()
-        # The PPO ratio's old policy: the weights held now, before this step's updates (AReaL's proximal policy),
-        # or the engine's sampling log-probs. The engine's stay the behaviour policy of the rollout correction.
-        proximal = self._proximal_logprobs(trajs) if algo.old_logprobs == "recompute" else [t.logprobs for t in trajs]
-        t_prox = time.perf_counter() - t_prox
-        cap, low, high = algo.correction_thresholds()
-        corrected = [
-            rollout_correction(
-                prox, t.logprobs, t.loss_mask, algo.rollout_correction, algo.correction_level, cap, low, high
-            )
-            for prox, t in zip(proximal, trajs, strict=True)
-        ]
-        is_w = [c.weights for c in corrected]
-        trajs = [
-            dataclasses.replace(t, logprobs=list(prox), loss_mask=c.mask)
-            for t, prox, c in zip(trajs, proximal, corrected, strict=True)
-        ]
         rewards, groups = [t.reward for t in trajs], [t.group for t in trajs]
-        adv = group_advantages(rewards, groups, algo.norm_adv_by_std, algo.adv_eps)
-        # By dynamic sampling's own criterion (correctness by default), which keeps such groups out (jobs/train.py).
-        zero = zero_variance_groups(group_signal(trajs, algo.dynamic_sampling_metric), groups)
         order = list(dict.fromkeys(groups))  # prompts in batch order
         per = lc.mini_batch_prompts or max(len(order), 1)
         minis = [set(order[k : k + per]) for k in range(0, len(order), per)]
+        reuse = self._reuses_training_forward(len(minis))
+        t_prox = time.perf_counter()
+        stats: list[dict[str, float]] = []
+        is_w: list[list[float]] | None = None
+        if not reuse:
+            # The PPO ratio's old policy: the weights held now, before this step's updates (AReaL's proximal
+            # policy), or the engine's sampling log-probs. The engine's stay the behaviour policy of the correction.
+            recompute = algo.old_logprobs == "recompute"
+            proximal = self._proximal_logprobs(trajs) if recompute else [t.logprobs for t in trajs]
+            cap, low, high = algo.correction_thresholds()
+            corrected = [
+                rollout_correction(
+                    prox, t.logprobs, t.loss_mask, algo.rollout_correction, algo.correction_level, cap, low, high
+                )
+                for prox, t in zip(proximal, trajs, strict=True)
+            ]
+            stats, is_w = [c.stats for c in corrected], [c.weights for c in corrected]
+            trajs = [
+                dataclasses.replace(t, logprobs=list(prox), loss_mask=c.mask)
+                for t, prox, c in zip(trajs, proximal, corrected, strict=True)
+            ]
+        t_prox = time.perf_counter() - t_prox
+        adv = group_advantages(rewards, groups, algo.norm_adv_by_std, algo.adv_eps)
+        # By dynamic sampling's own criterion (correctness by default), which keeps such groups out (jobs/train.py).
+        zero = zero_variance_groups(group_signal(trajs, algo.dynamic_sampling_metric), groups)
         sums: dict[str, float] = defaultdict(float)
         steps = 0
         for _ in range(lc.epochs):
             for mini in minis:
                 idx = [i for i, g in enumerate(groups) if g in mini]
-                out = self._optimizer_step([trajs[i] for i in idx], [adv[i] for i in idx], [is_w[i] for i in idx])
+                batch_w = None if is_w is None else [is_w[i] for i in idx]
+                out = self._optimizer_step([trajs[i] for i in idx], [adv[i] for i in idx], batch_w, stats)
                 if out is not None:
                     steps += 1
                     for k, v in out.items():
                         sums[k] += v
+        if reuse and self.world_size > 1:  # each rank corrected its own micro-batches: the metrics cover them all
+            shares: list[list[dict[str, float]] | None] = [None] * self.world_size
+            dist.all_gather_object(shares, stats)
+            stats = [s for share in shares for s in share or []]
         n_groups = len(set(groups))
         metrics = {f"learner/{k}": v / max(steps, 1) for k, v in sums.items()}
         metrics.update(
@@ -243,10 +264,24 @@ class Learner:
                 # The learner's own compute; the driver's time/train adds the Ray round trip around it.
                 "learner/time_train": time.perf_counter() - t0,
                 "learner/time_old_logprobs": t_prox,
-                **correction_metrics([c.stats for c in corrected]),
+                "learner/old_logprobs_reused": float(reuse),
+                **correction_metrics(stats),
             }
         )
         return metrics
+
+    def _reuses_training_forward(self, n_minis: int) -> bool:
+        """Whether the old log-probs can be the training forward's own, detached, instead of a proximal pass.
+
+        The proximal policy is the weights held before this step's updates. When the batch makes one optimizer step
+        (one epoch, one mini-batch), the training forward runs on exactly those weights, packed in the same
+        micro-batches, so a separate pass would recompute the same numbers: the correction against the engine then
+        takes its proximal side from that forward. This holds at any staleness: how old the engine's weights were
+        is the correction's business, not the proximal policy's. Not taken when a second update would see moved
+        weights (epochs or mini-batches > 1), with engine old log-probs (nothing to recompute), or with dropout (a
+        train() forward is not the eval() policy)."""
+        algo, lc = self.cfg.algo, self.cfg.learner
+        return algo.old_logprobs == "recompute" and lc.epochs == 1 and n_minis == 1 and not _has_dropout(self.model)
 
     def _threads(self) -> None:
         """Intra-op threads for what runs beside this rank now: its CPU share while a rollout ahead decodes on the
@@ -261,13 +296,28 @@ class Learner:
             torch.set_num_threads(n)
 
     def _optimizer_step(
-        self, batch: list[Trajectory], adv: list[float], is_w: list[list[float]]
+        self,
+        batch: list[Trajectory],
+        adv: list[float],
+        is_w: list[list[float]] | None,
+        stats: list[dict[str, float]] | None = None,
     ) -> dict[str, float] | None:
+        """One optimizer step on ``batch``, whose ``logprobs`` are the PPO ratio's old policy and ``is_w`` the rollout
+        correction's weights; ``is_w`` None: ``logprobs`` are the engine's and each micro-batch takes the old policy
+        from its own training forward and corrects against the engine there, appending the correction's per-sequence
+        sums to ``stats`` (``_reuses_training_forward``)."""
         algo, lc = self.cfg.algo, self.cfg.learner
         total_tokens = sum(sum(t.loss_mask) for t in batch)
         total_seqs = sum(1 for t in batch if any(t.loss_mask))
         if total_tokens == 0:  # identical on every rank, so all ranks skip together
             return None
+        # mis/mis_reject on the training forward's own log-probs: the tokens they reject, and so the step's loss
+        # denominators, are known only after the last micro-batch's forward. The loss is linear in 1 / total_tokens
+        # (token-mean) or 1 / total_seqs (the seq- modes), so it is taken with unit denominators and the gradient is
+        # scaled by the true ones after the last backward.
+        deferred = is_w is None and algo.rollout_correction in ("mis", "mis_reject")
+        if deferred:
+            total_tokens = total_seqs = 1
         norm_const = algo.max_response_tokens_norm or self.cfg.rollout.max_response_tokens
         lengths = [len(t.prompt_ids) + len(t.response_ids) for t in batch]
         plan = plan_micro_batches(lengths, self.world_size, lc.micro_batch_tokens)[self.rank]
@@ -276,24 +326,32 @@ class Learner:
         for mb in plan:
             self._threads()
             sub = [batch[i] for i in mb]
-            loss, m = self._micro_step(
-                sub, [adv[i] for i in mb], [is_w[i] for i in mb], total_tokens, total_seqs, norm_const
-            )
+            sub_w = None if is_w is None else [is_w[i] for i in mb]
+            loss, m = self._micro_step(sub, [adv[i] for i in mb], sub_w, total_tokens, total_seqs, norm_const, stats)
             # FSDP averages gradients over ranks; scaling by world size turns that into the sum of shard gradients.
             (loss * self.world_size).backward()
             for k, v in m.items():
                 sums[k] += v
+        vec = torch.tensor([sums[k] for k in _METRIC_KEYS], dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(vec)
+        red = dict(zip(_METRIC_KEYS, vec.tolist(), strict=True))
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if deferred:
+            if red["tokens"] == 0:  # every token rejected: no step, as when the mask was corrected beforehand
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            scale = 1.0 / (red["tokens"] if algo.loss_agg == "token-mean" else red["seqs"])
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            red["loss"], red["pg_loss"] = red["loss"] * scale, red["pg_loss"] * scale
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer_steps += 1
-        vec = torch.tensor([sums[k] for k in _METRIC_KEYS], dtype=torch.float64)
-        if self.world_size > 1:
-            dist.all_reduce(vec)
-        red = dict(zip(_METRIC_KEYS, vec.tolist(), strict=True))
         tok = max(red["tokens"], 1.0)
         out = {"loss": red["loss"], "pg_loss": red["pg_loss"], "grad_norm": float(grad_norm), "tokens": red["tokens"]}
         out.update({k: red[k] / tok for k in ("clip_frac", "approx_kl", "ratio", "entropy")})
@@ -322,24 +380,31 @@ class Learner:
         self,
         sub: list[Trajectory],
         adv: list[float],
-        is_w: list[list[float]],
+        is_w: list[list[float]] | None,
         total_tokens: int,
         total_seqs: int,
         norm_const: float,
+        stats: list[dict[str, float]] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One micro-batch's loss; ``is_w`` None: old policy and correction from this forward (``_optimizer_step``)."""
         algo = self.cfg.algo
         if not sub:
             return self._join_collectives(), {}
         ids, pos, keep = pack_responses([(t.prompt_ids, t.response_ids) for t in sub])  # [1, L], [1, L], [N]
         ids, pos, keep = ids.to(self.device), pos.to(self.device), keep.to(self.device)
         dev = self.device
-        mask = _flat([t.loss_mask for t in sub], torch.float32, dev)  # [N]
-        old = _flat([t.logprobs for t in sub], torch.float32, dev)  # [N], the proximal policy (see train_step)
-        weights_is = _flat(is_w, torch.float32, dev)  # [N]
         advs = _flat([[a] * len(t.response_ids) for t, a in zip(sub, adv, strict=True)], torch.float32, dev)  # [N]
         seq_index = _flat([[j] * len(t.response_ids) for j, t in enumerate(sub)], torch.long, dev)  # [N]
-        weights = aggregation_weights(mask, seq_index, algo.loss_agg, total_tokens, total_seqs, norm_const)  # [N]
         logp, entropy = self._forward_logprobs(self.model, ids, pos, keep)  # [N], [N]
+        if is_w is None:  # the proximal policy is this forward's (see _reuses_training_forward)
+            old = logp.detach()  # [N]
+            is_w, masks = self._correct_against_engine(sub, old.tolist(), stats)
+        else:
+            old = _flat([t.logprobs for t in sub], torch.float32, dev)  # [N], the proximal policy (see train_step)
+            masks = [t.loss_mask for t in sub]
+        mask = _flat(masks, torch.float32, dev)  # [N]
+        weights_is = _flat(is_w, torch.float32, dev)  # [N]
+        weights = aggregation_weights(mask, seq_index, algo.loss_agg, total_tokens, total_seqs, norm_const)  # [N]
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
@@ -360,7 +425,29 @@ class Learner:
             is_weights=weights_is,
         )
         m["loss"] = float(loss.detach())
+        m["seqs"] = float(sum(1 for row in masks if any(row)))
         return loss, m
+
+    def _correct_against_engine(
+        self, sub: list[Trajectory], proximal: list[float], stats: list[dict[str, float]] | None
+    ) -> tuple[list[list[float]], list[list[int]]]:
+        """``rollout_correction`` of each sequence of ``sub`` (packed order) against its engine log-probs, with the
+        proximal log-probs ``proximal`` [N] taken from the training forward: the weights and the masks (less what
+        mis rejects) per sequence; the per-sequence sums go to ``stats``."""
+        algo = self.cfg.algo
+        cap, low, high = algo.correction_thresholds()
+        weights, masks, start = [], [], 0
+        for t in sub:
+            prox = proximal[start : start + len(t.response_ids)]
+            start += len(t.response_ids)
+            c = rollout_correction(
+                prox, t.logprobs, t.loss_mask, algo.rollout_correction, algo.correction_level, cap, low, high
+            )
+            weights.append(c.weights)
+            masks.append(c.mask)
+            if stats is not None:
+                stats.append(c.stats)
+        return weights, masks
 
     @contextmanager
     def _evaluating(self) -> Iterator[None]:

@@ -72,8 +72,9 @@ def summarise(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-# What each step did (means per step), to check that torl and TRL did the same work.
-WORK = ["rollout/tokens", "rollout/obs_tokens", "tool/calls"]
+# What each step did (means per step), to check that torl and TRL did the same work; old_logprobs_reused: the share
+# of steps whose old log-probs came from the training forward (time_old_logprobs then ~0).
+WORK = ["rollout/tokens", "rollout/obs_tokens", "tool/calls", "learner/old_logprobs_reused"]
 
 VARIANTS = {
     "1 thread": ["trainer.max_staleness=0", "learner.num_threads=1"],

@@ -1,5 +1,7 @@
 """Learner group on a tiny Qwen2: FSDP2 parity with plain PyTorch, weight export, masking, micro-batching, resume."""
 
+import copy
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -274,7 +276,8 @@ def recomputing(ray_cluster, tiny_model_dir):
 
 def test_recompute_with_matching_numerics_equals_the_engine_setting(recomputing, tiny_model_dir):
     """Behaviour log-probs equal to the learner's: weights 1, nothing corrected, and the step is exactly the plain
-    PyTorch step with those log-probs as the old policy (what algo.old_logprobs=engine computes)."""
+    PyTorch step with those log-probs as the old policy (what algo.old_logprobs=engine computes). On two ranks the
+    correction's metrics cover both ranks' micro-batches (test_injected_mismatch checks their values)."""
     ref_model = _hf(ray_get(recomputing.state_dict_ref()), tiny_model_dir)
     trajs = _exact(_batch(0, ref_model), ref_model)
     m = recomputing.train_step(trajs)
@@ -283,7 +286,7 @@ def test_recompute_with_matching_numerics_equals_the_engine_setting(recomputing,
     loss, grad_norm = _reference_step(ref_model, trajs)
     assert m["learner/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
     assert m["learner/grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
-    assert m["learner/time_old_logprobs"] > 0
+    assert m["learner/old_logprobs_reused"] == 1.0  # one update: the old policy is the training forward's own
 
 
 def test_injected_mismatch_is_measured_and_truncated(recomputing, tiny_model_dir):
@@ -414,3 +417,95 @@ def test_old_log_probs_are_recomputed_in_eval_mode(single):
     assert first == second and training
     for got, ref in zip(first + public, want + want[:1], strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=0, atol=1e-5)
+
+
+REUSE_CASES = {
+    # name: (learner config fields, algo fields, whether the training forward's log-probs stand in for the pass)
+    "one step": ({}, {}, True),
+    "one step, no correction": ({}, {"rollout_correction": "none"}, True),
+    "two epochs": ({"epochs": 2}, {}, False),
+    "three mini-batches": ({"mini_batch_prompts": 1}, {}, False),
+    # mis rejects by the training forward's log-probs: the gradient is scaled by the step's denominators afterwards
+    "mis": ({}, {"rollout_correction": "mis", "mis_low": 0.8, "mis_high": 1.25}, True),
+    "mis_reject, seq-mean-token-mean": (
+        {},
+        {"rollout_correction": "mis_reject", "mis_low": 0.8, "mis_high": 1.25, "loss_agg": "seq-mean-token-mean"},
+        True,
+    ),
+    "mis, two epochs": ({"epochs": 2}, {"rollout_correction": "mis", "mis_low": 0.8, "mis_high": 1.25}, False),
+    "engine old log-probs": ({}, {"old_logprobs": "engine", "rollout_correction": "none"}, False),
+}
+
+
+@pytest.mark.parametrize("case", list(REUSE_CASES))
+@pytest.mark.parametrize("stale", [False, True], ids=["on-policy", "stale"])
+def test_old_log_probs_come_from_the_training_forward_only_for_a_single_update(single, case, stale, monkeypatch):
+    """Skipping the proximal pass changes nothing (#30): with one optimizer step on the batch the training forward
+    runs on the proximal weights, so its detached log-probs are the old policy and the correction against the engine
+    is computed from them; loss, gradient norm, correction metrics and the updated weights equal the run with the
+    extra forward to 1e-6, on-policy and stale (versions 3 behind: the proximal policy is the weights held now either
+    way). With epochs or mini-batches > 1 the later updates see moved weights, so the pass must run (forcing the
+    skip there makes the two runs differ). mis rejects tokens by the proximal log-probs, known for the loss's
+    denominators only after the last forward: equal too (the gradient scaled afterwards; fails unscaled). Engine
+    log-probs are noisy (ratios != 1, some truncated at 1.2 or out of mis's [0.8, 1.25], several micro-batches)."""
+    fields, algo, reused = REUSE_CASES[case]
+    state = {k: v.clone() for k, v in single.model.state_dict().items()}
+    # Both runs start from the same Adam moments and schedule, not just the same weights.
+    opt_state, sched_state = copy.deepcopy(single.optimizer.state_dict()), single.scheduler.state_dict()
+    cfg = single.cfg
+    trajs = _batch(9, single.model)
+    for t in trajs:
+        t.versions = [(-3 if stale else 0) if m else -1 for m in t.loss_mask]
+    algo = {"old_logprobs": "recompute", "rollout_correction": "tis", "tis_cap": 1.2, **algo}
+    single.cfg = replace(
+        cfg,
+        algo=replace(cfg.algo, **algo),
+        learner=LearnerConfig(num_workers=1, micro_batch_tokens=40, logprob_chunk_tokens=7, **fields),
+    )
+    runs = []
+    try:
+        for force_pass in (False, True):
+            single.model.load_state_dict(state)
+            single.optimizer.load_state_dict(copy.deepcopy(opt_state))
+            single.scheduler.load_state_dict(sched_state)
+            if force_pass:  # the path that always runs the extra forward
+                monkeypatch.setattr(single, "_reuses_training_forward", lambda n_minis: False)
+            m = single.train_step([dataclasses.replace(t) for t in trajs])
+            grads = {n: p.grad.clone() for n, p in single.model.named_parameters() if p.grad is not None}
+            runs.append((m, grads, {k: v.clone() for k, v in single.model.state_dict().items()}))
+    finally:
+        monkeypatch.undo()
+        single.cfg = cfg
+        single.model.load_state_dict(state)
+    (got, got_grads, got_sd), (want, want_grads, want_sd) = runs
+    assert got["learner/old_logprobs_reused"] == float(reused)
+    assert want["learner/old_logprobs_reused"] == 0.0
+    if algo["rollout_correction"] != "none":
+        assert want["learner/is_corrected_share"] > 0
+    for k in ("loss", "grad_norm", "clip_frac", "approx_kl", "is_corrected_share", "is_weight_mean", "mismatch_k3"):
+        assert got[f"learner/{k}"] == pytest.approx(want[f"learner/{k}"], rel=1e-6, abs=1e-6), k
+    assert got_grads.keys() == want_grads.keys() and want_grads
+    for k, v in want_grads.items():  # the last optimizer step's (clipped) gradient
+        torch.testing.assert_close(got_grads[k], v, rtol=0, atol=1e-6, msg=k)
+    for k, v in want_sd.items():
+        torch.testing.assert_close(got_sd[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_dropout_keeps_the_proximal_pass(single):
+    """A train() forward with dropout is not the eval() policy: the proximal pass runs even for a single update."""
+    state = {k: v.clone() for k, v in single.model.state_dict().items()}
+    cfg = single.cfg
+    trajs = _batch(10, single.model)
+    single.cfg = replace(cfg, algo=replace(cfg.algo, old_logprobs="recompute", rollout_correction="tis"))
+    attentions = [layer.self_attn for layer in single.model.model.layers]
+    try:
+        assert single.train_step(trajs)["learner/old_logprobs_reused"] == 1.0
+        single.model.load_state_dict(state)
+        for a in attentions:
+            a.attention_dropout = 0.5
+        assert single.train_step(trajs)["learner/old_logprobs_reused"] == 0.0
+    finally:
+        for a in attentions:
+            a.attention_dropout = 0.0
+        single.cfg = cfg
+        single.model.load_state_dict(state)
