@@ -45,6 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from torl import checkpoint as ckpt
 from torl.batching import pack_responses, plan_micro_batches
 from torl.config import Config, learner_threads
+from torl.devices import process_group_backend, require_cuda
 from torl.dynamic_sampling import group_signal
 from torl.grpo import (
     aggregation_weights,
@@ -119,10 +120,11 @@ class Learner:
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
         self._ahead: list[ray.ObjectRef] = []  # rollouts decoding beside the current train_step (see _threads)
         torch.set_num_threads(learner_threads(cfg, os.cpu_count() or 1, engine_busy=cfg.trainer.max_staleness > 0))
-        use_cuda = torch.cuda.is_available() and cfg.learner.num_gpus > 0
+        lc = cfg.learner
+        require_cuda("learner.num_gpus", lc.num_gpus, torch.cuda.is_available(), torch.__version__, torch.version.cuda)
+        use_cuda = lc.num_gpus > 0
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-        backend = cfg.learner.backend
-        self.backend = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
+        self.backend = process_group_backend(lc.backend, use_cuda)
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
         self.optimizer_steps = 0

@@ -347,7 +347,11 @@ class LearnerConfig:
     gradient_checkpointing: bool = opt(False, "ToRL: on (GPU preset)")
     param_dtype: str = opt("float32", 'FSDP mixed precision param dtype; "bfloat16" on GPUs')
     cpu_offload: bool = opt(False, "FSDP CPU offload (ToRL: param + optimizer offload)")
-    backend: Literal["auto", "gloo", "nccl"] = opt("auto", "auto = nccl with GPUs, else gloo")
+    backend: Literal["auto", "gloo", "nccl"] = opt(
+        "auto",
+        "Default process group. auto: cpu:gloo,cuda:nccl with GPUs (NCCL for CUDA tensors, gloo for the CPU ones:"
+        " metrics, cpu_offload gradients), else gloo; nccl: the same pair, and an error without GPUs",
+    )
     num_threads: int = opt(
         0,
         "CPU intra-op threads per learner rank; 0 = auto: while the engine decodes a rollout ahead beside the "

@@ -121,7 +121,8 @@ def aggregation_weights(
     if mode == "seq-mean-token-sum-norm":
         return mask / (norm_const * max(total_seqs, 1))  # [N]
     if mode == "seq-mean-token-mean":
-        per_seq = torch.zeros(int(seq_index.max()) + 1 if seq_index.numel() else 0, dtype=mask.dtype)  # [S]
+        size = int(seq_index.max()) + 1 if seq_index.numel() else 0
+        per_seq = torch.zeros(size, dtype=mask.dtype, device=mask.device)  # [S]
         per_seq.index_add_(0, seq_index, mask)
         return mask / (per_seq.clamp(min=1.0)[seq_index] * max(total_seqs, 1))  # [N]
     raise ValueError(f"unknown loss_agg {mode!r}; choose one of {LOSS_AGG_MODES}")

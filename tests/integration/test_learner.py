@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from actors.learner import Learner, LearnerGroup
 from torl import checkpoint as ckpt
 from torl.config import AlgoConfig, Config, LearnerConfig, OptimConfig, TrainerConfig, replace
+from torl.devices import DeviceError
 from torl.types import Trajectory
 
 LR = 1e-3  # large enough that optimizer state and every step visibly matter
@@ -181,6 +182,15 @@ def ray_get(ref):
     import ray
 
     return ray.get(ref)
+
+
+def test_gpus_the_learner_cannot_use_fail_at_start_naming_the_cause(tiny_model_dir, monkeypatch):
+    """learner.num_gpus > 0 where torch finds no CUDA (a CPU-only torch on a GPU node, a driver too old for the
+    build) is refused before any work (#28); the learner used to train on CPU over gloo without a word."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _cfg(num_workers=1)
+    with pytest.raises(DeviceError, match=r"learner.num_gpus=1 but torch \S+ "):
+        Learner(replace(cfg, learner=replace(cfg.learner, num_gpus=1)), str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")

@@ -163,6 +163,19 @@ def test_aggregation_weight_sums():
         aggregation_weights(mask, seq, "sum", 6, 3)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_aggregation_weights_stay_on_the_inputs_device(mode):
+    """On a GPU the inputs are CUDA tensors and a factory without ``device`` makes a CPU one (#28: ``per_seq`` in
+    seq-mean-token-mean). Here the default device is 'meta' and the inputs are on CPU: the same mismatch, on CPU."""
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1.0])
+    seq = torch.tensor([0, 0, 0, 1, 2, 2, 2])
+    expected = aggregation_weights(mask, seq, mode, 6, 3, norm_const=4.0)
+    with torch.device("meta"):
+        w = aggregation_weights(mask, seq, mode, 6, 3, norm_const=4.0)
+    assert w.device == mask.device
+    torch.testing.assert_close(w, expected)
+
+
 def test_kl_estimators():
     logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
     assert kl_penalty(logp, ref, "k1").tolist() == pytest.approx([0.5, 0.0])

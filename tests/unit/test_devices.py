@@ -1,0 +1,32 @@
+"""A learner's process group and device (torl/devices.py, #28): CPU tensors beside NCCL, and no silent CPU run."""
+
+import pytest
+
+from torl.devices import CUDA_GROUP_BACKEND, DeviceError, process_group_backend, require_cuda
+
+
+def test_cuda_groups_carry_cpu_tensors_over_gloo():
+    # A plain "nccl" group failed the first optimizer step on GPUs: the metrics all_reduce is a CPU tensor, and so
+    # are the gradients under learner.cpu_offload.
+    assert CUDA_GROUP_BACKEND == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("auto", use_cuda=True) == CUDA_GROUP_BACKEND
+    assert process_group_backend("nccl", use_cuda=True) == CUDA_GROUP_BACKEND
+
+
+def test_cpu_runs_use_gloo_and_refuse_nccl():
+    assert process_group_backend("auto", use_cuda=False) == "gloo"
+    assert process_group_backend("gloo", use_cuda=True) == "gloo"
+    with pytest.raises(DeviceError, match="learner.backend=nccl needs GPUs"):
+        process_group_backend("nccl", use_cuda=False)
+
+
+def test_gpus_asked_for_without_cuda_fail_naming_the_cause():
+    with pytest.raises(DeviceError, match=r"learner.num_gpus=1 but torch 2.13.0\+cpu is a CPU-only build"):
+        require_cuda("learner.num_gpus", 1, False, "2.13.0+cpu", None)
+    with pytest.raises(DeviceError, match=r"built for CUDA 13.0\) finds no usable GPU.*driver is older"):
+        require_cuda("rollout.num_gpus", 0.5, False, "2.13.0", "13.0")
+
+
+def test_cpu_configs_and_working_cuda_pass():
+    require_cuda("learner.num_gpus", 0, False, "2.13.0+cpu", None)
+    require_cuda("learner.num_gpus", 1, True, "2.13.0", "13.0")

@@ -1,0 +1,58 @@
+"""Where a process computes and how learner ranks talk: one rule for CPU and GPU runs (#28).
+
+Every tensor that enters a collective must live on a device the process group has a backend for. The learner sums its
+step metrics in a CPU tensor, and with ``learner.cpu_offload`` FSDP2 keeps gradients on the host (``clip_grad_norm_``
+and ``full_tensor()`` then run collectives over CPU DTensors), so a GPU run's default group pairs NCCL for CUDA
+tensors with gloo for CPU ones, as veRL, torchtune and slime initialise it; a plain ``nccl`` group raised "No backend
+type associated with device type cpu" at the first optimizer step.
+
+A config that asks for GPUs where torch cannot use CUDA (a CPU-only build, or a driver older than the build's CUDA)
+is refused when the actor starts, naming the cause: the learner used to fall back to CPU and gloo without a word.
+"""
+
+from __future__ import annotations
+
+# torch's device:backend form of a process group's backend: each tensor's collective goes to its device's backend.
+CUDA_GROUP_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+class DeviceError(RuntimeError):
+    """The config and this process's torch disagree on the device (raised at actor start, before any work)."""
+
+
+def process_group_backend(requested: str, use_cuda: bool) -> str:
+    """The learner's default process group backend for ``learner.backend`` (auto, gloo or nccl).
+
+    ``nccl`` and ``auto`` on CUDA both get gloo beside NCCL for the CPU tensors that NCCL cannot carry.
+    """
+    if requested == "gloo":
+        return "gloo"
+    if use_cuda:
+        return CUDA_GROUP_BACKEND
+    if requested == "nccl":
+        raise DeviceError("learner.backend=nccl needs GPUs (learner.num_gpus > 0): set learner.backend=auto or gloo")
+    return "gloo"
+
+
+def require_cuda(
+    field: str, num_gpus: float, cuda_available: bool, torch_version: str, cuda_build: str | None
+) -> None:
+    """Refuse ``field`` (a config field such as ``learner.num_gpus``) > 0 where torch cannot use CUDA, naming why.
+
+    ``cuda_build`` is ``torch.version.cuda``: None for a CPU-only build, which a GPU node gets from the cpu extra or
+    PyTorch's CPU index; otherwise the GPU is not visible to this process or the driver is too old for the build
+    (PyPI's torch 2.13.0 is built for CUDA 13, which needs driver R580 or newer).
+    """
+    if num_gpus <= 0 or cuda_available:
+        return
+    if cuda_build is None:
+        cause = (
+            f"torch {torch_version} is a CPU-only build; install the cuda extra "
+            "(bash scripts/setup.sh on a node where nvidia-smi lists the GPUs)"
+        )
+    else:
+        cause = (
+            f"torch {torch_version} (built for CUDA {cuda_build}) finds no usable GPU: none is visible to this "
+            f"process, or the NVIDIA driver is older than CUDA {cuda_build} needs (see nvidia-smi)"
+        )
+    raise DeviceError(f"{field}={num_gpus:g} but {cause}; or set {field}=0 to run on CPU")
