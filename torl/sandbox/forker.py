@@ -188,11 +188,9 @@ class Forker:
             return
         proc.ended = True
         _kill_group(proc.pid)
-        if proc.pid in self.by_pid:  # not reaped yet: the pid is still its own (after reaping it could be anyone's)
-            for pid in _descendants(proc.pid):
-                _kill(pid)
+        self._kill_leftovers(proc)
+        if proc.pid in self.by_pid:
             _kill(proc.pid)
-        self._kill_slot_leftovers(proc.slot)
         self.kill_orphans()  # without PID namespaces what it left comes to us: dead before its scratch is removed
         if proc.scratch is not None and not scratch.remove_tree(proc.scratch):
             os.write(2, f"[zygote] could not remove {proc.scratch}\n".encode())
@@ -203,14 +201,16 @@ class Forker:
         proc = self.procs.get(job)
         if proc is None:
             return
-        for pid in _descendants(proc.pid):
-            _kill(pid)
-        self._kill_slot_leftovers(proc.slot)
+        self._kill_leftovers(proc)
         _signal(proc.pid, signal.SIGSTOP)
 
-    def _kill_slot_leftovers(self, slot: int) -> None:
-        """Kill what a snippet left in its slot's PID namespace (orphans go to the slot's init, not to us)."""
-        ns = self.slot_ns.get(slot)
+    def _kill_leftovers(self, proc: Proc) -> None:
+        """Kill what a snippet started: its descendants while it is unreaped (afterwards its pid could be anyone's),
+        and what it left in its slot's PID namespace (orphans go to the slot's init, not to us)."""
+        if proc.pid in self.by_pid:
+            for pid in _descendants(proc.pid):
+                _kill(pid)
+        ns = self.slot_ns.get(proc.slot)
         if ns is not None:
             for pid in _descendants(ns.init_pid):
                 _kill(pid)

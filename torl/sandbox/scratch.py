@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 
 ROOT_PREFIX = "torl-sandbox-"
@@ -107,7 +108,7 @@ def remove_stale_roots(parent: str) -> None:
             st = os.lstat(path)
         except OSError:
             continue
-        if not pid.isdigit() or st.st_uid != os.geteuid() or not os.path.isdir(path) or os.path.islink(path):
+        if not pid.isdigit() or st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode):  # lstat: no symlink
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -214,11 +214,15 @@ class Zygote:
             raise
         for fd in theirs:
             os.close(fd)
-        for name in ("out", "err") + (("done",) if session else ()):
-            os.set_blocking(ours[name], False)
-            self.sel.register(ours[name], selectors.EVENT_READ, (name, num))
         os.set_blocking(ours["status"], False)
         return num, ours
+
+    def _watch(self, fds: dict[str, int], owner: Job | Session) -> None:
+        """Read the child's pipes as they fill; the owner rides along, so no event needs a lookup."""
+        for name in ("out", "err", "done"):
+            if name in fds:
+                os.set_blocking(fds[name], False)
+                self.sel.register(fds[name], selectors.EVENT_READ, (name, owner))
 
     def _write(self, fd: int, data: bytes, close: bool) -> None:
         """Send ``data`` to a child's code pipe without ever blocking (a child may never read it)."""
@@ -237,23 +241,18 @@ class Zygote:
             rest = rest[len(rest) :]
         if rest:
             self.writes[fd] = (rest, close)
-            return
-        self._stop_writing(fd, close)
-
-    def _stop_writing(self, fd: int, close: bool) -> None:
-        self.writes.pop(fd, None)
-        try:
+        elif close:
+            self._close(fd)
+        else:
+            del self.writes[fd]
             self.sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-        if close:
-            os.close(fd)
 
     def run_stateless(self, rid: Any, code: str, timeout: float) -> None:
         now = time.monotonic()
         num, fds = self._spawn(session=False)
         cap = self.limits.max_output_bytes
-        self.jobs[num] = Job(rid, num, CappedBuffer(cap), CappedBuffer(cap), now, now + timeout, fds=fds)
+        job = self.jobs[num] = Job(rid, num, CappedBuffer(cap), CappedBuffer(cap), now, now + timeout, fds=fds)
+        self._watch(fds, job)
         self._write(fds["code"], code.encode("utf-8", errors="surrogatepass"), close=True)
 
     def run_in_session(self, rid: Any, sid: str, code: str, timeout: float) -> None:
@@ -279,8 +278,8 @@ class Zygote:
 
     def start_session(self, sid: str) -> Session:
         num, fds = self._spawn(session=True)
-        sess = Session(sid, num, fds, time.monotonic())
-        self.sessions[sid] = sess
+        sess = self.sessions[sid] = Session(sid, num, fds, time.monotonic())
+        self._watch(fds, sess)
         return sess
 
     def _tell(self, op: str, num: int) -> None:
@@ -288,16 +287,7 @@ class Zygote:
 
     # -- events ------------------------------------------------------------------------------------------------
 
-    def _owner(self, num: int) -> tuple[Job | None, Session | None]:
-        job = self.jobs.get(num)
-        if job is not None:
-            return job, None
-        for sess in self.sessions.values():
-            if sess.num == num:
-                return sess.job, sess
-        return None, None
-
-    def on_output(self, kind: str, num: int, fd: int) -> None:
+    def on_output(self, kind: str, owner: Job | Session, fd: int) -> None:
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
@@ -307,7 +297,7 @@ class Zygote:
         if not data:
             self.sel.unregister(fd)
             return
-        job, _ = self._owner(num)
+        job = owner.job if isinstance(owner, Session) else owner
         if job is None:  # output of a session between snippets: nobody asked for it
             return
         if (job.out if kind == "out" else job.err).append(data) and not job.over_output:
@@ -360,17 +350,14 @@ class Zygote:
         if not data:
             return False
         msg = json.loads(data)
-        job, sess = self._owner(msg["job"])
-        if msg.get("error"):
-            msg.setdefault("status", None)
+        num = msg["job"]
+        sess = None if num in self.jobs else next((s for s in self.sessions.values() if s.num == num), None)
+        job = sess.job if sess is not None else self.jobs.get(num)
+        if job is not None:
+            job.wait_status, job.error = msg.get("status"), msg.get("error", "")
         if sess is not None:  # the session's process is gone: its state with it
-            if job is not None:
-                job.wait_status = msg["status"]
-                job.error = msg.get("error", "")
             self.end_session(sess)
         elif job is not None:
-            job.wait_status = msg["status"]
-            job.error = msg.get("error", "")
             self.finish(job)
         return True
 
@@ -425,8 +412,8 @@ class Zygote:
             fds = job.fds
         self._answer(job, fds, "")
         if sess is None:
-            if fds["code"] in self.writes:
-                self._stop_writing(fds["code"], close=True)
+            if fds["code"] in self.writes:  # else closed already, and its number may be another job's now
+                self._close(fds["code"])
             for name in ("out", "err", "status"):
                 self._close(fds[name])
 
@@ -466,12 +453,11 @@ class Zygote:
             if job.wait_status is None:
                 job.wait_status = signal.SIGKILL
             self._answer(job, sess.fds, "\n[sandbox] the session ended; its state is lost\n")
-        if sess.fds["code"] in self.writes:
-            self._stop_writing(sess.fds["code"], close=False)
         for fd in sess.fds.values():
             self._close(fd)
 
     def _close(self, fd: int) -> None:
+        self.writes.pop(fd, None)
         try:
             self.sel.unregister(fd)
         except (KeyError, ValueError):
@@ -508,9 +494,7 @@ class Zygote:
                 elif kind == "code":
                     self.on_writable(key.fd)
                 elif kind == "done":
-                    _, sess = self._owner(owner)
-                    if sess is not None:
-                        self.on_done(sess)
+                    self.on_done(owner)
                 else:
                     self.on_output(kind, owner, key.fd)
 
