@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${TORL_VENV:-.venv}
-# Where the CPU torch comes from when pip's find-links hold no +cpu wheel (see the README).
+# Where the CPU torch comes from when pip's find-links hold no +cpu wheel (docs/clusters.md ("Install a node")).
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
