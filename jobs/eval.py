@@ -177,6 +177,7 @@ def to_records(chunk: list[Item], trajs: list, verdicts: list, n: int) -> list[E
             question=it.problem.question,
             prompt=it.prompt,
             extracted=extract_boxed(t.text),
+            level=it.problem.level,
         )
         records.append(record)
         seen[t.group] += 1
@@ -249,8 +250,10 @@ def log_wandb(cfg: Config, out: Path, summary: dict, records: list[EvalRecord]) 
     if tracker.run is not None:
         import wandb
 
-        cols = ["benchmark", "acc", "code_ratio", "exec_success", "acc_with_code", "acc_without_code", "problems"]
-        keys = ["acc", "tool/code_ratio", "tool/exec_success", "acc/with_code", "acc/without_code", "problems"]
+        cols = ["benchmark", "acc", "code_ratio", "exec_success", "acc_with_code", "acc_without_code"]
+        cols += ["effective_code_ratio", "acc_first_failed", "calls_per_response", "problems"]
+        keys = ["acc", "tool/code_ratio", "tool/exec_success", "acc/with_code", "acc/without_code"]
+        keys += ["tool/effective_code_ratio", "tool/acc_first_failed", "tool/calls_per_response", "problems"]
         rows = [[b] + [r.get(k) for k in keys] for b, r in summary["benchmarks"].items()]
         sample = [[r.benchmark, r.problem_id, r.response, r.extracted, r.gold, r.correct] for r in records[:64]]
         traj_cols = ["benchmark", "id", "response", "extracted", "gold", "correct"]
@@ -299,7 +302,8 @@ def main(argv: list[str]) -> dict:
     wanted = {it.key for it in items}
     records = [r for r in store.load() if r.key in wanted]
     ks = cfg.eval.pass_k or (default_ks(cfg.eval.n) if cfg.eval.n > 1 else ())
-    summary = summarize(records, list(cfg.eval.benchmarks), ks)
+    max_calls = cfg.tool.max_calls if cfg.tool.enabled else 0
+    summary = summarize(records, list(cfg.eval.benchmarks), ks, max_calls=max_calls)
     summary["checkpoint"] = checkpoint
     summary["skipped_too_long"] = skipped
     summary["setup"] = run_meta(cfg)

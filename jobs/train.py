@@ -32,7 +32,7 @@ from torl.config_help import format_help, wants_help  # noqa: E402
 from torl.data import DataError  # noqa: E402
 from torl.dynamic_sampling import VariedBatch, draw_seed_step  # noqa: E402
 from torl.grading import overlong_penalty  # noqa: E402
-from torl.metrics import rollout_metrics  # noqa: E402
+from torl.metrics import analysis_figures, rollout_metrics  # noqa: E402
 from torl.problem_rewards import record_problem_rewards  # noqa: E402
 from torl.progress import Progress  # noqa: E402
 from torl.sampler import SamplerState  # noqa: E402
@@ -78,12 +78,17 @@ def grade(run: Run, trajs: list[Trajectory], shape: bool = True) -> None:
             t.loss_mask = [0] * len(t.loss_mask)
 
 
-def validate(run: Run, step: int) -> dict[str, float]:
+def problem_levels(run: Run) -> dict[str, str]:
+    """The difficulty level of each training and held-out problem that has one (the ``level/`` metrics)."""
+    return {e.problem.id: e.problem.level for e in [*run.sampler.items, *run.val] if e.problem.level}
+
+
+def validate(run: Run, step: int, levels: dict[str, str]) -> dict[str, float]:
     times: dict[str, float] = {}
     with timed(times, "time/validate"):
         trajs, _ = run.collect(run.generate(run.val, greedy=True, n=1))
         grade(run, trajs, shape=False)
-    metrics = {**rollout_metrics(trajs, prefix="val/"), **times}
+    metrics = {**rollout_metrics(trajs, "val/", levels, run.cfg.tool.max_calls), **times}
     if run.cfg.trainer.log_samples_every:
         run.tracker.log_samples(step, trajs, limit=8)
     return metrics
@@ -95,9 +100,10 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
     step, total = run.start_step, run.total_steps
     validations: list[tuple[int, dict[str, float]]] = []
     bar: Progress | None = None
+    levels = problem_levels(run)
 
     def run_validation(at: int) -> dict[str, float]:
-        metrics = validate(run, at)
+        metrics = validate(run, at, levels)
         validations.append((at, metrics))
         (bar.write if bar else print)(f"[torl] step {at} held-out: " + tracker.summary(metrics, VAL_FIGURES))
         return metrics
@@ -120,7 +126,7 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         with timed(metrics, "time/grade"):
             grade(run, trajs)
         record_problem_rewards(cfg.trainer.output_dir, step + 1, trajs)  # LIMR's per-problem reward curves
-        metrics.update(rollout_metrics(trajs))
+        metrics.update(rollout_metrics(trajs, levels=levels, max_calls=cfg.tool.max_calls))
         if cfg.algo.dynamic_sampling:
             with timed(metrics, "time/dynamic_sampling"):
                 trajs = keep_varied(run, trajs, step + 1, metrics, bar.write)
@@ -316,7 +322,7 @@ def final_summary(
     if validations:
         (first, a), (last, b) = validations[0], validations[-1]
         lines.append(f"  {f'held-out, greedy ({len(run.val)} problems)':<36} {f'step {first}':>9} {f'step {last}':>9}")
-        for key, label, fmt in VAL_FIGURES:
+        for key, label, fmt in analysis_figures(b, prefix="val/"):  # ToRL's analyses (torl.metrics)
             if key in a and key in b:
                 lines.append(f"    {label:<34} {fmt.format(a[key]):>9} {fmt.format(b[key]):>9}")
     ckpt = latest_checkpoint(out)

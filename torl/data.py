@@ -64,6 +64,7 @@ class Problem:
     source: str  # data_source / benchmark name, e.g. "aime24", "math500", "ToRL"
     question: str
     answer: str  # gold answer as stored (OlympiadBench keeps its "$...$"); graded by torl.grading
+    level: str = ""  # difficulty as the data gives it (MATH's "level" 1-5, synthetic "easy"/"hard"); "" = unknown
 
 
 def shared_data_dir() -> Path:
@@ -305,7 +306,11 @@ def row_to_problem(row: dict[str, Any], index: int, path: Path, fields: FieldNam
         raise EmptyField(f"{where}: empty answer")
     source = _source_of(row, path)
     return Problem(
-        id=f"{source}/{raw_id if raw_id is not None else index}", source=source, question=question, answer=answer
+        id=f"{source}/{raw_id if raw_id is not None else index}",
+        source=source,
+        question=question,
+        answer=answer,
+        level=_text(row.get("level")),  # MATH/MATH500 rows carry one; metrics report accuracy and code use per level
     )
 
 
@@ -330,7 +335,7 @@ def _clean_aime25(problems: list[Problem], path: Path) -> list[Problem]:
         if "\f" in mine.question:
             if _text(mine.answer) != _text(theirs.answer):
                 raise DataError(f"{path}: {mine.id} answer {mine.answer} != {theirs.answer} in {torl_file}")
-            mine = Problem(mine.id, mine.source, theirs.question, mine.answer)
+            mine = Problem(mine.id, mine.source, theirs.question, mine.answer, mine.level)
         out.append(mine)
     return out
 

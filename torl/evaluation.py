@@ -49,6 +49,7 @@ class EvalRecord:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # ToolCall fields
     gen_s: float = 0.0
     tool_s: float = 0.0
+    level: str = ""  # Problem.level (difficulty as the data gives it; "" = unknown)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -65,6 +66,7 @@ class EvalRecord:
         question: str,
         prompt: str,
         extracted: str | None,
+        level: str = "",
     ) -> EvalRecord:
         return cls(
             benchmark=benchmark,
@@ -84,6 +86,7 @@ class EvalRecord:
             tool_calls=[asdict(c) for c in traj.tool_calls],
             gen_s=traj.gen_s,
             tool_s=traj.tool_s,
+            level=level,
         )
 
     @classmethod
@@ -248,9 +251,12 @@ def default_ks(n: int) -> tuple[int, ...]:
     return tuple(sorted(set(ks) | {n}))
 
 
-def benchmark_metrics(groups: Sequence[Sequence[EvalRecord]], ks: Sequence[int] = ()) -> dict[str, float]:
+def benchmark_metrics(
+    groups: Sequence[Sequence[EvalRecord]], ks: Sequence[int] = (), max_calls: int = 0
+) -> dict[str, float]:
     """One table row: ``acc`` (per-problem share correct, averaged = accuracy when greedy, mean@n when sampling),
-    ``pass@k`` for each k no larger than every problem's sample count, ``problems``, and ``rollout_metrics``."""
+    ``pass@k`` for each k no larger than every problem's sample count, ``problems``, and ``rollout_metrics`` (with
+    the records' difficulty levels and the tool budget ``max_calls``)."""
     if not groups:
         raise ValueError("no problems to score")
     row: dict[str, float] = {"problems": float(len(groups))}
@@ -261,12 +267,17 @@ def benchmark_metrics(groups: Sequence[Sequence[EvalRecord]], ks: Sequence[int] 
             row[f"pass@{k}"] = sum(pass_at_k(len(g), sum(r.correct for r in g), k) for g in groups) / len(groups)
     if min_n > 1:
         row[f"mean@{min_n}"] = row["acc"]
-    row.update(rollout_metrics([r.to_trajectory() for g in groups for r in g]))
+    levels = {r.problem_id: r.level for g in groups for r in g if r.level}
+    row.update(rollout_metrics([r.to_trajectory() for g in groups for r in g], levels=levels, max_calls=max_calls))
     return row
 
 
 def summarize(
-    records: Iterable[EvalRecord], benchmarks: Sequence[str], ks: Sequence[int] = (), average_over=TORL_BENCHMARKS
+    records: Iterable[EvalRecord],
+    benchmarks: Sequence[str],
+    ks: Sequence[int] = (),
+    average_over=TORL_BENCHMARKS,
+    max_calls: int = 0,
 ) -> dict[str, Any]:
     """Per-benchmark rows (in ``benchmarks`` order), per-source sub-rows for multi-source files, and averages.
 
@@ -282,11 +293,13 @@ def summarize(
     for bench in benchmarks:
         if bench not in by_bench:
             continue
-        rows[bench] = benchmark_metrics(by_bench[bench], ks)
+        rows[bench] = benchmark_metrics(by_bench[bench], ks, max_calls)
         sources = sorted({g[0].source for g in by_bench[bench]})
         if len(sources) > 1:
             for src in sources:
-                rows[f"{bench}[{src}]"] = benchmark_metrics([g for g in by_bench[bench] if g[0].source == src], ks)
+                rows[f"{bench}[{src}]"] = benchmark_metrics(
+                    [g for g in by_bench[bench] if g[0].source == src], ks, max_calls
+                )
     out: dict[str, Any] = {"benchmarks": rows}
     main = [b for b in benchmarks if b in by_bench]
     torl = [b for b in main if b in average_over]
@@ -305,6 +318,8 @@ TABLE_COLUMNS = [
     ("tool/exec_success", "exec_ok", "{:.1%}"),
     ("acc/with_code", "acc_code", "{:.1%}"),
     ("acc/without_code", "acc_nocode", "{:.1%}"),
+    ("tool/effective_code_ratio", "eff_code", "{:.1%}"),
+    ("tool/acc_first_failed", "acc_fail1", "{:.1%}"),  # accuracy when the first call failed
     ("tool/calls_per_response", "calls", "{:.2f}"),
     ("response/length_mean", "len", "{:.0f}"),
     ("response/cutoff_rate", "cutoff", "{:.1%}"),
@@ -317,7 +332,13 @@ def format_table(summary: dict[str, Any]) -> str:
     pass_cols = sorted({k for r in rows.values() for k in r if k.startswith("pass@")}, key=lambda s: int(s[5:]))
     cols = TABLE_COLUMNS[:2] + [(k, k, "{:.1%}") for k in pass_cols] + TABLE_COLUMNS[2:]
     header = ["benchmark"] + [h for _, h, _ in cols]
-    body = [[name] + [fmt.format(r[k]) if k in r else "-" for k, _, fmt in cols] for name, r in rows.items()]
+    body = []
+    for name, r in rows.items():
+        body.append([name] + [fmt.format(r[k]) if k in r else "-" for k, _, fmt in cols])
+        for level in sorted({k.split("/")[1] for k in r if k.startswith("level/")}):  # by difficulty (torl.metrics)
+            sub = {"problems": r[f"level/{level}/n"], "acc": r[f"level/{level}/acc"]}
+            sub["tool/code_ratio"] = r[f"level/{level}/code_ratio"]
+            body.append([f"  level {level}"] + [fmt.format(sub[k]) if k in sub else "" for k, _, fmt in cols])
     for key in ("average", "average_all"):
         if key in summary:
             body.append([key, str(len(summary[key]["over"])), f"{summary[key]['acc']:.1%}"] + [""] * (len(cols) - 2))
@@ -327,6 +348,8 @@ def format_table(summary: dict[str, Any]) -> str:
         for line in [header] + body
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if "setup" in summary:  # calls per response only compare between runs of the same tool budget
+        lines.append(f"tool budget C = {summary['setup']['max_calls']} calls per response")
     return "\n".join(lines)
 
 

@@ -15,33 +15,94 @@ reader can tell "0 %" from "no data". Not here: grading (torl.grading), pass@k o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from torl.config import ToolConfig
+from torl.grading import extract_boxed, quick_equivalent
 from torl.rollout import ToolLoop
 from torl.types import ExecStatus, Trajectory
 
 # The marker the tool loop inserts before an observation (ToRL: "```output\n{obs}\n```\n").
 _OUTPUT_MARK = "```output"
 _BOX_MARK = "\\boxed"
+# What separates the values a program prints on one line ("x = 5, y = 7", "answer: 12").
+_PIECES = re.compile(r"[\s,;:=]+")
+_SPACE = re.compile(r"\s+")
+
+
+def answer_in_output(answer: str | None, output: str) -> bool:
+    r"""Whether the final answer ``answer`` can be read off a program's ``output``: it equals (as ``torl.grading``'s
+    cheap check decides: the same text after normalisation, or the same number; spaces ignored) the whole output,
+    one of its lines, or one value of a line split at spaces, commas, semicolons, colons and ``=``.
+
+    >>> answer_in_output("\\frac{7}{2}", "x = 7/2"), answer_in_output("12", "123")
+    (True, False)
+    """
+    if not answer:
+        return False
+    candidates = {output} | set(output.splitlines())
+    candidates |= {piece for line in output.splitlines() for piece in _PIECES.split(line)}
+    answer = _SPACE.sub("", answer)
+    return any(quick_equivalent(answer, _SPACE.sub("", c)) is True for c in candidates if c.strip())
 
 
 def is_effective_code(traj: Trajectory) -> bool:
-    """Code that ran successfully *and* came before the final answer (ToRL paper §3.3's "effective code").
+    r"""Code whose output is used in the answer (ToRL's "effective code", made checkable).
 
-    A response counts when at least one call ended with status ok and its last ``\\boxed`` appears after the first
-    inserted observation, i.e. the answer was written with the execution result in view rather than before it.
+    A response counts when its final answer (the last ``\boxed{}``) comes after the first inserted observation and
+    can be read off the output of a call that ended with status ok (``answer_in_output``). Code that ran but whose
+    output the answer ignores, code that failed, and answers written before any output do not count.
     """
-    if not any(c.status == "ok" for c in traj.tool_calls):
-        return False
     first_obs = traj.text.find(_OUTPUT_MARK)
-    last_box = traj.text.rfind(_BOX_MARK)
-    return first_obs >= 0 and last_box > first_obs
+    if first_obs < 0 or traj.text.rfind(_BOX_MARK) < first_obs:
+        return False
+    answer = extract_boxed(traj.text)
+    return any(c.status == "ok" and answer_in_output(answer, c.observation) for c in traj.tool_calls)
 
 
-def rollout_metrics(trajs: Sequence[Trajectory], prefix: str = "") -> dict[str, float]:
+def level_name(level: str) -> str:
+    """A difficulty level as a metric-key segment: "Level 5" -> "level_5", "hard" -> "hard"."""
+    return re.sub(r"[^a-z0-9]+", "_", level.strip().lower()).strip("_")
+
+
+def recovery_and_budget(trajs: Sequence[Trajectory], max_calls: int = 0) -> dict[str, float]:
+    """Error recovery (responses whose first call did not end ok) and how the tool-call budget was spent; see
+    ``rollout_metrics`` for the keys."""
+    out: dict[str, float] = {}
+    first_failed = [t for t in trajs if t.tool_calls and t.tool_calls[0].status != "ok"]
+    out["tool/n_first_failed"] = float(len(first_failed))
+    if first_failed:
+        out["tool/acc_first_failed"] = sum(t.correct for t in first_failed) / len(first_failed)
+        out["tool/retry_after_fail"] = sum(len(t.tool_calls) > 1 for t in first_failed) / len(first_failed)
+    counts = [len(t.tool_calls) for t in trajs]
+    for k in range(max(max(counts, default=0), max_calls) + 1):
+        out[f"tool/share_{k}_calls"] = counts.count(k) / max(len(trajs), 1)
+    if max_calls > 0 and trajs:
+        out["tool/at_budget"] = sum(c >= max_calls for c in counts) / len(trajs)
+    return out
+
+
+def by_level(trajs: Sequence[Trajectory], levels: Mapping[str, str]) -> dict[str, float]:
+    """Accuracy and code ratio per difficulty level; responses to problems without a level are left out."""
+    groups: dict[str, list[Trajectory]] = defaultdict(list)
+    for t in trajs:
+        if levels.get(t.problem_id):
+            groups[level_name(levels[t.problem_id])].append(t)
+    out: dict[str, float] = {}
+    for name, ts in sorted(groups.items()):
+        out[f"level/{name}/n"] = float(len(ts))
+        out[f"level/{name}/acc"] = sum(t.correct for t in ts) / len(ts)
+        out[f"level/{name}/code_ratio"] = sum(bool(t.tool_calls) for t in ts) / len(ts)
+    return out
+
+
+def rollout_metrics(
+    trajs: Sequence[Trajectory], prefix: str = "", levels: Mapping[str, str] | None = None, max_calls: int = 0
+) -> dict[str, float]:
     """Aggregate metrics over ``trajs`` (graded: ``reward`` and ``correct`` set), each key prefixed with ``prefix``.
 
     Keys: ``reward/mean``, ``acc/mean``, ``acc/with_code``, ``acc/without_code``, ``tool/code_ratio`` (share of
@@ -52,6 +113,15 @@ def rollout_metrics(trajs: Sequence[Trajectory], prefix: str = "") -> dict[str, 
     (tokens, observations included), ``response/cutoff_rate`` and ``response/eos_rate`` (finish_reason "length" /
     "eos"), and counts ``response/n``, ``acc/n_with_code``, ``acc/n_without_code``, ``tool/calls``,
     ``tool/timeouts``, ``tool/sandbox_errors``.
+
+    Error recovery and budget (``recovery_and_budget``): ``tool/acc_first_failed``, P(correct | the first call did
+    not end ok: error, timeout, killed or sandbox error), over ``tool/n_first_failed`` responses;
+    ``tool/retry_after_fail``, the share of those that called again; ``tool/share_{k}_calls``, the share of responses
+    with exactly k calls (k from 0 to ``max_calls`` or the most seen); ``tool/at_budget``, the share that used all
+    ``max_calls`` calls (when ``max_calls`` > 0). Difficulty (``by_level``, when ``levels`` maps problem ids to
+    levels such as "hard" or "Level 5"): ``level/{level}/n``, ``level/{level}/acc``, ``level/{level}/code_ratio``.
+    ``tool/exec_success`` is ToRL's code pass rate; ``tool/effective_code_ratio`` is taken over code-using responses
+    (``is_effective_code``).
 
     >>> rollout_metrics([], prefix="val/")
     {'val/response/n': 0.0}
@@ -80,7 +150,8 @@ def rollout_metrics(trajs: Sequence[Trajectory], prefix: str = "") -> dict[str, 
     out["tool/calls_per_response"] = len(calls) / n
     if calls:
         out["tool/exec_success"] = sum(c.status == "ok" for c in calls) / len(calls)
-    out["tool/effective_code_ratio"] = sum(is_effective_code(t) for t in trajs) / n
+    if with_code:
+        out["tool/effective_code_ratio"] = sum(is_effective_code(t) for t in with_code) / len(with_code)
     correct_code = [t for t in with_code if t.correct]
     wrong_code = [t for t in with_code if not t.correct]
     if correct_code:
@@ -88,6 +159,8 @@ def rollout_metrics(trajs: Sequence[Trajectory], prefix: str = "") -> dict[str, 
     if wrong_code:
         out["tool/pass_rate_wrong"] = sum(t.code_ok for t in wrong_code) / len(wrong_code)
 
+    out.update(recovery_and_budget(trajs, max_calls))
+    out.update(by_level(trajs, levels or {}))
     out["tool/timeouts"] = float(sum(c.status == "timeout" for c in calls))
     out["tool/sandbox_errors"] = float(sum(c.status == "sandbox_error" for c in calls))
 
@@ -209,4 +282,28 @@ def tool_warnings(metrics: dict[str, float], tool: ToolConfig) -> list[str]:
             f"{int(metrics['tool/stop_missed'])} responses contain {tool.stop!r} but the stop string never fired "
             "(check tool.stop against what the model writes, e.g. spacing or tokenization)"
         )
+    return out
+
+
+# ToRL's analyses as (metric key, label, format): the rows of training's end-of-run table (held-out, before and after).
+ANALYSIS_FIGURES = [
+    ("acc/mean", "accuracy", "{:.3f}"),
+    ("tool/code_ratio", "code ratio", "{:.2f}"),
+    ("tool/exec_success", "code pass rate", "{:.2f}"),
+    ("tool/effective_code_ratio", "effective code ratio", "{:.2f}"),
+    ("acc/with_code", "accuracy with code", "{:.3f}"),
+    ("acc/without_code", "accuracy without code", "{:.3f}"),
+    ("tool/acc_first_failed", "accuracy | first call failed", "{:.3f}"),
+    ("tool/n_first_failed", "responses whose first call failed", "{:.0f}"),
+    ("tool/calls_per_response", "calls per response", "{:.2f}"),
+]
+
+
+def analysis_figures(metrics: dict[str, float], prefix: str = "") -> list[tuple[str, str, str]]:
+    """``ANALYSIS_FIGURES`` under ``prefix``, then accuracy and code ratio for each difficulty level in ``metrics``."""
+    out = [(prefix + key, label, fmt) for key, label, fmt in ANALYSIS_FIGURES]
+    head = prefix + "level/"
+    for name in sorted({k[len(head) :].split("/")[0] for k in metrics if k.startswith(head)}):
+        out.append((f"{head}{name}/acc", f"accuracy, level {name}", "{:.3f}"))
+        out.append((f"{head}{name}/code_ratio", f"code ratio, level {name}", "{:.2f}"))
     return out

@@ -48,7 +48,11 @@ class Task:
 
     def problem(self) -> Problem:
         return Problem(
-            id=f"syn-{self.key}", source=f"synthetic/{self.family}", question=self.question, answer=self.answer
+            id=f"syn-{self.key}",
+            source=f"synthetic/{self.family}",
+            question=self.question,
+            answer=self.answer,
+            level=self.level,
         )
 
 

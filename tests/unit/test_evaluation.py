@@ -174,3 +174,23 @@ def test_eval_pass_rates_round_trip(tmp_path):
     (tmp_path / "pass_rates.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="pass_rates.jsonl:1"):
         read_pass_rates(tmp_path)
+
+
+def test_table_shows_recovery_effective_code_levels_and_budget():
+    records = [rec("synthetic:test", "a", True, calls=1), rec("synthetic:test", "b", False)]
+    records[0].response = "```python\nprint(2)\n```\n```output\n2\n```\n\\boxed{2}"
+    records[0].tool_calls = [dict(records[0].tool_calls[0], status="error", observation="NameError")]
+    records[0].tool_calls.append({"code": "print(2)", "observation": "2", "status": "ok", "exec_s": 0, "queue_s": 0})
+    records[0].level, records[1].level = "hard", "easy"
+    s = summarize(records, ["synthetic:test"], max_calls=2)
+    row = s["benchmarks"]["synthetic:test"]
+    assert row["tool/acc_first_failed"] == 1.0 and row["tool/effective_code_ratio"] == 1.0
+    assert row["level/hard/acc"] == 1.0 and row["level/easy/acc"] == 0.0 and row["level/easy/code_ratio"] == 0.0
+    assert row["tool/at_budget"] == 0.5
+    s["setup"] = {"max_calls": 2}
+    lines = format_table(s).splitlines()
+    assert "eff_code" in lines[0] and "acc_fail1" in lines[0]
+    hard = next(line for line in lines if line.strip().startswith("level hard")).split()
+    assert hard[2:5] == ["1", "100.0%", "100.0%"]  # n, acc, code ratio of the hard level
+    assert lines[-1] == "tool budget C = 2 calls per response"
+    assert EvalRecord.from_dict(json.loads(json.dumps(records[0].__dict__))).level == "hard"
