@@ -29,6 +29,7 @@ from torl.rollout import (
     Finished,
     GenRequest,
     LoopSettings,
+    Retokenizer,
     RoundOutput,
     RoundRequest,
     StreamEvent,
@@ -60,8 +61,22 @@ class Generator(Engine):
                 traj = Trajectory(
                     problem_id=r.problem_id, group=r.group, prompt_ids=list(r.prompt_ids), answer=r.answer
                 )
-                loops.append(ToolLoop(traj, i, settings, self._encode, self._decode, step=r.step))
+                loops.append(
+                    ToolLoop(traj, i, settings, self._encode, self._decode, step=r.step, retokenizer=self._retok())
+                )
         return loops
+
+    def _retok(self) -> Retokenizer | None:
+        """ToRL's text round trip (tool.compat_retokenise): offsets, plain text as vLLM gives it, the EOS text."""
+        if not self.cfg.tool.compat_retokenise:
+            return None
+        tok = self.tokenizer
+
+        def encode_offsets(text: str) -> tuple[list[int], list[tuple[int, int]]]:
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+        return Retokenizer(encode_offsets, lambda ids: tok.decode(ids, skip_special_tokens=True), tok.eos_token)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -162,6 +177,7 @@ class Generator(Engine):
             settings,
             self._encode,
             self._decode,
+            retokenizer=self._retok(),
         )
         session = uuid.uuid4().hex if settings.tool.session == "persistent" else None
         events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()

@@ -82,9 +82,44 @@ class ToolConfig:
         'ToRL quirk: stdout containing "Error" anywhere is trimmed to its last line, and a crash after printing'
         " counts as success with stdout shown. Off = judge success by the exit status only.",
     )
+    compat_newline_before_output: bool = opt(
+        False,
+        'ToRL inserts "\\n" before ```output (and after any other round text of a non-final round) when the round\'s'
+        ' text does not end with one (docs/torl-behaviour.md ("Observation format") step 5). Needs'
+        " compat_retokenise: torl keeps the sampled ```output tokens right after the model's text, so there is no"
+        " place for the newline without rebuilding the ids from text. Off by default for that reason.",
+    )
+    compat_round_per_request: bool = opt(
+        False,
+        "ToRL quirk (iii): every round that stops at ```output uses up one of the max_calls rounds, even when it had"
+        " no complete python block and nothing ran (and, with compat_retokenise, its ```output text is lost). Off ="
+        " only executed calls count, so a formatting slip does not cost the model its tool call.",
+    )
+    compat_retokenise: bool = opt(
+        False,
+        "ToRL quirk (iv): the response is kept as text (each round's text without the stop string, the observation"
+        " frame, the EOS text) and re-tokenised: every round's engine input is encode(decode(prompt) + text), and the"
+        " learner trains on encode(text) cut to rollout.max_response_tokens, masked by character ranges, so trained"
+        " ids can differ from the sampled ones (tokens re-tokenising changed carry no sampling log-prob). Needs"
+        " algo.rollout_correction=none and algo.old_logprobs=recompute, as ToRL. Off = the sampled ids are trained.",
+    )
+    compat_code_ok: bool = opt(
+        False,
+        "ToRL's execution_pass as the code-ok verdict (tool/exec_success, pass rates, the execution penalty): a call"
+        " passes when it exited 0 or printed anything (a crash after printing passes), and a response's verdict is"
+        " that of its last round that still allowed a call (quirk (v): 0 when that round ran nothing). Off = a call"
+        " passes on exit status 0, and a response's code is ok when every call passed.",
+    )
     session: Literal["stateless", "persistent"] = opt(
         "stateless", "persistent keeps variables across calls (beyond ToRL)"
     )
+
+    def __post_init__(self) -> None:
+        if self.compat_newline_before_output and not self.compat_retokenise:
+            raise ConfigError(
+                "tool.compat_newline_before_output needs tool.compat_retokenise: without rebuilding the ids from text"
+                " the sampled ```output tokens follow the model's text directly"
+            )
 
 
 @dataclass(frozen=True)
@@ -607,6 +642,13 @@ class Config:
             raise ConfigError("algo.dynamic_sampling_max_draws must be >= 1 (the step's own batch counts)")
         if self.rollout.weight_sync_bucket_mb < 1 or self.rollout.weight_sync_timeout_s <= 0:
             raise ConfigError("rollout.weight_sync_bucket_mb must be >= 1 and rollout.weight_sync_timeout_s > 0")
+        if self.tool.compat_retokenise and (
+            self.algo.rollout_correction != "none" or self.algo.old_logprobs != "recompute"
+        ):
+            raise ConfigError(
+                "tool.compat_retokenise trains on ids the engine may not have sampled, which have no sampling"
+                " log-prob: set algo.rollout_correction=none and algo.old_logprobs=recompute (as ToRL's veRL)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------

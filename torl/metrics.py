@@ -149,7 +149,7 @@ def rollout_metrics(
     out["tool/calls"] = float(len(calls))
     out["tool/calls_per_response"] = len(calls) / n
     if calls:
-        out["tool/exec_success"] = sum(c.status == "ok" for c in calls) / len(calls)
+        out["tool/exec_success"] = sum(bool(c.ok) for c in calls) / len(calls)  # the call's verdict (compat_code_ok)
     if with_code:
         out["tool/effective_code_ratio"] = sum(is_effective_code(t) for t in with_code) / len(with_code)
     correct_code = [t for t in with_code if t.correct]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import hashlib
 import logging
 import time
@@ -97,6 +98,28 @@ def derive_seed(base: int, problem_id: str, sample: int, round_: int, step: int 
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+@dataclass(frozen=True)
+class Retokenizer:
+    """What ToRL's text round trip needs from the tokenizer (``tool.compat_retokenise``)."""
+
+    # text -> (ids, character offsets), no special tokens added (ToRL: add_special_tokens=False, offsets mapping)
+    encode_offsets: Callable[[str], tuple[list[int], list[tuple[int, int]]]]
+    # ids -> text with special tokens skipped, as vLLM's output text (ToRL reads the engine's text)
+    decode_plain: Callable[[list[int]], str]
+    eos_text: str  # appended once unless the response was cut at the length limit (ToRL: tokenizer.eos_token)
+
+
+def torl_token_mask(offsets: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, int]]) -> list[int]:
+    """ToRL's loss mask from character ranges: a token is masked (0) when it starts inside a range [s, e) and ends
+    after s (``_tokenize_and_find_mask_token_indices``), so a token that starts before s is trained even when it
+    reaches into the range.
+
+    >>> torl_token_mask([(0, 3), (3, 7), (7, 9)], [(4, 9)])
+    [1, 1, 0]
+    """
+    return [0 if any(s <= a < e and b > s for s, e in ranges) else 1 for a, b in offsets]
+
+
 def observation_insert(round_text: str, tail: str, body: str, stop: str) -> str:
     """The text to append after the sampled stop string so the context reads as ToRL's observation frame.
 
@@ -118,7 +141,8 @@ class ToolLoop:
     """State of one trajectory: generate, maybe execute, append, repeat (veRL's agent-loop states, made explicit).
 
     ``tokenize`` maps observation text to ids (no special tokens); ``decode`` maps ids to text (for the tail past the
-    stop string and the final decoded response).
+    stop string and the final decoded response). ``retokenizer`` is needed with ``tool.compat_retokenise``: the loop
+    then also keeps ToRL's response text and rebuilds the trajectory from it at the end (``_retokenised``).
     """
 
     def __init__(
@@ -129,7 +153,10 @@ class ToolLoop:
         tokenize: Callable[[str], list[int]],
         decode: Callable[[list[int]], str],
         step: int = 0,
+        retokenizer: Retokenizer | None = None,
     ) -> None:
+        if settings.tool.compat_retokenise and retokenizer is None:
+            raise ValueError("tool.compat_retokenise needs a Retokenizer (the tokenizer's offsets and EOS text)")
         self.traj = traj
         self.sample = sample
         self.step = step  # the training step (GenRequest.step), for the sampling seed
@@ -141,6 +168,13 @@ class ToolLoop:
         self.requests = 0  # rounds that ended at the tool stop string
         self.unexecuted = 0  # ... of which had no complete python block (nothing ran; ToRL quirk iii, fixed)
         self.preemptions = 0
+        # ToRL's execution_pass (tool.compat_code_ok): set at the end of every round that still allowed a call.
+        self._exec_pass = False
+        self._retok = retokenizer if settings.tool.compat_retokenise else None
+        self._text = ""  # ToRL's response text (compat_retokenise): round texts, observation frames
+        self._mask_ranges: list[tuple[int, int]] = []  # character ranges of _text ToRL masks
+        self._round_ids: list[int] = []  # sampled ids of the round so far (a preempted round spans several outputs)
+        self._round_allowed = False  # the current round was generated with the tool stop string set
         self.done = False
         self.pending_code: str | None = None
         self._round_text = ""
@@ -157,10 +191,15 @@ class ToolLoop:
         used = len(self.traj.response_ids)
         return min(self.s.max_model_len - len(self.traj.prompt_ids) - used, self.s.max_response_tokens - used)
 
+    @property
+    def budget_used(self) -> int:
+        """Rounds counted against c: executed calls, plus unexecuted requests under ToRL's accounting."""
+        return self.calls + (self.unexecuted if self.s.tool.compat_round_per_request else 0)
+
     def _stops(self) -> list[str]:
         t = self.s.tool
-        # After c executed calls the stop list is cleared: a later ```output is ordinary text (ToRL's last round).
-        return [t.stop] if t.enabled and self.calls < t.max_calls else []
+        # After c calls the stop list is cleared: a later ```output is ordinary text (ToRL's last round).
+        return [t.stop] if t.enabled and self.budget_used < t.max_calls else []
 
     # -- transitions ----------------------------------------------------------------------------------------------
     def next_request(self) -> RoundRequest | None:
@@ -170,7 +209,18 @@ class ToolLoop:
         if left <= 0:
             self._finish("length")
             return None
-        return RoundRequest(self.traj.prompt_ids + self.traj.response_ids, left, self._stops(), self.rounds)
+        stops = self._stops()
+        if not self._round_ids:  # a new round (not the continuation of a preempted one)
+            self._round_allowed = bool(stops)
+        ids = self.traj.prompt_ids + self.traj.response_ids
+        if self._retok is not None:
+            # ToRL decodes the prompt and re-encodes it with the response text every round (_tir_generate).
+            ids, _ = self._retok.encode_offsets(self.decode(self.traj.prompt_ids) + self._text)
+            left = min(left, self.s.max_model_len - len(ids))
+            if left <= 0:
+                self._finish("length")
+                return None
+        return RoundRequest(ids, left, stops, self.rounds)
 
     def on_round(self, out: RoundOutput, gen_s: float = 0.0) -> str | None:
         """Append the sampled tokens; return the code to execute if this round is a tool request, else None."""
@@ -185,18 +235,20 @@ class ToolLoop:
         t.gen_s += gen_s
         # Text since the last tool call: a preempted round continues the same round (code may span the break).
         self._round_text += out.text
+        self._round_ids.extend(out.token_ids)
         if out.preempted:
             self.preemptions += 1
             return None
         self.rounds += 1
-        if out.finish_reason in ("abort", "length"):
-            self._finish(out.finish_reason)
-            return None
         tool = self.s.tool
         code = tool_protocol.last_code_block(self._round_text)
-        state = tool_protocol.next_state(out.finish_reason, out.stop_reason, code, self.calls, tool)
+        if out.finish_reason in ("abort", "length"):
+            state = LoopState.STOP
+        else:
+            state = tool_protocol.next_state(out.finish_reason, out.stop_reason, code, self.budget_used, tool)
+        self._end_round_text(out, state)
         if state is LoopState.STOP:
-            self._finish("eos")
+            self._finish(out.finish_reason if out.finish_reason in ("abort", "length") else "eos")
             return None
         self.requests += 1
         if state is LoopState.GENERATE:
@@ -208,6 +260,23 @@ class ToolLoop:
         self._tail = self._tail_after_stop(out.token_ids, tool.stop)
         self.pending_code = code
         return code
+
+    def _end_round_text(self, out: RoundOutput, state: LoopState) -> None:
+        """Close the round in ToRL's bookkeeping: its execution_pass (reset by every round that allowed a call) and,
+        with compat_retokenise, its text: the plain text without the stop string, and ToRL's newline after it in a
+        round that allowed a call (``_tir_generate`` adds one to every response of such a round)."""
+        ids, self._round_ids = self._round_ids, []
+        if self._round_allowed:
+            self._exec_pass = False  # set again by on_tool_result when this round's call passes
+        if self._retok is None:
+            return
+        text = self._retok.decode_plain(ids)
+        if state is not LoopState.STOP:  # a tool request: the engine's text ends before the stop string
+            at = text.find(self.s.tool.stop)
+            text = text[:at] if at >= 0 else text
+        if self._round_allowed and self.s.tool.compat_newline_before_output and not text.endswith("\n"):
+            text += "\n"
+        self._text += text
 
     def _tail_after_stop(self, ids: list[int], stop: str) -> str:
         """Characters the last sampled tokens carry past the stop string (vLLM cuts text, not tokens)."""
@@ -233,8 +302,15 @@ class ToolLoop:
         t.logprobs.extend([0.0] * len(ids))
         t.loss_mask.extend([0] * len(ids))
         t.versions.extend([-1] * len(ids))
-        t.tool_calls.append(ToolCall(self.pending_code, body, result.status, result.wall_s, result.queue_s))
+        ok = tool_protocol.is_success(result, self.s.tool)
+        t.tool_calls.append(ToolCall(self.pending_code, body, result.status, result.wall_s, result.queue_s, ok))
         t.tool_s += wait_s
+        self._exec_pass = ok
+        if self._retok is not None:
+            # ToRL masks from just after the re-inserted ```output to the end of the frame.
+            start = len(self._text) + len(tool_protocol.OUTPUT_OPEN) - 1  # after "```output", before its newline
+            self._text += tool_protocol.OUTPUT_OPEN + body + tool_protocol.OUTPUT_CLOSE
+            self._mask_ranges.append((start, len(self._text)))
         self.calls += 1
         self.pending_code = None
         self._round_text = ""
@@ -249,9 +325,40 @@ class ToolLoop:
     def result(self) -> Trajectory:
         """The finished trajectory, with its decoded text; per-token alignment checked."""
         assert self.done, "trajectory not finished"
+        if self._retok is not None:
+            self._retokenised()
+        if self.s.tool.compat_code_ok:
+            self.traj.exec_pass = self._exec_pass
         self.traj.text = self.decode(self.traj.response_ids)
         self.traj.check()
         return self.traj
+
+    def _retokenised(self) -> None:
+        """Replace the sampled ids by ToRL's: encode(text + EOS text unless cut at the length limit), cut to the
+        response budget, masked by ToRL's character rule. A re-encoded token keeps its sampling log-prob and version
+        where it matches a sampled token in order (difflib's matching blocks over the ids); a token re-tokenising
+        changed gets log-prob 0.0 and the version of the sampled token before it."""
+        t = self.traj
+        text = self._text + ("" if t.finish_reason == "length" else self._retok.eos_text)
+        ids, offsets = self._retok.encode_offsets(text)
+        ids, offsets = ids[: self.s.max_response_tokens], offsets[: self.s.max_response_tokens]
+        mask = torl_token_mask(offsets, self._mask_ranges)
+        rows = zip(t.response_ids, t.logprobs, t.versions, t.loss_mask, strict=True)
+        sampled = [(i, lp, v) for i, lp, v, m in rows if m]
+        matched: dict[int, int] = {}
+        blocks = difflib.SequenceMatcher(None, [s[0] for s in sampled], ids, autojunk=False).get_matching_blocks()
+        for b in blocks:
+            matched.update({b.b + k: b.a + k for k in range(b.size)})
+        logprobs, versions = [], []
+        version = sampled[0][2] if sampled else -1
+        for j, keep in enumerate(mask):
+            if j in matched:
+                _, lp, version = sampled[matched[j]]
+            else:
+                lp = 0.0
+            logprobs.append(lp if keep else 0.0)
+            versions.append(version if keep else -1)
+        t.response_ids, t.loss_mask, t.logprobs, t.versions = ids, mask, logprobs, versions
 
     @property
     def stop_missed(self) -> bool:

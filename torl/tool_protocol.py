@@ -67,15 +67,18 @@ def last_code_block(text: str) -> str | None:
     return None if current is not None else last
 
 
-def is_success(result: ExecResult, cfg: ToolConfig) -> bool:
-    """Whether a run counts as successful (feeds tool/exec_success and the execution penalty).
+def torl_passes(result: ExecResult) -> bool:
+    """ToRL's "Done": exit code 0 *or* any stdout, so a program that printed and then crashed passes; a failed sandbox
+    request ("UnknownError") does not (``vllm_rollout_spmd.py`` ``postproc``)."""
+    return result.status == "ok" or result.exit_code == 0 or bool(result.stdout)
 
-    Default: the exit status (``status == "ok"``). ToRL (``compat_error_substring``): exit code 0 *or* any stdout,
-    so a program that printed and then crashed counts as a success.
+
+def is_success(result: ExecResult, cfg: ToolConfig) -> bool:
+    """Whether a call passes (feeds tool/exec_success, the pass rates and the execution penalty).
+
+    Default: the exit status (``status == "ok"``). ToRL (``compat_code_ok``): ``torl_passes``.
     """
-    if cfg.compat_error_substring:
-        return result.status == "ok" or result.exit_code == 0 or bool(result.stdout)
-    return result.status == "ok"
+    return torl_passes(result) if cfg.compat_code_ok else result.status == "ok"
 
 
 def _last_line(text: str) -> str:
@@ -101,7 +104,7 @@ def format_observation(result: ExecResult, cfg: ToolConfig) -> str:
         body = SANDBOX_ERROR_TEXT
     elif cfg.compat_error_substring:
         # ToRL: stdout if it "succeeded" (exit 0 or any stdout), else stderr; "Error" anywhere -> keep the last line.
-        body = result.stdout if is_success(result, cfg) else result.stderr
+        body = result.stdout if torl_passes(result) else result.stderr
         if "Error" in body:
             body = _last_line(body)
     elif result.status == "ok":
@@ -136,7 +139,8 @@ def next_state(
 
     STOP unless the round is a tool request while tools are on and calls remain (c = ``cfg.max_calls``); a request
     without a complete code block resumes generation without running anything (ToRL dropped that round's stop text,
-    quirk (iii); the caller keeps it); otherwise EXECUTE.
+    quirk (iii); the caller keeps it); otherwise EXECUTE. ``calls_made`` counts what uses up c: executed calls, and
+    with ``cfg.compat_round_per_request`` unexecuted requests too.
     """
     if not cfg.enabled or not is_tool_request(finish_reason, stop_reason, cfg.stop):
         return LoopState.STOP

@@ -46,6 +46,13 @@ class ToolCall:
     status: ExecStatus
     exec_s: float
     queue_s: float
+    # Whether the call passed (``torl.tool_protocol.is_success``: exit status 0, or ToRL's rule under
+    # tool.compat_code_ok); None when built without a verdict (older records): the status decides.
+    ok: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.ok is None:
+            self.ok = self.status == "ok"
 
 
 @dataclass
@@ -72,6 +79,9 @@ class Trajectory:
     correct: bool = False
     gen_s: float = 0.0  # time spent waiting on the engine
     tool_s: float = 0.0  # time spent waiting on tools (queue + execution)
+    # ToRL's execution_pass (tool.compat_code_ok): the verdict of the last round that still allowed a call; None =
+    # the default verdict, every call passed.
+    exec_pass: bool | None = None
 
     def grade_item(self) -> tuple[str, str, bool, bool]:
         """What the grader needs: (response text, gold answer, used code, attempted code failed)."""
@@ -102,8 +112,10 @@ class Trajectory:
 
     @property
     def code_ok(self) -> bool:
-        """True when code was attempted and every call ran without error."""
-        return bool(self.tool_calls) and all(c.status == "ok" for c in self.tool_calls)
+        """True when code was attempted and every call passed (or, under tool.compat_code_ok, ToRL's verdict)."""
+        if self.exec_pass is not None:
+            return self.exec_pass
+        return bool(self.tool_calls) and all(c.ok for c in self.tool_calls)
 
 
 class LearnerDied(RuntimeError):

@@ -19,6 +19,9 @@ def test_defaults_are_torl_values():
     assert cfg.tool.compat_fake_timeout is False and cfg.tool.compat_error_substring is False  # bugs fixed by default
     assert (cfg.reward.correct, cfg.reward.wrong, cfg.reward.exec_error_penalty) == (1.0, -1.0, 0.0)
     assert cfg.reward.compat_penalty_without_code is False
+    t = cfg.tool
+    assert not (t.compat_newline_before_output or t.compat_round_per_request)
+    assert not (t.compat_retokenise or t.compat_code_ok)
     assert cfg.rollout.n == 16 and cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0
     assert cfg.rollout.top_k == -1 and cfg.rollout.max_response_tokens == 3072
     assert cfg.data.batch_size == 128 and cfg.data.shuffle is True and cfg.data.seed == 1
@@ -160,6 +163,8 @@ def test_torl_compat_preset_turns_quirks_on():
     cfg = load_config([str(REPO / "configs/torl_compat.yaml")])
     assert cfg.tool.compat_fake_timeout and cfg.tool.compat_error_substring
     assert cfg.reward.compat_penalty_without_code
+    t = cfg.tool
+    assert t.compat_newline_before_output and t.compat_round_per_request and t.compat_retokenise and t.compat_code_ok
     assert to_dict(cfg)["prompt"] == to_dict(Config())["prompt"]  # it changes nothing else
 
 

@@ -19,6 +19,7 @@ from torl.types import ExecResult
 
 DEFAULT = ToolConfig()
 COMPAT = ToolConfig(compat_fake_timeout=True, compat_error_substring=True)
+CODE_OK = ToolConfig(compat_code_ok=True)
 TRACEBACK = (
     "Traceback (most recent call last):\n  File \"<s>\", line 1, in <module>\nNameError: name 'a' is not defined\n"
 )
@@ -126,8 +127,10 @@ def test_format_observation(result, cfg, expected):
         (_r("ok", "1"), DEFAULT, True),
         (_r("ok", ""), DEFAULT, True),
         (_r("error", "partial", TRACEBACK), DEFAULT, False),
-        (_r("error", "partial", TRACEBACK), COMPAT, True),  # ToRL: any stdout = success
-        (_r("error", "", TRACEBACK), COMPAT, False),
+        (_r("error", "partial", TRACEBACK), CODE_OK, True),  # ToRL's verdict: any stdout = success
+        (_r("error", "", TRACEBACK), CODE_OK, False),
+        (_r("sandbox_error"), CODE_OK, False),  # ToRL: "UnknownError" is not "Done"
+        (_r("error", "partial", TRACEBACK), COMPAT, False),  # the observation quirks alone keep the exit status
         (_r("timeout", "", ""), DEFAULT, False),
         (_r("sandbox_error"), DEFAULT, False),
     ],
