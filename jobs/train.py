@@ -35,6 +35,7 @@ from torl.grading import overlong_penalty  # noqa: E402
 from torl.metrics import analysis_figures, rollout_metrics  # noqa: E402
 from torl.problem_rewards import record_problem_rewards  # noqa: E402
 from torl.progress import Progress  # noqa: E402
+from torl.rollout import filter_void_turns  # noqa: E402
 from torl.sampler import SamplerState  # noqa: E402
 from torl.storage import StorageError  # noqa: E402
 from torl.types import LearnerDied, Trajectory  # noqa: E402
@@ -130,6 +131,8 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         if cfg.algo.dynamic_sampling:
             with timed(metrics, "time/dynamic_sampling"):
                 trajs = keep_varied(run, trajs, step + 1, metrics, bar.write)
+        if cfg.algo.filter_void_turns:  # SimpleTIR: trajectories with a void turn get no gradient
+            metrics["algo/void_filtered_share"] = filter_void_turns(trajs)
         metrics.update(staleness_metrics(trajs, version))
         step += 1
         if trajs:  # empty only when dynamic sampling found no varied group

@@ -287,6 +287,13 @@ class AlgoConfig:
         "DAPO: the most prompt batches one step may roll out (first included); at the bound the step trains on"
         " the varied groups it has and warns (DAPO recipe: max_num_gen_batches=10)",
     )
+    filter_void_turns: bool = opt(
+        False,
+        "SimpleTIR (arXiv 2509.02479): leave trajectories with a void turn (a round with neither a complete python"
+        " block nor a \\boxed{ answer) out of the policy update; their rewards still count in their group's"
+        " advantage. Keeps multi-turn (tool.max_calls > 1) training from blowing up on low-probability tokens;"
+        " docs/void-turns.md (ToRL: off)",
+    )
     max_response_tokens_norm: int = opt(0, "Dr.GRPO's constant divisor; 0 = rollout.max_response_tokens")
     old_logprobs: Literal["recompute", "engine"] = opt(
         "recompute",

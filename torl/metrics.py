@@ -107,7 +107,8 @@ def rollout_metrics(
 
     Keys: ``reward/mean``, ``acc/mean``, ``acc/with_code``, ``acc/without_code``, ``tool/code_ratio`` (share of
     responses with >= 1 executed call), ``tool/exec_success`` (share of executed calls with status ok),
-    ``tool/calls_per_response``, ``tool/effective_code_ratio``, ``tool/pass_rate_correct`` and
+    ``tool/calls_per_response``, ``tool/effective_code_ratio``, ``tool/void_turn_share`` (responses with a void
+    turn), ``tool/pass_rate_correct`` and
     ``tool/pass_rate_wrong`` (share of code-using responses whose every call succeeded, among correct / wrong ones:
     the paper's "pass ratio in correct vs incorrect responses"), ``response/length_mean`` and ``response/length_max``
     (tokens, observations included), ``response/cutoff_rate`` and ``response/eos_rate`` (finish_reason "length" /
@@ -159,6 +160,7 @@ def rollout_metrics(
     if wrong_code:
         out["tool/pass_rate_wrong"] = sum(t.code_ok for t in wrong_code) / len(wrong_code)
 
+    out["tool/void_turn_share"] = sum(t.void_turns > 0 for t in trajs) / n  # SimpleTIR's void turns (any round)
     out.update(recovery_and_budget(trajs, max_calls))
     out.update(by_level(trajs, levels or {}))
     out["tool/timeouts"] = float(sum(c.status == "timeout" for c in calls))

@@ -167,6 +167,7 @@ class ToolLoop:
         self.calls = 0  # executed tool calls (c counts these)
         self.requests = 0  # rounds that ended at the tool stop string
         self.unexecuted = 0  # ... of which had no complete python block (nothing ran; ToRL quirk iii, fixed)
+        self.void_turns = 0  # rounds that ended with neither a complete python block nor a final answer (SimpleTIR)
         self.preemptions = 0
         # ToRL's execution_pass (tool.compat_code_ok): set at the end of every round that still allowed a call.
         self._exec_pass = False
@@ -246,6 +247,8 @@ class ToolLoop:
             state = LoopState.STOP
         else:
             state = tool_protocol.next_state(out.finish_reason, out.stop_reason, code, self.budget_used, tool)
+        if tool_protocol.is_void_turn(self._round_text):
+            self.void_turns += 1
         self._end_round_text(out, state)
         if state is LoopState.STOP:
             self._finish(out.finish_reason if out.finish_reason in ("abort", "length") else "eos")
@@ -329,6 +332,7 @@ class ToolLoop:
             self._retokenised()
         if self.s.tool.compat_code_ok:
             self.traj.exec_pass = self._exec_pass
+        self.traj.void_turns = self.void_turns
         self.traj.text = self.decode(self.traj.response_ids)
         self.traj.check()
         return self.traj
@@ -365,6 +369,21 @@ class ToolLoop:
         """The model wrote the stop string but no stop fired while calls were still allowed (tools silently dead)."""
         t = self.s.tool
         return t.enabled and self.requests == 0 and self.calls < t.max_calls and t.stop in self.traj.text
+
+
+def filter_void_turns(trajs: Sequence[Trajectory]) -> float:
+    """SimpleTIR's void-turn filter (arXiv 2509.02479, docs/void-turns.md): a trajectory with a void turn is left out
+    of the policy update (its loss mask zeroed, as SimpleTIR zeroes its response mask in the policy loss) but keeps
+    its reward in its group's advantage statistics. Returns the share of ``trajs`` dropped.
+
+    >>> t = Trajectory("p", 0, [1], [5, 6], [0.0, 0.0], [1, 1], [0, 0], void_turns=1)
+    >>> filter_void_turns([t]), t.loss_mask
+    (1.0, [0, 0])
+    """
+    dropped = [t for t in trajs if t.void_turns]
+    for t in dropped:
+        t.loss_mask = [0] * len(t.loss_mask)
+    return len(dropped) / len(trajs) if trajs else 0.0
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,29 @@ def last_code_block(text: str) -> str | None:
     return None if current is not None else last
 
 
+def has_complete_block(text: str) -> bool:
+    """Whether ``text`` holds any complete ```` ```python ```` block under ``last_code_block``'s line rules (an
+    unclosed block after a complete one still counts: the turn did produce code)."""
+    inside = False
+    for raw in text.split("\n"):
+        line = raw.rstrip("\r")
+        if not inside:
+            inside = line.startswith("```python") or line.endswith("```python")
+        elif line.startswith("```"):
+            return True
+    return False
+
+
+def is_void_turn(text: str) -> bool:
+    """SimpleTIR's void turn (arXiv 2509.02479, docs/void-turns.md): a round whose text holds neither a complete code
+    block nor a final answer (``\\boxed{``, as SimpleTIR's ``execute_predictions`` tests it).
+
+    >>> is_void_turn("Let me think"), is_void_turn("so \\boxed{2}"), is_void_turn("```python\nx=1\n```\n")
+    (True, False, False)
+    """
+    return not has_complete_block(text) and "\\boxed{" not in text
+
+
 def torl_passes(result: ExecResult) -> bool:
     """ToRL's "Done": exit code 0 *or* any stdout, so a program that printed and then crashed passes; a failed sandbox
     request ("UnknownError") does not (``vllm_rollout_spmd.py`` ``postproc``)."""

@@ -82,6 +82,8 @@ class Trajectory:
     # ToRL's execution_pass (tool.compat_code_ok): the verdict of the last round that still allowed a call; None =
     # the default verdict, every call passed.
     exec_pass: bool | None = None
+    # Rounds with neither a complete code block nor a final answer (SimpleTIR's void turns; algo.filter_void_turns).
+    void_turns: int = 0
 
     def grade_item(self) -> tuple[str, str, bool, bool]:
         """What the grader needs: (response text, gold answer, used code, attempted code failed)."""
