@@ -21,9 +21,10 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -38,6 +39,8 @@ RECIPE_VERSION = 2
 OUTPUT_OPEN = "```output\n"
 FIRST_LOSSES = 8
 OUTPUT_CLOSE = "\n```\n"
+# Recipe fields added after models/torl-tiny-base shipped, with the value that leaves its traces unchanged.
+LATER_FIELDS = {"bug_style": "simple", "fix_frac": 0.0}
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,14 @@ class BaseModelRecipe:
     num_traces: int = opt(12000, "pretraining traces drawn from the train split (repeats allowed)")
     easy_frac: float = opt(0.3, "share of easy items (text-only answers can be right)")
     code_frac: float = opt(0.4, "share of traces that write code (ToRL's base model: ~40% at step 0)")
-    bug_frac: float = opt(0.08, "share of code traces whose code fails (real error shown, then a guess)")
-    hard_text_acc: float = opt(0.1, "how often a text-only answer to a hard item is right anyway")
+    bug_frac: float = opt(0.08, "share of code traces whose code fails (real error shown, then a guess or a fix)")
+    hard_text_acc: float = opt(0.1, "how often a text-only answer to a hard item (or a guess after an error) is right")
+    bug_style: Literal["simple", "realistic"] = opt(
+        "simple",
+        "simple: a stray name, dropped import or syntax error, then a guess (the CPU default). realistic: a typo'd"
+        " name, missing import, off-by-one index or / for //, then a fix in fix_frac of cases (torl.tasks)",
+    )
+    fix_frac: float = opt(0.0, "bug_style=realistic: share of failed programs followed by a block that fixes them")
     vocab_size: int = opt(768, "byte-level BPE vocabulary asked for (the trainer may stop short)")
     tokenizer_traces: int = opt(3000, "traces the BPE is trained on")
     hidden: int = opt(128, "Qwen2 hidden size; head_dim = hidden / heads must suit vLLM's CPU attention")
@@ -89,6 +98,8 @@ class BaseModelRecipe:
     def fingerprint(self) -> str:
         """Hash of what determines the weights (not where they go, nor the report size)."""
         fields = {k: v for k, v in self.to_dict().items() if k not in ("output_dir", "eval_n", "threads")}
+        # Fields added after a model shipped enter the hash only when set, so that model keeps its fingerprint.
+        fields = {k: v for k, v in fields.items() if LATER_FIELDS.get(k, object()) != v}
         blob = json.dumps({"version": RECIPE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -119,6 +130,7 @@ def make_traces(recipe: BaseModelRecipe) -> list[tuple[str, str, str]]:
     task_list = tasks.make_tasks("train", recipe.num_traces, recipe.seed, easy_frac=recipe.easy_frac, unique=False)
     rng = random.Random(f"torl-traces/{recipe.seed}")
     kw = {"code_frac": recipe.code_frac, "bug_frac": recipe.bug_frac, "hard_text_acc": recipe.hard_text_acc}
+    kw.update(bug_style=recipe.bug_style, fix_frac=recipe.fix_frac)
     return [tasks.make_trace(t, rng, **kw) for t in task_list]
 
 
@@ -254,7 +266,7 @@ def build_base_model(recipe: BaseModelRecipe, out_dir: str | Path | None = None)
             "recipe": recipe.to_dict(),
             "params": sum(p.numel() for p in model.parameters()),
             "vocab": len(tokenizer),
-            "trace_kinds": {k: sum(1 for e in examples if e.kind == k) for k in ("code", "bug", "text")},
+            "trace_kinds": dict(sorted(Counter(e.kind for e in examples).items())),
             "mean_trace_tokens": sum(len(e.ids) for e in examples) / max(1, len(examples)),
             "build_s": time.time() - t0,
             **stats,

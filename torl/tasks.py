@@ -10,7 +10,10 @@ Traces (``make_trace``) follow ToRL's tir_base_0309 prompt and observation frame
 block and copy its real ```output into ``\\boxed{}``; the rest answer in text (right on easy items, usually a
 near miss on hard ones); a few code traces carry a bug whose real error line is shown, then a guess. Whether a
 trace uses code is drawn independently of the family and level, so the choice sits at the start of the response
-for RL to learn. Not here: tokenization and training (``torl.pretrain``), grading (``torl.grading``).
+for RL to learn. ``bug_style="realistic"`` (the error-recovery preset) writes bugs people make instead (a typo'd
+name, a missing import, an off-by-one index, ``/`` where ``//`` was meant), and after the interpreter's error either
+a second block that fixes the bug (share ``fix_frac``) or a guess: RL with two tool calls can then learn to repair.
+Not here: tokenization and training (``torl.pretrain``), grading (``torl.grading``).
 """
 
 from __future__ import annotations
@@ -262,20 +265,110 @@ def _buggy(task: Task, kind: str) -> str:
     return task.code.replace("print(", "print(result + ", 1) if "(" in task.code else "print(result)"
 
 
-def make_response(
-    task: Task, rng: random.Random, code_frac: float = 0.4, bug_frac: float = 0.08, hard_text_acc: float = 0.1
+# --- realistic bugs (bug_style="realistic") -----------------------------------------------------------------------
+# Each kind maps a task to (buggy program, fixed program); the fixed one prints the answer. Correct first attempts use
+# the fixed program of a kind drawn the same way, so a buggy and a correct attempt share their form and part only at
+# the bug itself (the model cannot tell from the first tokens of a program whether it will fail).
+REALISTIC_BUGS = ("typo", "missing_import", "off_by_one", "int_division")
+TYPOS = ("reslt", "resutl")
+FIX_LINE = "Let me fix the error and run it again."
+GUESS_LINE = "The code failed, so I estimate the answer:"
+
+
+def _sum_terms(task: Task) -> tuple[str, int]:
+    """The list comprehension of a ``sum`` task's terms and their count, from its key ("sq30" or "a,d,n")."""
+    params = task.key.split(":", 1)[1]
+    if params.startswith("sq"):
+        n = int(params[2:])
+        return f"[k ** 2 for k in range(1, {n} + 1)]", n
+    a, d, n = (int(x) for x in params.split(","))
+    return f"[{a} + {d} * k for k in range({n})]", n
+
+
+def bug_kinds(task: Task) -> tuple[str, ...]:
+    """The realistic bugs that fit ``task``: a typo always; a missing import where the program imports; an off-by-one
+    index and an integer division where it sums a list (the ``sum`` family)."""
+    kinds = ["typo"]
+    if "import " in task.code:
+        kinds.append("missing_import")
+    if task.family == "sum":
+        kinds += ["off_by_one", "int_division"]
+    return tuple(kinds)
+
+
+def realistic_bug(task: Task, kind: str, rng: random.Random) -> tuple[str, str]:
+    """(buggy program, fixed program) for ``task`` with bug ``kind`` (one of ``bug_kinds(task)``)."""
+    if kind not in bug_kinds(task):
+        raise ValueError(f"bug {kind!r} does not fit task {task.key} (fits: {bug_kinds(task)})")
+    if kind == "missing_import":
+        return "\n".join(line for line in task.code.splitlines() if "import " not in line), task.code
+    if kind == "typo":
+        head, _, last = task.code.rpartition("\n")
+        expr = last[len("print(") : -1]
+        body = f"{head}\nresult = {expr}" if head else f"result = {expr}"
+        return f"{body}\nprint({rng.choice(TYPOS)})", f"{body}\nprint(result)"
+    terms, n = _sum_terms(task)
+    if kind == "off_by_one":
+        body = f"terms = {terms}\ntotal = 0\nfor k in range({{}}):\n    total += terms[k]\nprint(total)"
+        return body.format(f"1, {n} + 1"), body.format(n)
+    body = f"terms = {terms}\nhalf = {n} {{}} 2\nprint(sum(terms[:half]) + sum(terms[half:]))"
+    return body.format("/"), body.format("//")
+
+
+def _guess(task: Task, rng: random.Random, hard_text_acc: float) -> str:
+    return task.answer if rng.random() < hard_text_acc else _near_miss(task.answer, rng)
+
+
+def _realistic_code_response(
+    task: Task, rng: random.Random, opener: str, bug_frac: float, fix_frac: float, hard_text_acc: float
 ) -> tuple[str, str]:
-    """A ToRL-format response for ``task`` and its kind ("code", "bug" or "text"); ends before the EOS token."""
+    """A code trace with a realistic bug in ``bug_frac`` of cases: kinds "code", "fix" (repaired after the error) or
+    "bug" (a guess after the error)."""
+    bad, fixed = realistic_bug(task, rng.choice(bug_kinds(task)), rng)
+    ok, out = run_code(fixed)
+    if not ok or out != task.answer:
+        raise AssertionError(f"fixed program of {task.key} printed {out!r}, expected {task.answer!r}")
+    answer = f"```output\n{out}\n```\nThe program prints {out}, so the answer is \\boxed{{{out}}}."
+    if rng.random() >= bug_frac:
+        return f"{opener}\n```python\n{fixed}\n```\n{answer}", "code"
+    failed, err = run_code(bad)
+    if failed:
+        raise AssertionError(f"buggy program of {task.key} ran: {bad!r}")
+    first = f"{opener}\n```python\n{bad}\n```\n```output\n{err}\n```\n"
+    if rng.random() < fix_frac:
+        return f"{first}{FIX_LINE}\n```python\n{fixed}\n```\n{answer}", "fix"
+    return f"{first}{GUESS_LINE} \\boxed{{{_guess(task, rng, hard_text_acc)}}}.", "bug"
+
+
+def make_response(
+    task: Task,
+    rng: random.Random,
+    code_frac: float = 0.4,
+    bug_frac: float = 0.08,
+    hard_text_acc: float = 0.1,
+    bug_style: str = "simple",
+    fix_frac: float = 0.0,
+) -> tuple[str, str]:
+    """A ToRL-format response for ``task`` and its kind ("code", "bug", "fix" or "text"); ends before the EOS token.
+
+    ``bug_style="simple"``: the CPU default's traces (a bug is a stray name, a dropped import or a syntax error, always
+    followed by a guess; ``fix_frac`` must be 0). ``"realistic"``: ``realistic_bug``'s kinds, fixed in ``fix_frac``.
+    """
+    if bug_style not in ("simple", "realistic"):
+        raise ValueError(f"bug_style must be 'simple' or 'realistic', got {bug_style!r}")
+    if bug_style == "simple" and fix_frac:
+        raise ValueError("fix_frac needs bug_style='realistic' (simple bugs are always followed by a guess)")
     if rng.random() < code_frac:  # drawn before looking at the task: the decision carries no task information
         opener = rng.choice(CODE_OPENERS)
+        if bug_style == "realistic":
+            return _realistic_code_response(task, rng, opener, bug_frac, fix_frac, hard_text_acc)
         if rng.random() < bug_frac:
             bad = _buggy(task, rng.choice(BUGS))
             ok, out = run_code(bad)
             if not ok:
-                guess = task.answer if rng.random() < hard_text_acc else _near_miss(task.answer, rng)
                 return (
                     f"{opener}\n```python\n{bad}\n```\n```output\n{out}\n```\n"
-                    f"The code failed, so I estimate the answer: \\boxed{{{guess}}}.",
+                    f"{GUESS_LINE} \\boxed{{{_guess(task, rng, hard_text_acc)}}}.",
                     "bug",
                 )
         ok, out = run_code(task.code)
@@ -291,7 +384,7 @@ def make_response(
     return f"{rng.choice(TEXT_OPENERS)}\n{task.reasoning.format(ans=ans)}\nSo the answer is \\boxed{{{ans}}}.", "text"
 
 
-def make_trace(task: Task, rng: random.Random, **kw: float) -> tuple[str, str, str]:
+def make_trace(task: Task, rng: random.Random, **kw: float | str) -> tuple[str, str, str]:
     """(prompt, response, kind) for pretraining; the prompt is ToRL's tir_base_0309 text for the question."""
     response, kind = make_response(task, rng, **kw)
     return build_prompt(task.question, TEMPLATE), response, kind

@@ -132,3 +132,17 @@ def test_fixture_model_was_built_by_the_recipe(tiny_model_dir):
     meta = json.loads((tiny_model_dir / "recipe.json").read_text())
     assert meta["recipe"]["hidden"] == 64 and meta["final_loss"] < 6.0
     assert set(meta["trace_kinds"]) == {"code", "bug", "text"}
+
+
+def test_recipe_fields_added_later_keep_the_shipped_fingerprint_until_set():
+    from pathlib import Path
+
+    from torl.pretrain import load_recipe
+
+    repo = Path(__file__).resolve().parents[2]
+    default = load_recipe([str(repo / "configs" / "base_model.yaml")])
+    shipped = json.loads((repo / "models" / "torl-tiny-base" / "recipe.json").read_text())["fingerprint"]
+    assert default.fingerprint() == shipped  # bug_style and fix_frac came later: at their defaults they are not hashed
+    realistic = load_recipe([str(repo / "configs" / "base_model.yaml")], ["bug_style=realistic"])
+    assert realistic.fingerprint() != shipped
+    assert load_recipe([], ["bug_style=realistic", "fix_frac=0.4"]).fingerprint() != realistic.fingerprint()

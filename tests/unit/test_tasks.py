@@ -96,3 +96,53 @@ def test_run_code_reports_the_real_last_error_line():
     assert tasks.run_code("print(x)") == (False, "NameError: name 'x' is not defined")
     ok, err = tasks.run_code("print 3)")
     assert not ok and err.startswith("SyntaxError")
+
+
+@pytest.mark.parametrize("kind", tasks.REALISTIC_BUGS)
+def test_realistic_bugs_fail_with_the_interpreters_error_and_their_fix_prints_the_answer(kind):
+    expected = {
+        "typo": "NameError: name 're",
+        "missing_import": "NameError: name '",
+        "off_by_one": "IndexError: list index out of range",
+        "int_division": "TypeError: slice indices must be integers",
+    }[kind]
+    rng = random.Random(3)
+    fitting = [t for t in tasks.make_tasks("train", 600, seed=4) if kind in tasks.bug_kinds(t)]
+    assert {t.family for t in fitting} == {
+        "typo": set(tasks.FAMILIES),
+        "missing_import": {"lin", "comb", "frac"},
+        "off_by_one": {"sum"},
+        "int_division": {"sum"},
+    }[kind]
+    for t in fitting[:40]:
+        bad, fixed = tasks.realistic_bug(t, kind, rng)
+        ok, err = tasks.run_code(bad)
+        assert not ok and err.startswith(expected), (t.key, bad, err)
+        assert tasks.run_code(fixed) == (True, t.answer)
+    with pytest.raises(ValueError, match="does not fit"):
+        tasks.realistic_bug(
+            next(t for t in tasks.make_tasks("train", 50, seed=4) if t.family == "mul"), "off_by_one", rng
+        )
+
+
+def test_realistic_traces_fix_after_the_error_or_guess():
+    rng = random.Random(5)
+    ts = tasks.make_tasks("train", 2000, seed=6, unique=False)
+    kw = {"code_frac": 1.0, "bug_frac": 0.8, "fix_frac": 0.4, "bug_style": "realistic"}
+    traces = [(t, *tasks.make_response(t, rng, **kw)) for t in ts]
+    kinds = Counter(k for *_, k in traces)
+    assert abs(kinds["fix"] / len(ts) - 0.8 * 0.4) < 0.04 and abs(kinds["bug"] / len(ts) - 0.8 * 0.6) < 0.04
+    for t, response, kind in traces[:300]:
+        blocks = response.split("```python\n")[1:]
+        outputs = [part.split("\n```\n", 1)[0] for part in response.split("```output\n")[1:]]
+        assert len(blocks) == len(outputs) == {"code": 1, "bug": 1, "fix": 2}[kind]
+        if kind != "code":
+            assert outputs[0].split(":")[0] in ("NameError", "IndexError", "TypeError")  # the real error line
+        if kind == "fix":
+            assert f"{outputs[0]}\n```\n{tasks.FIX_LINE}\n```python\n" in response and outputs[1] == t.answer
+        if kind == "bug":
+            assert tasks.GUESS_LINE in response
+        else:
+            assert response.endswith(f"\\boxed{{{t.answer}}}.")
+    with pytest.raises(ValueError, match="fix_frac needs"):
+        tasks.make_response(ts[0], rng, fix_frac=0.5)
