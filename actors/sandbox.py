@@ -28,6 +28,7 @@ import ray
 from torl.config import SandboxConfig
 from torl.sandbox.client import Zygote, sandbox_error
 from torl.sandbox.isolation import LEVEL_VALUE, warning
+from torl.sandbox_health import PROBES, SandboxUnhealthy, probe_failures
 from torl.types import ExecResult, ExecStatus
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,31 @@ class SandboxPool:
         loud = warning(reports)
         if loud:
             log.warning(loud)
-        return cls(cfg, workers, reports)
+        pool = cls(cfg, workers, reports)
+        if cfg.probe:
+            try:
+                pool.probe()
+            except SandboxUnhealthy:
+                pool.shutdown()
+                raise
+        return pool
+
+    def probe(self) -> None:
+        """Run the known snippets (``torl.sandbox_health.PROBES``) on every worker; raise ``SandboxUnhealthy``
+        naming each wrong answer. A worker that cannot answer at all counts as its sandbox failing."""
+        refs = [(i, p, self.workers[i].run.remote(p.code)) for i in range(len(self.workers)) for p in PROBES]
+        failures = []
+        for i, probe, ref in refs:
+            try:
+                result = ray.get(ref, timeout=self.cfg.timeout_s + 60)
+            except Exception as exc:  # noqa: BLE001 - a dead or hung worker: the sandbox's failure, reported below
+                result = sandbox_error(f"worker {i} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            failures += [f"worker {i}: {line}" for line in probe_failures([(probe, result)])]
+        if failures:
+            raise SandboxUnhealthy(
+                f"the sandbox failed {len(failures)} of {len(refs)} start-up probe snippets (sandbox.probe):\n  "
+                + "\n  ".join(failures)
+            )
 
     def _pick(self, session: str | None) -> int:
         if session is not None:  # sticky: every copy of the pool sends a session to the same worker

@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from torl.config import Config, load_config
 from torl.prompts import TIR_INSTRUCTION, build_prompt
 from torl.rollout import Finished, Observation, StreamEvent, TextDelta, ToolFinished
 from torl.sampling import SamplingOverrides
+from torl.sandbox_health import health_report
 from torl.types import ToolCall
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,7 @@ class OpenAIServer:
         self.tok = self.gen.tokenizer
         self.eos = self.tok.eos_token  # read once: the tokenizer's attribute lookup is slow on the request path
         self.limits = serve_limits(cfg, model_name)
+        self.recent_calls: deque[ToolCall] = deque(maxlen=256)  # the sandbox's health over the latest calls
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: end the engine and the sandbox workers with it."""
@@ -136,7 +139,12 @@ class OpenAIServer:
     # -- routes ---------------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.model_name}
+        """Up, with the sandbox's health over the latest tool calls as training's gate judges it (``level``: ok,
+        warn, failing; torl.sandbox_health). The start-up probe already refused a replica whose sandbox failed."""
+        out: dict = {"status": "ok", "model": self.model_name}
+        if self.pool is not None:
+            out["sandbox"] = health_report(list(self.recent_calls), self.cfg.sandbox)
+        return out
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -200,6 +208,7 @@ class OpenAIServer:
         """Run one trajectory to the end (no text events: the engine reports each round once)."""
         async for ev in self.gen.generate_stream(ids, sampling, max_calls):
             if isinstance(ev, Finished):
+                self.recent_calls.extend(ev.trajectory.tool_calls)
                 return _choice(ev, self.eos)
         raise RuntimeError("generator stream ended without a final event")
 
@@ -224,6 +233,7 @@ class OpenAIServer:
                     text = self.cfg.tool.stop + ev.text
                     yield api.sse(api.stream_chunk(chat, req_id, name, text=text, torl=torl))
                 elif isinstance(ev, Finished):
+                    self.recent_calls.extend(ev.trajectory.tool_calls)
                     choice = _choice(ev, self.eos)
                     torl = api.torl_extra(choice.answer, choice.tool_calls, plan.max_tool_calls)
                     yield api.sse(api.stream_chunk(chat, req_id, name, finish_reason=choice.finish_reason, torl=torl))

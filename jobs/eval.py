@@ -41,6 +41,8 @@ from torl.evaluation import (  # noqa: E402
     summarize,
     write_pass_rates,
 )
+from torl.sandbox_health import SandboxUnhealthy, health_report  # noqa: E402
+from torl.types import ToolCall  # noqa: E402
 
 NAMED_BENCHMARKS = ("aime24", "aime25", "math500", "olympiadbench", "amc23", "torl_val")
 
@@ -263,6 +265,16 @@ def log_wandb(cfg: Config, out: Path, summary: dict, records: list[EvalRecord]) 
     tracker.finish()
 
 
+def sandbox_summary(cfg: Config, records: list[EvalRecord], ran: bool) -> dict:
+    """The sandbox's health over the evaluation's tool calls, as training's gate judges it (torl.sandbox_health),
+    and whether the start-up probe ran (it stops the evaluation before any problem when it fails)."""
+    if not cfg.tool.enabled:
+        return {"probe": "off (tools off)"}
+    calls = [ToolCall(**c) for r in records for c in r.tool_calls]
+    probe = "passed" if ran and cfg.sandbox.probe else ("off" if not cfg.sandbox.probe else "not run (resumed)")
+    return {"probe": probe, **health_report(calls, cfg.sandbox)}
+
+
 def main(argv: list[str]) -> dict:
     cfg, checkpoint = parse_args(argv)
     out = Path(cfg.eval.output_dir or REPO / "runs" / "eval" / Path(checkpoint).name)
@@ -308,6 +320,9 @@ def main(argv: list[str]) -> dict:
     summary["skipped_too_long"] = skipped
     summary["setup"] = run_meta(cfg)
     summary["run"] = {"generated_problems": len(todo), **totals}  # wall_s: streaming only, after startup_s
+    summary["sandbox_health"] = sandbox_summary(cfg, records, ran=bool(todo))
+    if summary["sandbox_health"].get("level") == "failing":
+        print(f"[torl] warning: the sandbox failed: {summary['sandbox_health']}", file=sys.stderr)
     if totals.get("wall_s"):
         summary["run"]["problems_per_s"] = len(todo) / totals["wall_s"]
         summary["run"]["tokens_per_s"] = totals.get("rollout/tokens", 0.0) / totals["wall_s"]
@@ -326,3 +341,6 @@ if __name__ == "__main__":
     except ConfigError as exc:
         print(f"[torl] error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except SandboxUnhealthy as exc:  # the start-up probe failed: nothing was evaluated against a broken tool
+        print(f"[torl] sandbox unhealthy, not evaluated: {exc}", file=sys.stderr)
+        sys.exit(1)

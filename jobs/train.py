@@ -37,6 +37,7 @@ from torl.problem_rewards import record_problem_rewards  # noqa: E402
 from torl.progress import Progress  # noqa: E402
 from torl.rollout import filter_void_turns  # noqa: E402
 from torl.sampler import SamplerState  # noqa: E402
+from torl.sandbox_health import HealthGate, SandboxUnhealthy  # noqa: E402
 from torl.storage import StorageError  # noqa: E402
 from torl.types import LearnerDied, Trajectory  # noqa: E402
 
@@ -113,6 +114,7 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
         tracker.log(0, run_validation(0))
     bar = Progress(total, "train", unit="step", initial=step, log_every_s=0.0)
 
+    gate = HealthGate.from_config(cfg.sandbox) if cfg.tool.enabled else None
     ahead = cfg.trainer.max_staleness
     rollouts = RolloutQueue(run, start=step, total=total, restored=run.restored_rollouts)
     saved: dict[str, float] = {}
@@ -128,6 +130,13 @@ def train(run: Run) -> list[tuple[int, dict[str, float]]]:
             grade(run, trajs)
         record_problem_rewards(cfg.trainer.output_dir, step + 1, trajs)  # LIMR's per-problem reward curves
         metrics.update(rollout_metrics(trajs, levels=levels, max_calls=cfg.tool.max_calls))
+        if gate is not None:  # the sandbox's own failures over the last steps (torl.sandbox_health)
+            verdict = gate.observe([c for t in trajs for c in t.tool_calls])
+            metrics.update(verdict.metrics())
+            if verdict.level == "stop":
+                raise SandboxUnhealthy(f"step {step + 1}: {verdict.message}")
+            if verdict.level == "warn":
+                bar.write(f"[torl] warning: step {step + 1}: {verdict.message}")
         if cfg.algo.dynamic_sampling:
             with timed(metrics, "time/dynamic_sampling"):
                 trajs = keep_varied(run, trajs, step + 1, metrics, bar.write)
@@ -276,6 +285,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as exc:
         print(f"[torl] {'config' if isinstance(exc, ConfigError) else 'data'} error: {exc}", file=sys.stderr)
         return 2
+    except SandboxUnhealthy as exc:  # the start-up probe: nothing was trained
+        print(f"[torl] sandbox unhealthy, not started: {exc}", file=sys.stderr)
+        return 1
     # Ray job stop sends SIGTERM: turn it into KeyboardInterrupt so actors are shut down cleanly below.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -284,6 +296,12 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("[torl] interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
+    except SandboxUnhealthy as exc:
+        last = _stored_checkpoint(run)
+        where = f"from {last}" if last else "from the start (no checkpoint yet)"
+        print(f"[torl] stopped, sandbox unhealthy: {exc}\n[torl] fix the sandbox, then run the same command again to"
+              f" resume {where}", file=sys.stderr)  # fmt: skip
+        return 1
     except LearnerDied as exc:
         last = _stored_checkpoint(run)
         where = f"from {last}" if last else "from the start (no checkpoint yet)"

@@ -157,6 +157,23 @@ class SandboxConfig:
         "/tmp", "where each zygote makes its own scratch root (a new 0700 directory of random name, never this one)"
     )
     max_restarts: int = opt(-1, "Ray restarts of a dead worker actor (-1 = always)")
+    probe: bool = opt(
+        True,
+        "run a few known snippets on every worker when the pool starts (before training's step 0, an evaluation or"
+        " a served replica) and refuse to go on, naming the cause, when any answers wrong (docs/sandbox-health.md)",
+    )
+    health_window: int = opt(
+        5,
+        "steps over which the health gate counts sandbox-side failures (status sandbox_error: no worker, a crashed"
+        " zygote, a child it could not fork, a refused request; not the code's own errors or timeouts)",
+    )
+    health_stop_share: float = opt(
+        0.25,
+        "stop training when sandbox-side failures exceed this share of the window's tool calls (ToRL's sandbox"
+        " failed 61.7% of its calls unnoticed); 1.0 = never stop",
+    )
+    health_warn_share: float = opt(0.05, "warn (every step it holds) above this share of the window's tool calls")
+    health_min_calls: int = opt(8, "the gate judges a window only with at least this many tool calls in it")
     num_cpus: float = opt(0.25, "Ray CPU resource per worker actor")
 
     def __post_init__(self) -> None:
@@ -164,6 +181,10 @@ class SandboxConfig:
             raise ConfigError("sandbox.num_workers, concurrency_per_worker and max_queue must be >= 1")
         if self.timeout_s <= 0 or self.memory_mb < 64 or self.max_output_bytes < 1 or self.scratch_mb < 1:
             raise ConfigError("sandbox.timeout_s must be > 0, memory_mb >= 64, max_output_bytes >= 1, scratch_mb >= 1")
+        if self.health_window < 1 or self.health_min_calls < 1:
+            raise ConfigError("sandbox.health_window and sandbox.health_min_calls must be >= 1")
+        if not 0.0 <= self.health_warn_share <= self.health_stop_share <= 1.0:
+            raise ConfigError("sandbox.health_warn_share <= sandbox.health_stop_share, both in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -306,7 +306,8 @@ class ToolLoop:
         t.loss_mask.extend([0] * len(ids))
         t.versions.extend([-1] * len(ids))
         ok = tool_protocol.is_success(result, self.s.tool)
-        t.tool_calls.append(ToolCall(self.pending_code, body, result.status, result.wall_s, result.queue_s, ok))
+        error = result.stderr if result.status == "sandbox_error" else ""
+        t.tool_calls.append(ToolCall(self.pending_code, body, result.status, result.wall_s, result.queue_s, ok, error))
         t.tool_s += wait_s
         self._exec_pass = ok
         if self._retok is not None:

@@ -49,6 +49,7 @@ class ToolCall:
     # Whether the call passed (``torl.tool_protocol.is_success``: exit status 0, or ToRL's rule under
     # tool.compat_code_ok); None when built without a verdict (older records): the status decides.
     ok: bool | None = None
+    error: str = ""  # the sandbox's own message when status is sandbox_error (the health gate names the cause)
 
     def __post_init__(self) -> None:
         if self.ok is None:

@@ -59,6 +59,8 @@ def test_eval_writes_results_and_resumes(ray_cluster, argv):
     assert results["average_all"]["over"] == ["aime24", "synthetic:test"]
     assert "aime24" in (out / "results.txt").read_text()
     assert json.loads((out / "run.json").read_text())["greedy"] is True
+    health = results["sandbox_health"]  # the same health as training's gate, over the evaluation's calls
+    assert health["probe"] == "passed" and health["level"] == "ok" and health["sandbox_failures"] == 0
 
     # A finished evaluation reruns without generating anything (no actors started) and reports the same table;
     # a smaller slice is scored from the same file. (Torn-line recovery is covered in tests/unit/test_evaluation.py.)
@@ -67,6 +69,7 @@ def test_eval_writes_results_and_resumes(ray_cluster, argv):
     assert again["run"]["generated_problems"] == 0
     assert (out / "trajectories.jsonl").read_bytes() == before
     assert again["benchmarks"]["aime24"] == rows["aime24"]
+    assert again["sandbox_health"]["probe"] == "not run (resumed)"
     fewer = eval_job.main([*args, "eval.limit=2"])
     assert fewer["run"]["generated_problems"] == 0 and fewer["benchmarks"]["aime24"]["problems"] == 2
 
