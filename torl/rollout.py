@@ -215,8 +215,10 @@ class ToolLoop:
             self._round_allowed = bool(stops)
         ids = self.traj.prompt_ids + self.traj.response_ids
         if self._retok is not None:
-            # ToRL decodes the prompt and re-encodes it with the response text every round (_tir_generate).
-            ids, _ = self._retok.encode_offsets(self.decode(self.traj.prompt_ids) + self._text)
+            # ToRL decodes the prompt and re-encodes it with the response text every round (_tir_generate); a round
+            # cut by a weight update continues after its own text so far.
+            text = self._text + self._retok.decode_plain(self._round_ids)
+            ids, _ = self._retok.encode_offsets(self.decode(self.traj.prompt_ids) + text)
             left = min(left, self.s.max_model_len - len(ids))
             if left <= 0:
                 self._finish("length")

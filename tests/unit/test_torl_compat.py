@@ -268,3 +268,21 @@ def test_code_ok_is_the_last_tool_round_verdict(tok):
     assert fixed.code_ok
     once, _, _ = replay(tok, [], rounds, ok)  # c = 1: round 2 is the final round, which never resets it
     assert once.code_ok
+
+
+def test_retokenised_round_cut_by_a_weight_update_continues_after_its_text(tok):
+    """ToRL never preempts; torl may (a weight update mid-round): the continuation's input holds the cut text."""
+    cfg = load_config([COMPAT])
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+
+    def encode_offsets(text):
+        e = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(e["input_ids"]), [tuple(o) for o in e["offset_mapping"]]
+
+    retok = Retokenizer(encode_offsets, lambda ids: tok.decode(ids, skip_special_tokens=True), tok.eos_token)
+    settings = LoopSettings(cfg.tool, 4096, 3072)
+    loop = ToolLoop(Trajectory("p", 0, enc(PROMPT)), 0, settings, enc, tok.decode, retokenizer=retok)
+    loop.next_request()
+    cut = sampled(tok, "Let", " me")
+    loop.on_round(RoundOutput(cut, [-0.5] * len(cut), "Let me", "abort", None, 0, preempted=True))
+    assert loop.next_request().ids == enc(PROMPT + "Let me")
