@@ -169,6 +169,10 @@ class Hardware:
     cpus: float  # logical CPUs in the cluster, as Ray counts them
     free_disk_gb: Mapping[str, float] = field(default_factory=dict)  # free space at each path the run writes to
     weight_dir: str = "/dev/shm"  # where a generator writes its weight file (torl.paths.weight_dir)
+    # The installed torch's CUDA (torch.version.cuda; None = a CPU-only build) and this machine's NVIDIA kernel
+    # driver ("535.104.05"; None = none here, e.g. a head node without GPUs: the driver is then not checked).
+    torch_cuda: str | None = None
+    nvidia_driver: str | None = None
 
     def describe(self) -> str:
         gpus = f"{self.gpus} GPUs" + (f" x {self.gpu_memory_gb:.0f} GB" if self.gpu_memory_gb else " (memory unknown)")
@@ -182,6 +186,31 @@ def free_gb(path: str) -> float:
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free / GiB
+
+
+# NVIDIA's minimum Linux driver branch per CUDA major release (CUDA minor version compatibility; docs/platform-notes.md
+# §15): a torch built for CUDA 13 does not start on a 535-570 driver, where torch.cuda.is_available() is simply False.
+MIN_DRIVER_BRANCH = {11: 450, 12: 525, 13: 580}
+DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
+
+
+def parse_driver_version(text: str) -> str | None:
+    """The kernel driver's version from ``/proc/driver/nvidia/version`` ("NVRM version: NVIDIA UNIX x86_64 Kernel
+    Module  535.104.05  Sat Aug 19 ..." -> "535.104.05"); None when the text names none."""
+    for line in text.splitlines():
+        if line.startswith("NVRM version:"):
+            for word in line.split():
+                if word[:1].isdigit() and "." in word:
+                    return word
+    return None
+
+
+def nvidia_driver() -> str | None:
+    """This machine's NVIDIA driver version (None without the NVIDIA kernel module)."""
+    try:
+        return parse_driver_version(Path(DRIVER_VERSION_FILE).read_text())
+    except OSError:
+        return None
 
 
 def detect_hardware(cfg: Config, ray_resources: Mapping[str, float] | None = None) -> Hardware:
@@ -209,6 +238,8 @@ def detect_hardware(cfg: Config, ray_resources: Mapping[str, float] | None = Non
         cpus=cpus,
         free_disk_gb={p: free_gb(p) for p in (cfg.trainer.output_dir, wdir)},
         weight_dir=wdir,
+        torch_cuda=torch.version.cuda,
+        nvidia_driver=nvidia_driver(),
     )
 
 
@@ -302,6 +333,47 @@ def resource_rows(cfg: Config, available: Mapping[str, float], learner: bool = T
         Row(f"{kind}s for the actors", need[kind], float(available.get(kind, 0.0)), detail[kind], fix[kind], unit=kind)
         for kind in ("GPU", "CPU")
     ]
+
+
+def device_rows(cfg: Config, hw: Hardware, learner: bool = True) -> list[Row]:
+    """Whether this torch can drive this machine's GPUs, and whether the actors ask for all the GPUs there are.
+
+    Checked only where this machine has an NVIDIA driver (a GPU node; a head node without GPUs or a laptop running
+    preflight.only says nothing about the workers): with GPUs requested, a CPU-only torch build fails, and so does a
+    driver below the branch torch's CUDA release needs (the actors would find no CUDA and refuse at start, after Ray
+    placed them). Fewer GPUs used than the cluster offers is a warning: the run works, on part of the node.
+    """
+    used = actor_resources(cfg, learner)["GPU"]
+    rows = []
+    if used > 0 and hw.nvidia_driver is not None:
+        have = int(hw.nvidia_driver.split(".")[0])
+        if hw.torch_cuda is None:
+            what, need, detail = "torch CUDA build for the driver", 1, f"driver {hw.nvidia_driver}, torch CPU-only"
+            fix = "install the cuda extra (bash scripts/setup.sh on this node), or set rollout/learner num_gpus=0"
+            have = 0
+        else:
+            cuda_major = int(hw.torch_cuda.split(".")[0])
+            need = MIN_DRIVER_BRANCH.get(cuda_major, 0)
+            what = f"NVIDIA driver for CUDA {hw.torch_cuda}"
+            detail = f"driver {hw.nvidia_driver}; CUDA {cuda_major}.x needs branch {need}+"
+            fix = (
+                f"upgrade the NVIDIA driver to branch {need} or newer, or install torch and vLLM built for the CUDA "
+                "release this driver supports (docs/platform-notes.md §15)"
+            )
+        rows.append(Row(what, need, have, detail, fix, unit="branch" if hw.torch_cuda else "build"))
+    if 0 < hw.gpus and used < hw.gpus:
+        rows.append(
+            Row(
+                "GPUs the actors use",
+                hw.gpus,
+                used,
+                f"{hw.gpus - used:g} of the cluster's {hw.gpus} GPUs stay idle",
+                "raise rollout.num_generators or learner.num_workers (or their num_gpus) to use them",
+                level="warning",
+                unit="GPU",
+            )
+        )
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,6 +676,7 @@ def check(
     mem = learner_memory(cfg, shape)
     rows = [
         *resource_rows(cfg, {"GPU": hw.gpus, "CPU": hw.cpus}),
+        *device_rows(cfg, hw),
         *learner_gpu_rows(cfg, mem, hw),
         *engine_rows(cfg, shape, hw),
         host_row(cfg, shape, mem, hw),

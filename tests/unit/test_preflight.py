@@ -19,6 +19,7 @@ from torl.preflight import (
     head_bytes,
     micro_batch_tokens,
     model_shape,
+    parse_driver_version,
     resource_rows,
 )
 
@@ -51,6 +52,8 @@ def two_core_24gb(cfg) -> Hardware:
         (("torl_7b.yaml",), "Qwen2.5-Math-7B", eight_80gb),
         (("dapo.yaml",), "Qwen2.5-Math-1.5B", eight_80gb),
         (("torl_1.5b.yaml", "torl_compat.yaml"), "Qwen2.5-Math-1.5B", eight_80gb),
+        (("torl_1.5b.yaml", "torl_onpolicy.yaml"), "Qwen2.5-Math-1.5B", eight_80gb),
+        (("torl_7b.yaml", "torl_onpolicy.yaml"), "Qwen2.5-Math-7B", eight_80gb),
         (("tiny_cpu.yaml",), None, two_core_24gb),
         (("smollm2_cpu.yaml",), None, two_core_24gb),
     ],
@@ -214,3 +217,74 @@ def test_detect_hardware_takes_ray_counts_and_overrides():
     assert cfg.trainer.output_dir in hw.free_disk_gb and hw.weight_dir in hw.free_disk_gb and hw.host_memory_gb > 0
     # A running job counts what Ray has, whatever preflight.gpus says.
     assert detect_hardware(cfg, {"GPU": 16.0, "CPU": 128.0}).gpus == 16
+
+
+def test_driver_version_is_read_from_the_kernel_modules_banner():
+    banner = (
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+        "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n"
+    )
+    assert parse_driver_version(banner) == "535.104.05"
+    assert parse_driver_version("GCC version:  gcc version 12.2.0\n") is None
+
+
+@pytest.mark.parametrize(
+    ("torch_cuda", "driver", "status"),
+    [
+        ("13.0", "535.104.05", "FAIL"),  # PyPI's CUDA 13 torch on a common H100 driver
+        ("13.0", "570.86.10", "FAIL"),
+        ("13.0", "580.65.06", "ok"),
+        ("12.8", "535.104.05", "ok"),
+        ("12.8", "520.61.05", "FAIL"),
+        (None, "580.65.06", "FAIL"),  # a CPU-only torch on a GPU node
+    ],
+)
+def test_a_gpu_run_needs_a_driver_of_torchs_cuda_branch(torch_cuda, driver, status):
+    cfg = _cfg("torl_1.5b.yaml")
+    hw = replace(eight_80gb(cfg), torch_cuda=torch_cuda, nvidia_driver=driver)
+    report = check(cfg, QWEN_1_5B, hw)
+    (row,) = [r for r in report.rows if r.what.startswith(("NVIDIA driver", "torch CUDA build"))]
+    assert row.status == status, report.table()
+    if status == "FAIL":
+        fix = "upgrade the NVIDIA driver" if torch_cuda else "install the cuda extra"
+        with pytest.raises(PreflightError, match=fix):
+            report.raise_on_failure()
+
+
+def test_the_driver_is_not_checked_without_one_here_or_without_gpus_asked():
+    # preflight.only on a laptop, or a head node without GPUs: nothing here says what the workers run.
+    cfg = _cfg("torl_1.5b.yaml")
+    assert not [r for r in check(cfg, QWEN_1_5B, eight_80gb(cfg)).rows if "driver" in r.what]
+    cpu = _cfg("tiny_cpu.yaml")
+    hw = replace(two_core_24gb(cpu), torch_cuda=None, nvidia_driver="535.104.05")
+    assert not [r for r in check(cpu, model_shape(str(REPO / cpu.model.path)), hw).rows if "driver" in r.what]
+
+
+def test_gpus_the_actors_leave_idle_are_a_warning():
+    cfg = _cfg("torl_1.5b.yaml")  # 4 generators + 4 learner ranks, one GPU each
+    on_8 = check(cfg, QWEN_1_5B, eight_80gb(cfg))
+    assert not [r for r in on_8.rows if r.what == "GPUs the actors use"], on_8.table()
+    hw = replace(eight_80gb(cfg), gpus=16)
+    report = check(cfg, QWEN_1_5B, hw)
+    (row,) = [r for r in report.rows if r.what == "GPUs the actors use"]
+    assert (row.status, row.need, row.have) == ("warn", 16, 8) and "8 of the cluster's 16 GPUs" in row.detail
+    assert row not in report.failures
+
+
+@pytest.mark.parametrize(("preset", "shape"), [("torl_1.5b.yaml", QWEN_1_5B), ("torl_7b.yaml", QWEN_7B)])
+def test_gpu_presets_pipeline_and_the_onpolicy_layer_restores_torls_schedule(preset, shape):
+    """The presets keep both halves of the node busy; torl_onpolicy.yaml is ToRL's own schedule (#28)."""
+    cfg = _cfg(preset)
+    assert (cfg.trainer.max_staleness, cfg.algo.rollout_correction, cfg.algo.old_logprobs) == (1, "tis", "recompute")
+    assert not cfg.rollout.engine.enforce_eager and not cfg.learner.cpu_offload
+    exact = _cfg(preset, "torl_onpolicy.yaml")
+    assert (exact.trainer.max_staleness, exact.algo.rollout_correction) == (0, "none")
+    assert exact.rollout.engine.enforce_eager
+    # What the 7B preset's comment says: without offload a rank fits 80 GB, and 40 GB only with it.
+    hw40 = replace(eight_80gb(cfg), gpu_memory_gb=40)
+    row = {r.what: r for r in check(cfg, shape, eight_80gb(cfg)).rows}["learner GPU per rank"]
+    assert row.status == "ok" and row.need < 50, row.detail
+    if preset == "torl_7b.yaml":
+        assert {r.what: r for r in check(cfg, shape, hw40).rows}["learner GPU per rank"].status == "FAIL"
+        offload = _cfg(preset, overrides=("learner.cpu_offload=true",))
+        assert {r.what: r for r in check(offload, shape, hw40).rows}["learner GPU per rank"].status == "ok"
