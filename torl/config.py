@@ -410,6 +410,13 @@ class LearnerConfig:
     gradient_checkpointing: bool = opt(False, "ToRL: on (GPU preset)")
     param_dtype: str = opt("float32", 'FSDP mixed precision param dtype; "bfloat16" on GPUs')
     cpu_offload: bool = opt(False, "FSDP CPU offload (ToRL: param + optimizer offload)")
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = opt(
+        "auto",
+        "Attention over the packed rows. auto: on GPU flash_attention_2 where the flash-attn package is installed"
+        " (varlen over the packed sequences, as ToRL's remove-padding), else flex_attention (a block mask from the"
+        " packed position ids: blocks across sequences are skipped, where sdpa's dense block-diagonal mask computes"
+        " every block of the row); on CPU sdpa (flex attention has no CPU backward)",
+    )
     backend: Literal["auto", "gloo", "nccl"] = opt(
         "auto",
         "Default process group. auto: cpu:gloo,cuda:nccl with GPUs (NCCL for CUDA tensors, gloo for the CPU ones:"
@@ -607,10 +614,15 @@ class EvalConfig:
         ("aime24", "aime25", "math500", "olympiadbench", "amc23"),
         'ToRL\'s Table 1 benchmarks; also "torl_val", any parquet/jsonl path, or "synthetic:test".',
     )
-    greedy: bool = opt(True, "ToRL: validation decodes greedily (temperature 0, n=1) through the same tool loop")
+    greedy: bool = opt(True, "one greedy response per problem: ToRL's validation (temperature 0), column acc")
     n: int = opt(
-        1, "samples per problem when greedy=false (temperature/top_p/top_k from rollout.*) for pass@k, mean@k"
+        0,
+        "sampled responses per problem, beside the greedy one, at eval.temperature/top_p/top_k: column avg@n (mean "
+        "accuracy over the samples; SimpleTIR reports avg@32) and pass@k; 0 = none",
     )
+    temperature: float = opt(1.0, "sampling temperature of the n samples (SimpleTIR's validation: 1.0)")
+    top_p: float = opt(0.7, "top-p of the n samples (SimpleTIR's validation: 0.7; 1.0 = off)")
+    top_k: int = opt(-1, "top-k of the n samples (-1 = off, as SimpleTIR)")
     pass_k: tuple[int, ...] = opt((), "k values reported as pass@k; () = 1, 2, 4, ... up to n")
     limit: int = opt(0, "evaluate only the first N problems of each benchmark (0 = all)")
     max_prompt_tokens: int = opt(1024, "ToRL: data.val_max_prompt_length; longer prompts are skipped and counted")
@@ -619,8 +631,13 @@ class EvalConfig:
     output_dir: str = opt("", '"" = runs/eval/<checkpoint directory name>')
 
     def __post_init__(self) -> None:
-        if self.n < 1 or (self.greedy and self.n != 1):
-            raise ConfigError("eval.n must be >= 1, and 1 when eval.greedy=true (greedy samples are identical)")
+        if self.n < 0 or (not self.greedy and self.n == 0):
+            raise ConfigError("eval.n must be >= 0, and >= 1 with eval.greedy=false (else nothing is evaluated)")
+        if self.n and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise ConfigError(
+                f"eval.temperature={self.temperature}, eval.top_p={self.top_p}: sampling needs a temperature > 0 "
+                "and 0 < top_p <= 1 (the greedy response is eval.greedy)"
+            )
         if self.chunk_size < 1 or self.max_in_flight < 1:
             raise ConfigError("eval.chunk_size and eval.max_in_flight must be >= 1")
         if any(k < 1 or k > self.n for k in self.pass_k):
