@@ -97,10 +97,12 @@ class Generator(Engine):
         tools: bool | None = None,
         max_calls: int | None = None,
         mode: str | None = None,
+        sampling: SamplingOverrides | None = None,
     ) -> tuple[list[Trajectory], dict[str, float]]:
         """Sample ``n`` trajectories per request (greedy for evaluation); returns them in request order + metrics.
 
-        ``tools``/``max_calls``/``mode`` ("async" or "sync") override the config for this call (benchmarks, ablations).
+        ``tools``/``max_calls``/``mode`` ("async" or "sync") override the config for this call (benchmarks, ablations);
+        ``sampling`` replaces ``greedy`` with the evaluation's own decoding (eval.temperature/top_p/top_k).
         """
         mode = mode or self.cfg.rollout.mode
         if mode not in ("async", "sync"):
@@ -112,7 +114,7 @@ class Generator(Engine):
         persistent = settings.tool.session == "persistent"
         sessions = {id(lp): uuid.uuid4().hex if persistent else None for lp in loops}
 
-        over = SamplingOverrides(greedy=greedy)
+        over = sampling if sampling is not None else SamplingOverrides(greedy=greedy)
 
         async def gen(lp: ToolLoop, req: RoundRequest) -> RoundOutput:
             return await self.round(lp, req, over)

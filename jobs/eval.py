@@ -5,9 +5,11 @@
 ``DIR`` is a Hugging Face checkpoint (config.json) or a training output dir (its latest complete checkpoint is used).
 Benchmarks: aime24, aime25, math500, olympiadbench, amc23, torl_val (ToRL's 374-row validation file), any
 parquet/jsonl path, or synthetic:<split>. Greedy by default (ToRL validates greedily,
-docs/torl-behaviour.md ("Evaluation")); ``eval.greedy=false eval.n=8`` samples with rollout.temperature for pass@k /
-mean@k. Problems stream through the generators in small chunks with a bounded number in flight; each finished problem
-is graded and appended to ``<out>/trajectories.jsonl`` at once, so an interrupted run resumes where it stopped.
+docs/torl-behaviour.md ("Evaluation")); ``eval.n=32`` also samples 32 responses per problem at eval.temperature /
+eval.top_p (SimpleTIR's 1.0 / 0.7) and reports avg@32 and pass@k beside greedy accuracy, the settings in
+results.json (``setup``); ``eval.greedy=false`` leaves the greedy pass out. Problems stream through the generators
+in small chunks with a bounded number in flight; each finished problem is graded and appended to
+``<out>/trajectories.jsonl`` at once, so an interrupted run resumes where it stopped.
 Outputs: trajectories.jsonl, results.json, results.txt (the table), pass_rates.jsonl (per problem: samples, correct,
 pass rate; jobs/prepare_data.py balances difficulty with it), run.json (the setup a resume must match) and W&B when
 enabled.
@@ -31,6 +33,8 @@ from jobs.setup_run import check_resources, spawn_rollout_actors, stop_rollout_a
 from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict  # noqa: E402
 from torl.config_help import format_help  # noqa: E402
 from torl.evaluation import (  # noqa: E402
+    GREEDY,
+    SAMPLED,
     EvalRecord,
     ResultStore,
     check_run_meta,
@@ -41,6 +45,7 @@ from torl.evaluation import (  # noqa: E402
     summarize,
     write_pass_rates,
 )
+from torl.sampling import SamplingOverrides  # noqa: E402
 from torl.sandbox_health import SandboxUnhealthy, health_report  # noqa: E402
 from torl.types import ToolCall  # noqa: E402
 
@@ -158,12 +163,21 @@ def run_meta(cfg: Config) -> dict:
         "max_model_len": cfg.model.max_model_len,
         "reward": to_dict(cfg.reward),
     }
-    if not cfg.eval.greedy:
-        meta.update(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed)
+    if cfg.eval.n:
+        meta.update(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, top_k=cfg.eval.top_k, seed=r.seed)
     return meta
 
 
-def to_records(chunk: list[Item], trajs: list, verdicts: list, n: int) -> list[EvalRecord]:
+def passes(cfg: Config) -> list[tuple[str, int, SamplingOverrides]]:
+    """(decoding, samples per problem, sampling) of each pass the evaluation makes: greedy, sampled, or both."""
+    e = cfg.eval
+    out = [(GREEDY, 1, SamplingOverrides(greedy=True))] if e.greedy else []
+    if e.n:
+        out.append((SAMPLED, e.n, SamplingOverrides(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)))
+    return out
+
+
+def to_records(chunk: list[Item], trajs: list, verdicts: list, n: int, decoding: str) -> list[EvalRecord]:
     """Attach verdicts and turn a finished chunk's trajectories (``group`` = index in the chunk) into records."""
     from torl.grading import extract_boxed
 
@@ -180,6 +194,7 @@ def to_records(chunk: list[Item], trajs: list, verdicts: list, n: int) -> list[E
             prompt=it.prompt,
             extracted=extract_boxed(t.text),
             level=it.problem.level,
+            decoding=decoding,
         )
         records.append(record)
         seen[t.group] += 1
@@ -188,34 +203,40 @@ def to_records(chunk: list[Item], trajs: list, verdicts: list, n: int) -> list[E
     return records
 
 
-def stream(cfg: Config, generators: list, grader, items: list[Item], store: ResultStore) -> dict[str, float]:
-    """Keep ``max_in_flight`` chunked generate calls per generator running; grade and store each as it finishes."""
+def stream(cfg: Config, generators: list, grader, work: dict[str, list[Item]], store: ResultStore) -> dict[str, float]:
+    """Keep ``max_in_flight`` chunked generate calls per generator running; grade and store each as it finishes.
+    ``work`` maps each pass's decoding to the problems it still has to generate."""
     import ray
 
     from torl.metrics import engine_counts
     from torl.progress import Progress
     from torl.rollout import GenRequest
 
-    n, greedy, size = cfg.eval.n, cfg.eval.greedy, cfg.eval.chunk_size
-    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    size = cfg.eval.chunk_size
+    chunks = [
+        (decoding, n, over, todo[i : i + size])
+        for decoding, n, over in passes(cfg)
+        for todo in [work.get(decoding, [])]
+        for i in range(0, len(todo), size)
+    ]
     limit = cfg.eval.max_in_flight * len(generators)
     inflight: dict = {}
     totals: Counter = Counter()
-    bar = Progress(len(items), "eval", unit="problem")
+    bar = Progress(sum(map(len, work.values())), "eval", unit="problem")
     submitted = 0
     while chunks or inflight:
         while chunks and len(inflight) < limit:
-            chunk = chunks.pop(0)
+            decoding, n, over, chunk = job = chunks.pop(0)
             reqs = [GenRequest(it.problem.id, g, it.prompt_ids, it.problem.answer, n) for g, it in enumerate(chunk)]
-            inflight[generators[submitted % len(generators)].generate.remote(reqs, greedy)] = chunk
+            inflight[generators[submitted % len(generators)].generate.remote(reqs, sampling=over)] = job
             submitted += 1
         (ref,), _ = ray.wait(list(inflight), num_returns=1)
-        chunk = inflight.pop(ref)
+        decoding, n, _, chunk = inflight.pop(ref)
         trajs, metrics = ray.get(ref)
         # Counts add up over chunks; rates and ratios are recomputed from the records.
         totals.update(engine_counts(metrics))
         verdicts = ray.get(grader.grade.remote([t.grade_item() for t in trajs]))
-        records = to_records(chunk, trajs, verdicts, n)
+        records = to_records(chunk, trajs, verdicts, n, decoding)
         store.append(records)
         totals["correct"] += sum(r.correct for r in records)
         totals["samples"] += len(records)
@@ -287,11 +308,16 @@ def main(argv: list[str]) -> dict:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     store = ResultStore(out / "trajectories.jsonl")
-    done = finished_keys(store.load(), cfg.eval.n)
-    todo = [it for it in items if it.key not in done]
+    stored = store.load()
+    work = {}
+    for decoding, n, _ in passes(cfg):
+        done = finished_keys(stored, n, decoding)
+        work[decoding] = [it for it in items if it.key not in done]
+    todo = sum(map(len, work.values()))
     print(
-        f"[torl] eval {checkpoint}: {len(items)} problems in {len(cfg.eval.benchmarks)} benchmarks, "
-        f"{len(items) - len(todo)} already done, {sum(skipped.values())} skipped as too long -> {out}"
+        f"[torl] eval {checkpoint}: {len(items)} problems in {len(cfg.eval.benchmarks)} benchmarks "
+        f"({' + '.join(f'{d} {len(w)}' for d, w in work.items())} to generate), "
+        f"{sum(skipped.values())} skipped as too long -> {out}"
     )
 
     totals: dict[str, float] = {}
@@ -304,7 +330,7 @@ def main(argv: list[str]) -> dict:
             t0 = time.perf_counter()
             sandbox, generators, grader = start_actors(cfg, checkpoint, str(out / "logs"))
             t1 = time.perf_counter()
-            totals = stream(cfg, generators, grader, todo, store)
+            totals = stream(cfg, generators, grader, work, store)
             totals["startup_s"], totals["wall_s"] = t1 - t0, time.perf_counter() - t1
         finally:
             stop_rollout_actors(sandbox, generators or [], grader)
@@ -312,19 +338,20 @@ def main(argv: list[str]) -> dict:
                 ray.shutdown()
 
     wanted = {it.key for it in items}
-    records = [r for r in store.load() if r.key in wanted]
+    decodings = {decoding for decoding, _, _ in passes(cfg)}
+    records = [r for r in store.load() if r.key[:2] in wanted and r.decoding in decodings]
     ks = cfg.eval.pass_k or (default_ks(cfg.eval.n) if cfg.eval.n > 1 else ())
     max_calls = cfg.tool.max_calls if cfg.tool.enabled else 0
     summary = summarize(records, list(cfg.eval.benchmarks), ks, max_calls=max_calls)
     summary["checkpoint"] = checkpoint
     summary["skipped_too_long"] = skipped
     summary["setup"] = run_meta(cfg)
-    summary["run"] = {"generated_problems": len(todo), **totals}  # wall_s: streaming only, after startup_s
+    summary["run"] = {"generated_problems": todo, **totals}  # wall_s: streaming only, after startup_s
     summary["sandbox_health"] = sandbox_summary(cfg, records, ran=bool(todo))
     if summary["sandbox_health"].get("level") == "failing":
         print(f"[torl] warning: the sandbox failed: {summary['sandbox_health']}", file=sys.stderr)
     if totals.get("wall_s"):
-        summary["run"]["problems_per_s"] = len(todo) / totals["wall_s"]
+        summary["run"]["problems_per_s"] = todo / totals["wall_s"]
         summary["run"]["tokens_per_s"] = totals.get("rollout/tokens", 0.0) / totals["wall_s"]
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = format_table(summary)

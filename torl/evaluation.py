@@ -3,8 +3,11 @@
 Pure logic behind ``jobs/eval.py``: a record holds everything needed to inspect one sample (prompt, response with
 tool outputs, extracted answer, gold, verdict, tool calls) and to recompute every metric, so the tables of a resumed
 run are built from the file, not from memory. ToRL scores validation as accuracy per data source and averages the
-sources unweighted (``avg_acc``, docs/torl-behaviour.md ("Reward and grading", "Evaluation")); with n > 1 samples we
-add the unbiased pass@k and mean@k. Not here: generation, grading, Ray (see jobs/eval.py).
+sources unweighted (``avg_acc``, docs/torl-behaviour.md ("Reward and grading", "Evaluation")); ToRL's numbers are
+greedy. Later papers sample instead: SimpleTIR (arXiv 2509.02479) reports avg@32, the accuracy averaged over 32
+samples per problem at temperature 1.0 and top-p 0.7. A record says which decoding produced it, so one run can hold
+both and its table puts them side by side (greedy ``acc``, sampled ``avg@n`` and the unbiased pass@k). Not here:
+generation, grading, Ray (see jobs/eval.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # The five benchmarks of ToRL's Table 1; their unweighted mean is the paper's "Avg." column.
 TORL_BENCHMARKS = ("aime24", "aime25", "math500", "olympiadbench", "amc23")
+GREEDY, SAMPLED = "greedy", "sampled"  # EvalRecord.decoding
 
 
 @dataclass
@@ -50,10 +54,11 @@ class EvalRecord:
     gen_s: float = 0.0
     tool_s: float = 0.0
     level: str = ""  # Problem.level (difficulty as the data gives it; "" = unknown)
+    decoding: str = GREEDY  # GREEDY: the one greedy response; SAMPLED: one of eval.n samples (eval.temperature/top_p)
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.benchmark, self.problem_id)
+    def key(self) -> tuple[str, str, str]:
+        return (self.benchmark, self.problem_id, self.decoding)
 
     @classmethod
     def from_trajectory(
@@ -67,6 +72,7 @@ class EvalRecord:
         prompt: str,
         extracted: str | None,
         level: str = "",
+        decoding: str = GREEDY,
     ) -> EvalRecord:
         return cls(
             benchmark=benchmark,
@@ -87,6 +93,7 @@ class EvalRecord:
             gen_s=traj.gen_s,
             tool_s=traj.tool_s,
             level=level,
+            decoding=decoding,
         )
 
     @classmethod
@@ -156,30 +163,39 @@ class ResultStore:
             os.fsync(f.fileno())
 
 
-def latest_records(records: Iterable[EvalRecord]) -> dict[tuple[str, str], list[EvalRecord]]:
-    """Group by (benchmark, problem_id), keeping the last record per sample index (a rerun's wins)."""
-    by_sample: dict[tuple[str, str], dict[int, EvalRecord]] = defaultdict(dict)
+def latest_records(records: Iterable[EvalRecord]) -> dict[tuple[str, str, str], list[EvalRecord]]:
+    """Group by (benchmark, problem_id, decoding), keeping the last record per sample index (a rerun's wins)."""
+    by_sample: dict[tuple[str, str, str], dict[int, EvalRecord]] = defaultdict(dict)
     for r in records:
         by_sample[r.key][r.sample] = r
     return {k: [v[s] for s in sorted(v)] for k, v in by_sample.items()}
 
 
-def finished_keys(records: Iterable[EvalRecord], n: int) -> set[tuple[str, str]]:
-    """Problems that already have all ``n`` samples (0..n-1) recorded."""
-    return {k for k, rs in latest_records(records).items() if {r.sample for r in rs} >= set(range(n))}
+def finished_keys(records: Iterable[EvalRecord], n: int, decoding: str = GREEDY) -> set[tuple[str, str]]:
+    """(benchmark, problem_id) of the problems that already have all ``n`` samples (0..n-1) of ``decoding``."""
+    return {
+        (bench, pid)
+        for (bench, pid, dec), rs in latest_records(records).items()
+        if dec == decoding and {r.sample for r in rs} >= set(range(n))
+    }
 
 
 def problem_pass_rates(records: Iterable[EvalRecord]) -> list[dict[str, Any]]:
-    """One row per problem: benchmark, problem_id, source, samples, correct, pass_rate (the share of its samples that
-    were correct). Data preparation balances difficulty with these (``torl/prepare/balance.py``)."""
+    """One row per problem: benchmark, problem_id, source, decoding, samples, correct, pass_rate (the share of its
+    samples that were correct), from its sampled records where it has them (a pass rate needs samples), else its
+    greedy one. Data preparation balances difficulty with these (``torl/prepare/balance.py``)."""
+    groups = latest_records(records)
     rows = []
-    for (bench, pid), rs in latest_records(records).items():
+    for (bench, pid, dec), rs in groups.items():
+        if dec == GREEDY and (bench, pid, SAMPLED) in groups:
+            continue
         correct = sum(r.correct for r in rs)
         rows.append(
             {
                 "benchmark": bench,
                 "problem_id": pid,
                 "source": rs[0].source,
+                "decoding": dec,
                 "samples": len(rs),
                 "correct": correct,
                 "pass_rate": correct / len(rs),
@@ -251,22 +267,30 @@ def default_ks(n: int) -> tuple[int, ...]:
     return tuple(sorted(set(ks) | {n}))
 
 
+def sample_accuracy(groups: Sequence[Sequence[EvalRecord]], ks: Sequence[int] = ()) -> dict[str, float]:
+    """``avg@n``, the per-problem share of correct samples averaged over problems (SimpleTIR's avg@32: n is the
+    smallest sample count among the problems, normally every problem's), and the unbiased ``pass@k`` for each k no
+    larger than n. One sample per problem: ``avg@1`` is plain accuracy."""
+    if not groups:
+        raise ValueError("no problems to score")
+    n = min(len(g) for g in groups)
+    row = {f"avg@{n}": sum(sum(r.correct for r in g) / len(g) for g in groups) / len(groups)}
+    for k in ks:
+        if k <= n:
+            row[f"pass@{k}"] = sum(pass_at_k(len(g), sum(r.correct for r in g), k) for g in groups) / len(groups)
+    return row
+
+
 def benchmark_metrics(
     groups: Sequence[Sequence[EvalRecord]], ks: Sequence[int] = (), max_calls: int = 0
 ) -> dict[str, float]:
-    """One table row: ``acc`` (per-problem share correct, averaged = accuracy when greedy, mean@n when sampling),
-    ``pass@k`` for each k no larger than every problem's sample count, ``problems``, and ``rollout_metrics`` (with
-    the records' difficulty levels and the tool budget ``max_calls``)."""
-    if not groups:
-        raise ValueError("no problems to score")
-    row: dict[str, float] = {"problems": float(len(groups))}
-    row["acc"] = sum(sum(r.correct for r in g) / len(g) for g in groups) / len(groups)
-    min_n = min(len(g) for g in groups)
-    for k in ks:
-        if k <= min_n:
-            row[f"pass@{k}"] = sum(pass_at_k(len(g), sum(r.correct for r in g), k) for g in groups) / len(groups)
-    if min_n > 1:
-        row[f"mean@{min_n}"] = row["acc"]
+    """One table row from one decoding's records: ``acc`` (per-problem share correct, averaged = accuracy when
+    greedy, avg@n when sampling), ``avg@n`` (n > 1) and ``pass@k`` as ``sample_accuracy``, ``problems``, and
+    ``rollout_metrics`` (with the records' difficulty levels and the tool budget ``max_calls``)."""
+    accuracy = sample_accuracy(groups, ks)
+    avg_key = next(k for k in accuracy if k.startswith("avg@"))
+    row: dict[str, float] = {"problems": float(len(groups)), "acc": accuracy[avg_key]}
+    row.update((k, v) for k, v in accuracy.items() if k != "avg@1")
     levels = {r.problem_id: r.level for g in groups for r in g if r.level}
     row.update(rollout_metrics([r.to_trajectory() for g in groups for r in g], levels=levels, max_calls=max_calls))
     return row
@@ -281,32 +305,45 @@ def summarize(
 ) -> dict[str, Any]:
     """Per-benchmark rows (in ``benchmarks`` order), per-source sub-rows for multi-source files, and averages.
 
-    ``average`` is ToRL's avg: the unweighted mean of ``acc`` over the evaluated benchmarks among ``average_over``
-    (the paper's five); ``average_all`` is the unweighted mean over every evaluated benchmark (ToRL's validation
-    ``avg_acc`` over data sources). Sub-rows ``bench[source]`` are shown but never averaged.
+    A row's ``acc`` and tool metrics come from the greedy records when there are any, else from the samples; with
+    both, the samples add ``avg@n`` and ``pass@k`` beside the greedy ``acc``. ``average`` is ToRL's avg: the
+    unweighted mean of ``acc`` (and of ``avg@n``) over the evaluated benchmarks among ``average_over`` (the paper's
+    five); ``average_all`` is the unweighted mean over every evaluated benchmark (ToRL's validation ``avg_acc`` over
+    data sources). Sub-rows ``bench[source]`` are shown but never averaged.
     """
-    groups = latest_records(records)
-    by_bench: dict[str, list[list[EvalRecord]]] = defaultdict(list)
-    for (bench, _), rs in groups.items():
-        by_bench[bench].append(rs)
+    by_bench: dict[str, dict[str, list[list[EvalRecord]]]] = defaultdict(lambda: defaultdict(list))
+    for (bench, _, decoding), rs in latest_records(records).items():
+        by_bench[bench][decoding].append(rs)
+
+    def row(by_decoding: dict[str, list[list[EvalRecord]]]) -> dict[str, float]:
+        greedy, sampled = by_decoding.get(GREEDY, []), by_decoding.get(SAMPLED, [])
+        if not greedy:
+            return benchmark_metrics(sampled, ks, max_calls)
+        out = benchmark_metrics(greedy, () if sampled else ks, max_calls)
+        if sampled:
+            out.update(sample_accuracy(sampled, ks))
+        return out
+
     rows: dict[str, dict[str, float]] = {}
     for bench in benchmarks:
         if bench not in by_bench:
             continue
-        rows[bench] = benchmark_metrics(by_bench[bench], ks, max_calls)
-        sources = sorted({g[0].source for g in by_bench[bench]})
+        rows[bench] = row(by_bench[bench])
+        sources = sorted({g[0].source for groups in by_bench[bench].values() for g in groups})
         if len(sources) > 1:
             for src in sources:
-                rows[f"{bench}[{src}]"] = benchmark_metrics(
-                    [g for g in by_bench[bench] if g[0].source == src], ks, max_calls
+                rows[f"{bench}[{src}]"] = row(
+                    {dec: [g for g in groups if g[0].source == src] for dec, groups in by_bench[bench].items()}
                 )
     out: dict[str, Any] = {"benchmarks": rows}
     main = [b for b in benchmarks if b in by_bench]
     torl = [b for b in main if b in average_over]
-    if torl:
-        out["average"] = {"acc": sum(rows[b]["acc"] for b in torl) / len(torl), "over": torl}
-    if main:
-        out["average_all"] = {"acc": sum(rows[b]["acc"] for b in main) / len(main), "over": main}
+    for key, over in (("average", torl), ("average_all", main)):
+        if over:
+            shared = [
+                k for k in rows[over[0]] if (k == "acc" or k.startswith("avg@")) and all(k in rows[b] for b in over)
+            ]
+            out[key] = {k: sum(rows[b][k] for b in over) / len(over) for k in shared} | {"over": over}
     return out
 
 
@@ -329,8 +366,14 @@ TABLE_COLUMNS = [
 def format_table(summary: dict[str, Any]) -> str:
     """A fixed-width text table of ``summarize``'s rows, pass@k columns included, and the averages below it."""
     rows = summary["benchmarks"]
-    pass_cols = sorted({k for r in rows.values() for k in r if k.startswith("pass@")}, key=lambda s: int(s[5:]))
-    cols = TABLE_COLUMNS[:2] + [(k, k, "{:.1%}") for k in pass_cols] + TABLE_COLUMNS[2:]
+    sampled_cols = [
+        k
+        for prefix in ("avg@", "pass@")
+        for k in sorted(
+            {k for r in rows.values() for k in r if k.startswith(prefix)}, key=lambda s: int(s.split("@")[1])
+        )
+    ]
+    cols = TABLE_COLUMNS[:2] + [(k, k, "{:.1%}") for k in sampled_cols] + TABLE_COLUMNS[2:]
     header = ["benchmark"] + [h for _, h, _ in cols]
     body = []
     for name, r in rows.items():
@@ -341,7 +384,10 @@ def format_table(summary: dict[str, Any]) -> str:
             body.append([f"  level {level}"] + [fmt.format(sub[k]) if k in sub else "" for k, _, fmt in cols])
     for key in ("average", "average_all"):
         if key in summary:
-            body.append([key, str(len(summary[key]["over"])), f"{summary[key]['acc']:.1%}"] + [""] * (len(cols) - 2))
+            avg = summary[key]
+            body.append(
+                [key, str(len(avg["over"]))] + [fmt.format(avg[k]) if k in avg else "" for k, _, fmt in cols[1:]]
+            )
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
@@ -349,7 +395,13 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if "setup" in summary:  # calls per response only compare between runs of the same tool budget
-        lines.append(f"tool budget C = {summary['setup']['max_calls']} calls per response")
+        setup = summary["setup"]
+        lines.append(f"tool budget C = {setup['max_calls']} calls per response")
+        if setup.get("n"):  # avg@n and pass@k only compare between runs that sampled alike
+            lines.append(
+                f"sampled: n = {setup['n']} per problem, temperature {setup['temperature']}, top_p {setup['top_p']}, "
+                f"top_k {setup['top_k']}, seed {setup['seed']}" + ("" if setup.get("greedy") else " (no greedy pass)")
+            )
     return "\n".join(lines)
 
 
@@ -357,6 +409,5 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """``eval/<bench>/<metric>`` and ``eval/average/acc`` for W&B and metrics.jsonl."""
     out = {f"eval/{b}/{k}": v for b, row in summary["benchmarks"].items() for k, v in row.items()}
     for key in ("average", "average_all"):
-        if key in summary:
-            out[f"eval/{key}/acc"] = summary[key]["acc"]
+        out.update((f"eval/{key}/{k}", v) for k, v in summary.get(key, {}).items() if k != "over")
     return out

@@ -76,3 +76,23 @@ def test_eval_writes_results_and_resumes(ray_cluster, argv):
     # Resuming into the same directory with another setup would mix two evaluations in one table.
     with pytest.raises(eval_job.ConfigError, match="different evaluation setup"):
         eval_job.main([*args, "eval.limit=3", "tool.max_calls=2"])
+
+
+def test_eval_samples_beside_greedy(ray_cluster, argv, tmp_path):
+    """eval.n adds sampled responses to the greedy one (SimpleTIR's avg@k, k kept tiny here): both decodings are
+    stored, the table has avg@2 and pass@k beside acc, and results.json records the sampling settings."""
+    _, args = argv
+    out = tmp_path / "sampled"
+    sampled = ["eval.n=2", "eval.temperature=0.9", "eval.top_p=0.8", "eval.limit=2", "--out", str(out)]
+    summary = eval_job.main([*args, "--benchmarks", "synthetic:test", *sampled])
+    assert summary["run"]["generated_problems"] == 4  # 2 problems x (greedy pass + sampled pass)
+    records = lines(out / "trajectories.jsonl")
+    by_decoding = {d: [r for r in records if r["decoding"] == d] for d in ("greedy", "sampled")}
+    assert len(by_decoding["greedy"]) == 2 and {r["sample"] for r in by_decoding["sampled"]} == {0, 1}
+    assert len(by_decoding["sampled"]) == 4
+    row = summary["benchmarks"]["synthetic:test"]
+    assert {"acc", "avg@2", "pass@1", "pass@2"} <= row.keys()
+    assert row["avg@2"] == pytest.approx(sum(r["correct"] for r in by_decoding["sampled"]) / 4)
+    setup = json.loads((out / "results.json").read_text())["setup"]
+    assert [setup[k] for k in ("greedy", "n", "temperature", "top_p", "top_k")] == [True, 2, 0.9, 0.8, -1]
+    assert "sampled: n = 2 per problem, temperature 0.9, top_p 0.8" in (out / "results.txt").read_text()

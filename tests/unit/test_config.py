@@ -196,3 +196,22 @@ def test_learner_threads_use_every_core_only_when_the_learner_runs_alone():
     assert learner_threads(gpu, cores=96) == 2
     pinned = load_config(overrides=["trainer.max_staleness=0", "learner.num_threads=3"])
     assert learner_threads(pinned, cores=2) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["eval.greedy=false"], r"eval\.n must be >= 0, and >= 1 with eval\.greedy=false"),
+        (["eval.n=-1"], r"eval\.n must be >= 0"),
+        (["eval.n=4", "eval.temperature=0"], r"eval\.temperature=0\.0, eval\.top_p=0\.7: sampling needs"),
+        (["eval.n=4", "eval.top_p=0"], r"eval\.top_p=0\.0: sampling needs"),
+        (["eval.n=4", "eval.pass_k=[8]"], r"eval\.pass_k values must lie in 1\.\.eval\.n=4"),
+    ],
+)
+def test_evaluation_sampling_is_checked(overrides, named):
+    """Greedy is ToRL's evaluation; eval.n adds SimpleTIR-style samples at settings that must be able to sample."""
+    with pytest.raises(ConfigError, match=named):
+        load_config([], overrides)
+    e = load_config([], ["eval.n=32"]).eval
+    assert (e.greedy, e.n, e.temperature, e.top_p, e.top_k) == (True, 32, 1.0, 0.7, -1)  # SimpleTIR's avg@32
+    assert load_config([], ["eval.greedy=false", "eval.n=8"]).eval.n == 8

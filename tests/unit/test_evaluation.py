@@ -5,6 +5,7 @@ import json
 import pytest
 
 from torl.evaluation import (
+    SAMPLED,
     EvalRecord,
     ResultStore,
     check_run_meta,
@@ -15,13 +16,23 @@ from torl.evaluation import (
     pass_at_k,
     problem_pass_rates,
     read_pass_rates,
+    sample_accuracy,
     summarize,
     write_pass_rates,
 )
 from torl.types import ToolCall, Trajectory
 
 
-def rec(bench: str, pid: str, correct: bool, sample: int = 0, calls: int = 0, source: str = "", n_tok: int = 5):
+def rec(
+    bench: str,
+    pid: str,
+    correct: bool,
+    sample: int = 0,
+    calls: int = 0,
+    source: str = "",
+    n_tok: int = 5,
+    decoding: str = "greedy",
+):
     tool_calls = [
         {"code": "print(2)", "observation": "2", "status": "ok", "exec_s": 0.1, "queue_s": 0.0} for _ in range(calls)
     ]
@@ -41,6 +52,7 @@ def rec(bench: str, pid: str, correct: bool, sample: int = 0, calls: int = 0, so
         response_ids=list(range(n_tok)),
         loss_mask=[1] * n_tok,
         tool_calls=tool_calls,
+        decoding=decoding,
     )
 
 
@@ -99,6 +111,14 @@ def test_finished_keys_need_all_samples():
     assert finished_keys(records, n=1) == {("a", "1"), ("a", "2")}
 
 
+def test_finished_keys_count_each_decoding_apart():
+    # The greedy response of a problem does not stand in for its first sample, nor the other way round.
+    records = [rec("a", "1", True)] + [rec("a", "2", True, s, decoding=SAMPLED) for s in range(2)]
+    assert finished_keys(records, n=1) == {("a", "1")}
+    assert finished_keys(records, n=2, decoding=SAMPLED) == {("a", "2")}
+    assert finished_keys(records, n=1, decoding=SAMPLED) == {("a", "2")}
+
+
 def test_run_meta_written_then_checked(tmp_path):
     meta = {"checkpoint": "/m", "greedy": True, "n": 1}
     check_run_meta(tmp_path / "meta.json", meta)
@@ -142,18 +162,82 @@ def test_summarize_greedy_average_is_unweighted_over_torl_benchmarks():
     assert flat["eval/average/acc"] == 0.5 and flat["eval/math500/acc"] == 0.75
 
 
-def test_summarize_sampling_pass_and_mean_at_k_and_sources():
+def test_summarize_sampling_pass_and_avg_at_k_and_sources():
     records = [rec("torl_val", "x", s < 1, sample=s, source="aime24") for s in range(4)]  # 1 of 4 correct
     records += [rec("torl_val", "y", False, sample=s, source="math500") for s in range(4)]
     records.append(rec("torl_val", "y", True, sample=3, source="math500"))  # a rerun's record replaces sample 3
     s = summarize(records, ["torl_val"], ks=default_ks(4))
     row = s["benchmarks"]["torl_val"]
-    assert row["acc"] == row["mean@4"] == pytest.approx(0.25)
+    assert row["acc"] == row["avg@4"] == pytest.approx(0.25)
     assert row["pass@1"] == pytest.approx(0.25) and row["pass@4"] == 1.0
     assert s["benchmarks"]["torl_val[aime24]"]["acc"] == 0.25
     assert s["benchmarks"]["torl_val[math500]"]["acc"] == 0.25
     assert "average" not in s  # torl_val itself is not one of the five
     assert s["average_all"]["over"] == ["torl_val"]
+
+
+@pytest.mark.parametrize(
+    ("correct", "avg", "pass2"),
+    [
+        # avg@n averages each problem's own share: (3/4 + 0/4 + 1/4) / 3, not the pooled 4/12 of a weighted mean
+        # when counts differ, and pass@2 is 1 - C(n-c, 2)/C(n, 2) per problem: (1 + 0 + 1/2) / 3.
+        ([[1, 1, 0, 1], [0, 0, 0, 0], [0, 1, 0, 0]], 1 / 3, (1 + 0 + 0.5) / 3),
+        ([[1, 1], [0, 1], [0, 0]], 0.5, (1 + 1 + 0) / 3),
+    ],
+)
+def test_sample_accuracy_is_the_mean_of_per_problem_shares(correct, avg, pass2):
+    groups = [[rec("b", str(i), bool(c), sample=s) for s, c in enumerate(cs)] for i, cs in enumerate(correct)]
+    n = len(correct[0])
+    got = sample_accuracy(groups, ks=(1, 2, n + 1))
+    assert got == {f"avg@{n}": pytest.approx(avg), "pass@1": pytest.approx(avg), "pass@2": pytest.approx(pass2)}
+
+
+def test_sample_accuracy_with_uneven_counts_names_the_smallest():
+    groups = [[rec("b", "1", True, sample=s) for s in range(4)], [rec("b", "2", False, sample=s) for s in range(2)]]
+    assert sample_accuracy(groups) == {"avg@2": 0.5}  # 4/4 and 0/2: each problem's own share, labelled by the fewest
+    with pytest.raises(ValueError, match="no problems"):
+        sample_accuracy([])
+
+
+def test_greedy_and_sampled_side_by_side():
+    # Two ToRL benchmarks, each with a greedy response and 4 samples per problem: the row keeps the greedy acc and
+    # tool metrics, adds avg@4 and pass@k from the samples, and the average carries both.
+    records = [rec("aime24", "1", True), rec("aime24", "2", False, calls=1)]
+    records += [rec("aime24", "1", s < 3, sample=s, decoding=SAMPLED, calls=1) for s in range(4)]  # 3/4
+    records += [rec("aime24", "2", s < 1, sample=s, decoding=SAMPLED, calls=2) for s in range(4)]  # 1/4
+    records += [rec("amc23", "1", False)] + [rec("amc23", "1", False, sample=s, decoding=SAMPLED) for s in range(4)]
+    s = summarize(records, ["aime24", "amc23"], ks=default_ks(4))
+    row = s["benchmarks"]["aime24"]
+    assert row["acc"] == 0.5 and row["problems"] == 2
+    assert row["avg@4"] == pytest.approx(0.5) and row["pass@1"] == pytest.approx(0.5) and row["pass@4"] == 1.0
+    assert row["pass@2"] == pytest.approx((1.0 + 0.5) / 2)
+    assert row["tool/code_ratio"] == 0.5  # greedy responses only (every sample used the tool)
+    assert s["average"] == {"acc": 0.25, "avg@4": pytest.approx(0.25), "over": ["aime24", "amc23"]}
+    flat = flat_metrics(s)
+    assert flat["eval/average/avg@4"] == pytest.approx(0.25) and flat["eval/aime24/avg@4"] == pytest.approx(0.5)
+    s["setup"] = {"max_calls": 1, "greedy": True, "n": 4, "temperature": 1.0, "top_p": 0.7, "top_k": -1, "seed": 3}
+    lines = format_table(s).splitlines()
+    header = lines[0].split()
+    assert header[:5] == ["benchmark", "n", "acc", "avg@4", "pass@1"]
+    assert lines[2].split()[:4] == ["aime24", "2", "50.0%", "50.0%"]
+    assert next(line for line in lines if line.startswith("average ")).split()[:4] == [
+        "average",
+        "2",
+        "25.0%",
+        "25.0%",
+    ]
+    assert lines[-1] == "sampled: n = 4 per problem, temperature 1.0, top_p 0.7, top_k -1, seed 3"
+    # Sampled only: acc is avg@n, the tool metrics come from the samples.
+    only = summarize([r for r in records if r.decoding == SAMPLED], ["aime24"], ks=(1,))["benchmarks"]["aime24"]
+    assert only["acc"] == only["avg@4"] == pytest.approx(0.5) and only["tool/code_ratio"] == 1.0
+
+
+def test_pass_rates_come_from_the_samples_when_there_are_any():
+    records = [rec("t", "a", True), rec("t", "b", False)]
+    records += [rec("t", "a", s < 1, sample=s, decoding=SAMPLED) for s in range(4)]
+    rows = {r["problem_id"]: r for r in problem_pass_rates(records)}
+    assert (rows["a"]["decoding"], rows["a"]["pass_rate"], rows["a"]["samples"]) == (SAMPLED, 0.25, 4)
+    assert (rows["b"]["decoding"], rows["b"]["pass_rate"]) == ("greedy", 0.0)
 
 
 def test_benchmark_without_records_is_left_out():
