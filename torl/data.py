@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,20 @@ _QUESTION_FIELDS = ("problem", "question", "context")  # first present, non-empt
 _ANSWER_FIELDS = ("answer", "final_answer", "ground_truth", "solution_answer")
 _ID_FIELDS = ("id", "unique_id", "idx", "uid")
 _GENERIC_STEMS = {"test", "train", "val", "validation", "dev", "data"}
+# A missing value some export wrote out as text: "None", "null", "nan", bare or in $...$ / \text{...}. Two rows of
+# the MATH levels 3-5 file carry "None" where MATH's answers are 9 and 2; math-verify parses it as the product
+# N*o*n*e, which verifies against itself, so the row would pass every answer check and reward each correct response
+# -1. Such an answer counts as empty.
+_NULL_ANSWER = re.compile(r"^\$?\s*(?:\\(?:text|textrm|mathrm)\s*\{\s*)?(?:none|null|nan)\s*\}?\s*\$?$", re.IGNORECASE)
+
+
+def is_null_answer(answer: str) -> bool:
+    """Whether an answer is a stringified missing value rather than a value.
+
+    >>> [is_null_answer(a) for a in ("None", "\\\\text{ null }", "$NaN$", "\\\\text{none of these}", "0")]
+    [True, True, True, False, False]
+    """
+    return bool(_NULL_ANSWER.match(answer.strip()))
 
 
 class DataError(ValueError):
@@ -304,6 +319,8 @@ def row_to_problem(row: dict[str, Any], index: int, path: Path, fields: FieldNam
         raise EmptyField(f"{where}: empty question")
     if not answer:
         raise EmptyField(f"{where}: empty answer")
+    if is_null_answer(answer):
+        raise EmptyField(f"{where}: empty answer ({answer!r}, a missing value written as text)")
     source = _source_of(row, path)
     return Problem(
         id=f"{source}/{raw_id if raw_id is not None else index}",

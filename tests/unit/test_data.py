@@ -13,6 +13,7 @@ from torl.data import (
     EmptyField,
     FieldNames,
     Problem,
+    is_null_answer,
     load_benchmark,
     load_problems,
     shared_data_dir,
@@ -39,13 +40,31 @@ def test_every_shared_dataset_loads_with_sources_row_counts(spec, rows):
     assert all(isinstance(p, Problem) and p.question and p.answer for p in problems)
 
 
-def test_math_hard_has_two_empty_answers():
-    # SOURCES.md: 8,523 rows, 2 with an empty ground truth.
+def test_math_hard_has_two_empty_and_two_null_answers():
+    # SOURCES.md: 8,523 rows, 2 with an empty ground truth; rows 3380 and 7997 hold the text "None" (MATH: 9 and 2).
     with pytest.raises(DataError, match=r"train_math_hard/train.parquet row \d+: empty answer"):
         load_problems("train_math_hard/train.parquet")
     problems = load_problems("train_math_hard/train.parquet", skip_bad_rows=True, dedup=False)
-    assert len(problems) == 8523 - 2
+    assert len(problems) == 8523 - 4
     assert {p.source for p in problems} == {"ToRL"}
+    assert not any(is_null_answer(p.answer) for p in problems)
+    assert not any(p.question.startswith("If $(x + y)^2 = 1$ and $xy = -4$") for p in problems)  # row 3380
+
+
+@pytest.mark.parametrize(
+    "answer", ["None", "null", "NaN", " none ", "\\text{None}", "$\\text{ null }$", "\\mathrm{nan}"]
+)
+def test_null_answers_written_as_text_count_as_empty(tmp_path, answer):
+    f = _write_jsonl(tmp_path / "n.jsonl", [{"question": "q0", "answer": "1"}, {"question": "q1", "answer": answer}])
+    with pytest.raises(EmptyField, match=r"n.jsonl row 1: empty answer \(.*a missing value written as text\)"):
+        load_problems(f)
+
+
+@pytest.mark.parametrize("answer", ["0", "\\text{none of them}", "\\text{(N)}", "n", "\\emptyset", "\\text{no}"])
+def test_values_that_look_empty_are_kept(tmp_path, answer):
+    f = _write_jsonl(tmp_path / "v.jsonl", [{"question": "q", "answer": answer}])
+    assert load_problems(f)[0].answer == answer
+    assert not is_null_answer(answer)
 
 
 @pytest.mark.parametrize(
