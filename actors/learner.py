@@ -15,6 +15,8 @@ the generators (``actors/generator.py``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import itertools
 import logging
 import os
 import shutil
@@ -45,9 +47,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from torl import checkpoint as ckpt
 from torl.batching import pack_responses, plan_micro_batches
 from torl.config import Config, learner_threads
-from torl.devices import process_group_backend, require_cuda
+from torl.devices import attention_implementation, process_group_backend, require_cuda
 from torl.dynamic_sampling import group_signal
 from torl.grpo import (
+    CORRECTION_STATS,
     aggregation_weights,
     correction_metrics,
     group_advantages,
@@ -85,7 +88,16 @@ def _dtype(name: str) -> torch.dtype:
 
 def _flat(rows: list[list[Any]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Concatenate per-sequence lists into one flat tensor (the packed token order)."""
-    return torch.tensor([x for r in rows for x in r], dtype=dtype, device=device)
+    return torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=dtype, device=device)
+
+
+def _split(flat: list[Any], trajs: list[Trajectory]) -> list[list[Any]]:
+    """``flat`` (the packed token order) cut back into one list per trajectory's response."""
+    out, start = [], 0
+    for t in trajs:
+        out.append(flat[start : start + len(t.response_ids)])
+        start += len(t.response_ids)
+    return out
 
 
 def _has_dropout(model: torch.nn.Module) -> bool:
@@ -125,6 +137,8 @@ class Learner:
         use_cuda = lc.num_gpus > 0
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         self.backend = process_group_backend(lc.backend, use_cuda)
+        flash = importlib.util.find_spec("flash_attn") is not None
+        self.attn_implementation = attention_implementation(lc.attn_implementation, use_cuda, flash)
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
         self.optimizer_steps = 0
@@ -165,7 +179,9 @@ class Learner:
         # Master weights stay fp32; param_dtype is the compute dtype under FSDP mixed precision. Loaded in host
         # memory: sharding moves one layer at a time to the device and keeps this rank's shard, so a GPU never holds
         # the whole fp32 model (7B: 30 GB) on the way.
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=torch.float32, attn_implementation=self.attn_implementation
+        )
         model.config.use_cache = False
         if trainable and lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -223,17 +239,13 @@ class Learner:
             # policy), or the engine's sampling log-probs. The engine's stay the behaviour policy of the correction.
             recompute = algo.old_logprobs == "recompute"
             proximal = self._proximal_logprobs(trajs) if recompute else [t.logprobs for t in trajs]
-            cap, low, high = algo.correction_thresholds()
-            corrected = [
-                rollout_correction(
-                    prox, t.logprobs, t.loss_mask, algo.rollout_correction, algo.correction_level, cap, low, high
-                )
-                for prox, t in zip(proximal, trajs, strict=True)
-            ]
-            stats, is_w = [c.stats for c in corrected], [c.weights for c in corrected]
+            seq_index = _flat([[j] * len(t.response_ids) for j, t in enumerate(trajs)], torch.long, self.device)
+            prox_flat = _flat(proximal, torch.float64, self.device)  # [N]
+            weights, kept = self._correct_against_engine(trajs, prox_flat, seq_index, stats)  # [N], [N]
+            is_w, masks = _split(weights.tolist(), trajs), _split(kept.long().tolist(), trajs)
             trajs = [
-                dataclasses.replace(t, logprobs=list(prox), loss_mask=c.mask)
-                for t, prox, c in zip(trajs, proximal, corrected, strict=True)
+                dataclasses.replace(t, logprobs=list(prox), loss_mask=mask)
+                for t, prox, mask in zip(trajs, proximal, masks, strict=True)
             ]
         t_prox = time.perf_counter() - t_prox
         adv = group_advantages(rewards, groups, algo.norm_adv_by_std, algo.adv_eps)
@@ -400,12 +412,12 @@ class Learner:
         logp, entropy = self._forward_logprobs(self.model, ids, pos, keep)  # [N], [N]
         if is_w is None:  # the proximal policy is this forward's (see _reuses_training_forward)
             old = logp.detach()  # [N]
-            is_w, masks = self._correct_against_engine(sub, old.tolist(), stats)
+            weights_is, mask = self._correct_against_engine(sub, old, seq_index, stats)  # [N], [N]
+            weights_is, mask = weights_is.float(), mask.float()
         else:
             old = _flat([t.logprobs for t in sub], torch.float32, dev)  # [N], the proximal policy (see train_step)
-            masks = [t.loss_mask for t in sub]
-        mask = _flat(masks, torch.float32, dev)  # [N]
-        weights_is = _flat(is_w, torch.float32, dev)  # [N]
+            mask = _flat([t.loss_mask for t in sub], torch.float32, dev)  # [N]
+            weights_is = _flat(is_w, torch.float32, dev)  # [N]
         weights = aggregation_weights(mask, seq_index, algo.loss_agg, total_tokens, total_seqs, norm_const)  # [N]
         ref = None
         if self.ref_model is not None:
@@ -427,29 +439,40 @@ class Learner:
             is_weights=weights_is,
         )
         m["loss"] = float(loss.detach())
-        m["seqs"] = float(sum(1 for row in masks if any(row)))
+        m["seqs"] = float((torch.zeros(len(sub), device=dev).index_add_(0, seq_index, mask) > 0).sum())
         return loss, m
 
     def _correct_against_engine(
-        self, sub: list[Trajectory], proximal: list[float], stats: list[dict[str, float]] | None
-    ) -> tuple[list[list[float]], list[list[int]]]:
-        """``rollout_correction`` of each sequence of ``sub`` (packed order) against its engine log-probs, with the
-        proximal log-probs ``proximal`` [N] taken from the training forward: the weights and the masks (less what
-        mis rejects) per sequence; the per-sequence sums go to ``stats``."""
+        self,
+        sub: list[Trajectory],
+        proximal: torch.Tensor,
+        seq_index: torch.Tensor,
+        stats: list[dict[str, float]] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rollout_correction`` of the sequences of ``sub`` (packed order) against their engine log-probs, in one
+        tensor pass on the learner's device: the importance weights [N] and the loss mask [N] less what mis rejects,
+        from the proximal log-probs ``proximal`` [N] (``seq_index`` [N]: each token's sequence); the per-sequence sums
+        go to ``stats``."""
         algo = self.cfg.algo
         cap, low, high = algo.correction_thresholds()
-        weights, masks, start = [], [], 0
-        for t in sub:
-            prox = proximal[start : start + len(t.response_ids)]
-            start += len(t.response_ids)
-            c = rollout_correction(
-                prox, t.logprobs, t.loss_mask, algo.rollout_correction, algo.correction_level, cap, low, high
-            )
-            weights.append(c.weights)
-            masks.append(c.mask)
-            if stats is not None:
-                stats.append(c.stats)
-        return weights, masks
+        dev = proximal.device
+        behaviour = _flat([t.logprobs for t in sub], torch.float64, dev)  # [N], as sampled (no float32 rounding)
+        mask = _flat([t.loss_mask for t in sub], torch.float32, dev)  # [N]
+        weights, kept, per_seq = rollout_correction(
+            proximal,
+            behaviour,
+            mask,
+            seq_index,
+            len(sub),
+            algo.rollout_correction,
+            algo.correction_level,
+            cap,
+            low,
+            high,
+        )
+        if stats is not None:
+            stats.extend(dict(zip(CORRECTION_STATS, row, strict=True)) for row in per_seq.tolist())
+        return weights, kept
 
     @contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -524,7 +547,7 @@ class Learner:
             self._weight_sender.shutdown()
         rc = self.cfg.rollout
         self._fleet = GeneratorFleet(generators, engine_workers(self.cfg), rc.weight_sync_timeout_s)
-        source = LearnerWeights(self.model, _dtype(self.cfg.model.dtype), self.tied)
+        source = LearnerWeights(self.model, _dtype(self.cfg.model.dtype), self.tied, self.device)
         self._weight_sender = connect(self.cfg, self._fleet, source, self.rank, master)
 
     def push_weights(self, version: int) -> dict[str, float]:

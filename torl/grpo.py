@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -189,27 +188,30 @@ Correction = Literal["none", "tis", "mis", "mis_reject"]
 CORRECTION_LEVELS: tuple[str, ...] = ("token", "sequence", "geometric")
 
 
-@dataclass(frozen=True)
-class CorrectedSeq:
-    """One sequence after rollout correction: importance weights and the loss mask that survives (MIS)."""
-
-    weights: list[float]  # per response token; 1.0 where nothing is corrected (and on masked tokens)
-    mask: list[int]  # the loss mask with MIS-rejected tokens set to 0
-    stats: dict[str, float]  # SUMS over the sequence's trained tokens (see ``rollout_correction``)
+CORRECTION_STATS: tuple[str, ...] = ("tokens", "k3", "k1", "corrected", "weight", "max_abs_log_ratio")
 
 
 def rollout_correction(
-    proximal: Sequence[float],
-    behaviour: Sequence[float],
-    mask: Sequence[int],
+    proximal: torch.Tensor,
+    behaviour: torch.Tensor,
+    mask: torch.Tensor,
+    seq_index: torch.Tensor,
+    num_seqs: int,
     mode: Correction,
     level: str = "token",
     cap: float = 2.0,
     low: float = 0.5,
     high: float = 2.0,
-) -> CorrectedSeq:
-    """Importance weights proximal/behaviour for one sequence: the learner's policy before the update over the
-    engine's sampling policy (vLLM's kernels and precision differ from the learner's; a stale batch differs more).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Importance weights proximal/behaviour for a packed batch of sequences, as tensor ops on the inputs' device:
+    the learner's policy before the update over the engine's sampling policy (vLLM's kernels and precision differ
+    from the learner's; a stale batch differs more).
+
+    ``proximal``, ``behaviour`` [N] log-probs, ``mask`` [N] (1 = trained), ``seq_index`` [N] (each token's sequence,
+    0 .. ``num_seqs`` - 1). Returns ``weights`` [N] (the inputs' float dtype; 1.0 where nothing is corrected and on
+    untrained tokens), the surviving mask [N] (``mask``'s dtype) and ``stats`` [S, 6] (``CORRECTION_STATS``). Ratios
+    are formed in float64: a 3000-token sequence's summed log-ratio must not round. One call replaces a Python pass
+    over every token of the batch on every learner rank (#28: ~2.8 s per step at 2048 x 2000 tokens).
 
     ``tis`` truncates the weight at ``cap`` (veRL's rollout-correction TIS). ``mis`` drops the tokens whose weight
     falls outside ``[low, high]`` from the loss and keeps the weight on the others (IcePop, as veRL, slime and AReaL
@@ -225,9 +227,9 @@ def rollout_correction(
     Sequence and geometric weights truncate or drop all of a sequence's trained tokens together. Only trained tokens
     enter any of them: tool output has no behaviour log-prob.
 
-    ``stats`` holds SUMS over trained tokens (``tokens``; ``k3`` and ``k1``: two estimates per token of
-    KL(behaviour || proximal) from the behaviour's own samples, see below; ``corrected``: tokens truncated or masked;
-    ``weight``: the raw weight) plus ``max_abs_log_ratio`` (a max), so callers can reduce over any split.
+    ``stats`` holds, per sequence, SUMS over trained tokens (``tokens``; ``k3`` and ``k1``: two estimates per token
+    of KL(behaviour || proximal) from the behaviour's own samples, see below; ``corrected``: tokens truncated or
+    masked; ``weight``: the raw weight) plus ``max_abs_log_ratio`` (a max), so callers can reduce over any split.
 
     With r = log(proximal / behaviour) on a token the engine sampled, ``k1 = -r`` and ``k3 = exp(r) - 1 - r`` both
     have expectation KL(behaviour || proximal) under the behaviour policy (veRL's ``compute_offpolicy_metrics``):
@@ -235,37 +237,56 @@ def rollout_correction(
     """
     if level not in CORRECTION_LEVELS:
         raise ValueError(f"unknown correction level {level!r}; choose one of {CORRECTION_LEVELS}")
-    if not (len(proximal) == len(behaviour) == len(mask)):
-        raise ValueError(f"lengths differ: {len(proximal)} proximal, {len(behaviour)} behaviour, {len(mask)} mask")
-    log_ratio = [max(-20.0, min(20.0, p - b)) if m else 0.0 for p, b, m in zip(proximal, behaviour, mask, strict=True)]
-    trained = [i for i, m in enumerate(mask) if m]
+    if not (proximal.shape == behaviour.shape == mask.shape == seq_index.shape):
+        raise ValueError(
+            f"lengths differ: {len(proximal)} proximal, {len(behaviour)} behaviour, {len(mask)} mask, "
+            f"{len(seq_index)} sequence indices"
+        )
+    out_dtype = proximal.dtype
+    trained = mask > 0  # [N]
+    zero = torch.zeros((), dtype=torch.float64, device=proximal.device)
+    log_ratio = torch.where(trained, (proximal.double() - behaviour.double()).clamp(-20.0, 20.0), zero)  # [N]
+
+    def per_seq(x: torch.Tensor) -> torch.Tensor:  # [N] -> [S] sums
+        return torch.zeros(num_seqs, dtype=x.dtype, device=x.device).index_add_(0, seq_index, x)
+
+    n_trained = per_seq(trained.double())  # [S]
     if level in ("sequence", "geometric"):
-        total = sum(log_ratio)  # 0 on untrained tokens
-        seq = math.exp(max(-20.0, min(20.0, total if level == "sequence" else total / max(len(trained), 1))))
-        raw = [seq if m else 1.0 for m in mask]
+        total = per_seq(log_ratio)  # [S]
+        seq = torch.exp((total if level == "sequence" else total / n_trained.clamp(min=1.0)).clamp(-20.0, 20.0))
+        raw = torch.where(trained, seq[seq_index], 1.0)  # [N]
     else:
-        raw = [math.exp(r) if m else 1.0 for r, m in zip(log_ratio, mask, strict=True)]
-    weights, kept = list(raw), list(mask)
-    corrected = 0
-    for i in trained:
-        if mode == "tis" and raw[i] > cap:
-            weights[i], corrected = cap, corrected + 1
-        elif mode in ("mis", "mis_reject"):
-            in_band = low <= raw[i] <= high
-            weights[i] = raw[i] if mode == "mis" and in_band else 1.0  # out of band the mask drops the token anyway
-            if not in_band:
-                kept[i], corrected = 0, corrected + 1
-        elif mode == "none":
-            weights[i] = 1.0
-    stats = {
-        "tokens": float(len(trained)),
-        "k3": sum(math.exp(log_ratio[i]) - 1.0 - log_ratio[i] for i in trained),
-        "k1": sum(-log_ratio[i] for i in trained),
-        "corrected": float(corrected),
-        "weight": sum(raw[i] for i in trained),
-        "max_abs_log_ratio": max((abs(log_ratio[i]) for i in trained), default=0.0),
-    }
-    return CorrectedSeq(weights, kept, stats)
+        raw = torch.where(trained, torch.exp(log_ratio), 1.0)  # [N]
+    kept = mask
+    if mode == "tis":
+        corrected = trained & (raw > cap)  # [N]
+        weights = torch.where(corrected, cap, raw)  # [N]
+    elif mode in ("mis", "mis_reject"):
+        in_band = (raw >= low) & (raw <= high)  # [N]
+        corrected = trained & ~in_band  # out of band: dropped from the loss and its denominator
+        weights = torch.where(trained & in_band, raw, 1.0) if mode == "mis" else torch.ones_like(raw)  # [N]
+        kept = torch.where(corrected, torch.zeros_like(mask), mask)  # [N]
+    elif mode == "none":
+        corrected = torch.zeros_like(trained)
+        weights = torch.ones_like(raw)
+    else:
+        raise ValueError(f"unknown rollout correction {mode!r}; choose one of none, tis, mis, mis_reject")
+    k3 = torch.where(trained, torch.expm1(log_ratio) - log_ratio, zero)  # [N]
+    max_abs = torch.zeros(num_seqs, dtype=torch.float64, device=proximal.device).scatter_reduce_(
+        0, seq_index, log_ratio.abs(), "amax"
+    )  # [S]; 0 on untrained tokens and for a sequence without any
+    stats = torch.stack(
+        [
+            n_trained,
+            per_seq(k3),
+            per_seq(-log_ratio),
+            per_seq(corrected.double()),
+            per_seq(torch.where(trained, raw, zero)),
+            max_abs,
+        ],
+        dim=1,
+    )  # [S, 6]
+    return weights.to(out_dtype), kept, stats
 
 
 def correction_metrics(stats: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """GRPO math invariants: advantages, aggregation under any split, masking, clipping, KL estimators."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,6 +194,27 @@ def test_token_logprobs_fp32_and_entropy():
     assert ent.tolist() == pytest.approx([math.log(8)] * 3)
 
 
+def _one(proximal, behaviour, mask, mode, level="token", cap=2.0, low=0.5, high=2.0) -> SimpleNamespace:
+    """``rollout_correction`` of one sequence given as lists: its weights, surviving mask and stats as plain values."""
+    from torl.grpo import CORRECTION_STATS, rollout_correction
+
+    weights, kept, stats = rollout_correction(
+        torch.tensor(proximal, dtype=torch.float64),
+        torch.tensor(behaviour, dtype=torch.float64),
+        torch.tensor(mask, dtype=torch.long),
+        torch.zeros(len(mask), dtype=torch.long),
+        1,
+        mode,
+        level,
+        cap,
+        low,
+        high,
+    )
+    return SimpleNamespace(
+        weights=weights.tolist(), mask=kept.tolist(), stats=dict(zip(CORRECTION_STATS, stats[0].tolist(), strict=True))
+    )
+
+
 # Rollout correction against hand-computed values: proximal - behaviour log-ratios ln(3), 0, ln(0.25), and an
 # observation token (mask 0) whose log-probs must be ignored.
 _PROX = [math.log(3.0), -1.0, math.log(0.25), -5.0]
@@ -201,9 +223,7 @@ _MASK = [1, 1, 1, 0]
 
 
 def test_tis_truncates_weights_at_the_cap():
-    from torl.grpo import rollout_correction
-
-    c = rollout_correction(_PROX, _BEHAV, _MASK, "tis", cap=2.0)
+    c = _one(_PROX, _BEHAV, _MASK, "tis", cap=2.0)
     assert c.weights == pytest.approx([2.0, 1.0, 0.25, 1.0])
     assert c.mask == _MASK
     assert c.stats["corrected"] == 1 and c.stats["tokens"] == 3
@@ -218,12 +238,12 @@ def test_tis_truncates_weights_at_the_cap():
 def test_mismatch_k3_and_k1_average_to_kl_of_behaviour_to_proximal_over_behaviour_samples():
     """Both estimators, averaged over the tokens the engine would sample (each outcome weighted by its behaviour
     probability), give exactly KL(behaviour || proximal); the inverted k3, exp(-r) - 1 + r, does not."""
-    from torl.grpo import correction_metrics, rollout_correction
+    from torl.grpo import correction_metrics
 
     behav, prox = [0.7, 0.2, 0.1], [0.4, 0.4, 0.2]
     kl = sum(b * math.log(b / p) for b, p in zip(behav, prox, strict=True))
     pairs = zip(behav, prox, strict=True)
-    stats = [rollout_correction([math.log(p)], [math.log(b)], [1], "none").stats for b, p in pairs]
+    stats = [_one([math.log(p)], [math.log(b)], [1], "none").stats for b, p in pairs]
     assert sum(b * s["k3"] for b, s in zip(behav, stats, strict=True)) == pytest.approx(kl)
     assert sum(b * s["k1"] for b, s in zip(behav, stats, strict=True)) == pytest.approx(kl)
     m = correction_metrics(stats)
@@ -234,39 +254,35 @@ def test_mismatch_k3_and_k1_average_to_kl_of_behaviour_to_proximal_over_behaviou
 def test_mis_keeps_the_importance_weight_inside_the_band_and_mis_reject_does_not():
     """Ratios 1.5 and 0.8 inside [0.5, 2], 3 and 0.25 outside: both modes drop the outside tokens; mis weights the
     kept ones by their ratio (IcePop), mis_reject by 1."""
-    from torl.grpo import rollout_correction
-
     prox = [math.log(1.5), math.log(0.8), math.log(3.0), math.log(0.25), -5.0]
     behav, mask = [0.0] * 5, [1, 1, 1, 1, 0]
-    mis = rollout_correction(prox, behav, mask, "mis", low=0.5, high=2.0)
+    mis = _one(prox, behav, mask, "mis", low=0.5, high=2.0)
     assert mis.mask == [1, 1, 0, 0, 0] and mis.stats["corrected"] == 2
     assert mis.weights[:2] == pytest.approx([1.5, 0.8])
-    reject = rollout_correction(prox, behav, mask, "mis_reject", low=0.5, high=2.0)
+    reject = _one(prox, behav, mask, "mis_reject", low=0.5, high=2.0)
     assert reject.mask == mis.mask and reject.weights == [1.0] * 5 and reject.stats["corrected"] == 2
-    seq = rollout_correction(prox[:2], behav[:2], mask[:2], "mis", level="sequence", low=0.5, high=2.0)
+    seq = _one(prox[:2], behav[:2], mask[:2], "mis", level="sequence", low=0.5, high=2.0)
     assert seq.mask == [1, 1] and seq.weights == pytest.approx([1.2, 1.2])  # 1.5 x 0.8, inside the band
 
 
 def test_mis_reject_masks_tokens_outside_the_band_and_they_leave_the_denominator():
     import torch
 
-    from torl.grpo import aggregation_weights, rollout_correction
+    from torl.grpo import aggregation_weights
 
-    c = rollout_correction(_PROX, _BEHAV, _MASK, "mis_reject", low=0.5, high=2.0)
+    c = _one(_PROX, _BEHAV, _MASK, "mis_reject", low=0.5, high=2.0)
     assert c.mask == [0, 1, 0, 0] and c.weights == [1.0, 1.0, 1.0, 1.0] and c.stats["corrected"] == 2
     w = aggregation_weights(torch.tensor(c.mask), torch.zeros(4, dtype=torch.long), "token-mean", sum(c.mask), 1)
     assert w.tolist() == [0.0, 1.0, 0.0, 0.0]  # the one kept token carries the whole token mean
 
 
 def test_sequence_level_weight_is_the_product_and_none_is_identity():
-    from torl.grpo import rollout_correction
-
-    seq = rollout_correction(_PROX, _BEHAV, _MASK, "tis", level="sequence", cap=10.0)
+    seq = _one(_PROX, _BEHAV, _MASK, "tis", level="sequence", cap=10.0)
     assert seq.weights[:3] == pytest.approx([0.75, 0.75, 0.75]) and seq.weights[3] == 1.0
-    none = rollout_correction(_PROX, _BEHAV, _MASK, "none")
+    none = _one(_PROX, _BEHAV, _MASK, "none")
     assert none.weights == [1.0] * 4 and none.mask == _MASK
     with pytest.raises(ValueError, match="lengths differ"):
-        rollout_correction(_PROX, _BEHAV[:2], _MASK, "tis")
+        _one(_PROX, _BEHAV[:2], _MASK, "tis")
 
 
 # Token ratios 1.5, 1.5, 1.2 on the model's tokens around a tool-output token whose (meaningless) log-ratio is +5:
@@ -299,10 +315,8 @@ def test_sequence_and_geometric_levels_truncate_and_mask_whole_sequences(
     """One weight per sequence: the product of the model tokens' ratios (sequence) or their geometric mean
     (geometric, veRL's Geo-RS), truncated at the cap or dropping every model token of the sequence outside the band
     (#30). Worked out by hand; the tool token neither enters the weight nor is counted in the mean."""
-    from torl.grpo import rollout_correction
-
     cap, low, high = thresholds
-    c = rollout_correction(_SEQ_PROX, _SEQ_BEHAV, _SEQ_MASK, mode, level=level, cap=cap, low=low, high=high)
+    c = _one(_SEQ_PROX, _SEQ_BEHAV, _SEQ_MASK, mode, level=level, cap=cap, low=low, high=high)
     assert c.weights == pytest.approx(weights) and c.mask == mask and c.stats["corrected"] == corrected
     assert c.stats["weight"] == pytest.approx(3 * {"sequence": 2.7, "geometric": _GEO}.get(level, 4.2 / 3))
 
@@ -312,15 +326,14 @@ def test_geometric_level_keeps_long_sequences_that_the_product_rejects():
     product's band [0.5, 2]; the geometric mean is 1.0003, inside its own band [0.999, 1.001] (veRL's Geo-RS), and
     AlgoConfig hands each level its thresholds."""
     from torl.config import load_config
-    from torl.grpo import rollout_correction
 
     prox, behav, mask = [-1.0 + 3e-4] * 3000, [-1.0] * 3000, [1] * 3000
     seq_cfg = load_config([], ["algo.correction_level=sequence", "algo.rollout_correction=mis"]).algo
     geo_cfg = load_config([], ["algo.correction_level=geometric", "algo.rollout_correction=mis"]).algo
     assert seq_cfg.correction_thresholds() == (2.0, 0.5, 2.0)
     assert geo_cfg.correction_thresholds() == (1.001, 0.999, 1.001)
-    seq = rollout_correction(prox, behav, mask, "mis", "sequence", *seq_cfg.correction_thresholds())
-    geo = rollout_correction(prox, behav, mask, "mis", "geometric", *geo_cfg.correction_thresholds())
+    seq = _one(prox, behav, mask, "mis", "sequence", *seq_cfg.correction_thresholds())
+    geo = _one(prox, behav, mask, "mis", "geometric", *geo_cfg.correction_thresholds())
     assert sum(seq.mask) == 0 and seq.stats["weight"] / 3000 == pytest.approx(math.exp(0.9))
     assert geo.mask == mask and geo.weights[0] == pytest.approx(math.exp(3e-4))
 
@@ -336,3 +349,36 @@ def test_policy_loss_scales_each_token_by_its_importance_weight():
     weighted, _ = policy_loss(logp, logp, adv, mask, w, is_weights=torch.tensor([2.0, 0.25]))
     # ratio 1: per-token loss -A; weighted by (0.5 * 2.0, 0.5 * 0.25)
     assert float(plain) == pytest.approx(-0.5 + 0.5) and float(weighted) == pytest.approx(-1.0 + 0.125)
+
+
+@pytest.mark.parametrize("mode", ["none", "tis", "mis", "mis_reject"])
+@pytest.mark.parametrize("level", ["token", "sequence", "geometric"])
+def test_batched_correction_equals_each_sequence_alone(mode, level):
+    """The learner corrects a whole packed batch in one tensor pass (#28: a Python pass per token cost ~2.8 s per
+    step at 2048 x 2000 tokens); each sequence's weights, mask and stats must be those it gets alone, with lengths
+    that differ (one sequence empty, one all tool output) and ratios on both sides of every threshold."""
+    from torl.grpo import CORRECTION_STATS, rollout_correction
+
+    gen = torch.Generator().manual_seed(2)
+    lengths = [7, 0, 12, 5, 30]
+    seqs = []
+    for j, n in enumerate(lengths):
+        behav = -torch.rand(n, generator=gen, dtype=torch.float64) * 3
+        prox = behav + torch.randn(n, generator=gen, dtype=torch.float64) * (0.4 if level == "sequence" else 0.6)
+        mask = (torch.rand(n, generator=gen) > 0.2).long() if j != 3 else torch.zeros(n, dtype=torch.long)
+        seqs.append((prox, behav, mask))
+    cap, low, high = (1.001, 0.999, 1.001) if level == "geometric" else (1.5, 0.7, 1.4)
+    flat = [torch.cat([s[k] for s in seqs]) for k in range(3)]
+    seq_index = torch.cat([torch.full((n,), j) for j, n in enumerate(lengths)])
+    weights, kept, stats = rollout_correction(*flat, seq_index, len(seqs), mode, level, cap, low, high)
+    start = 0
+    for j, (prox, behav, mask) in enumerate(seqs):
+        alone = _one(prox.tolist(), behav.tolist(), mask.tolist(), mode, level, cap, low, high)
+        end = start + lengths[j]
+        assert weights[start:end].tolist() == pytest.approx(alone.weights, rel=1e-12)
+        assert kept[start:end].tolist() == alone.mask
+        assert dict(zip(CORRECTION_STATS, stats[j].tolist(), strict=True)) == pytest.approx(alone.stats, rel=1e-12)
+        start = end
+    assert stats[1].tolist() == [0.0] * len(CORRECTION_STATS)  # the empty sequence
+    if mode != "none":
+        assert stats[:, 3].sum() > 0, "no ratio crossed a threshold: the inputs do not exercise the correction"
