@@ -1,7 +1,7 @@
 """The sandbox health gate, the probe's verdicts and the shared report (torl.sandbox_health), on hand-made results.
 
 The same gate runs against a really broken sandbox (killed workers, a zygote that cannot fork) in
-tests/integration/test_sandbox_health.py.
+tests/integration/test_sandbox_health_gate.py.
 """
 
 import pytest
