@@ -1,5 +1,6 @@
 """jobs/prepare_data.py end to end on small fixture files (no Ray): three source formats, every filter, the output the
-training loader reads, the rejects file, the summary, LIMR selection from a reward log and pass-rate balancing."""
+training loader reads, the rejects file, the summary, LIMR selection from a reward log and pass-rate balancing; the
+templated prompt length, decontamination against every evaluation set, and the shared preset's output."""
 
 import json
 import sys
@@ -14,7 +15,16 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from jobs.prepare_data import main  # noqa: E402
-from torl.data import load_problems  # noqa: E402
+from torl.data import Problem, load_problems  # noqa: E402
+from torl.prepare.config import load_prepare_config  # noqa: E402
+from torl.prepare.pipeline import (  # noqa: E402
+    Item,
+    Ledger,
+    count_prompt_tokens,
+    drop_contaminated,
+    filter_each,
+    too_long,
+)
 from torl.problem_rewards import record_problem_rewards  # noqa: E402
 from torl.prompts import build_prompt  # noqa: E402
 from torl.types import Trajectory  # noqa: E402
@@ -90,7 +100,7 @@ filters:
   tokenizer: {TOKENIZER}
   max_prompt_tokens: {prompt_limit()}
 decontamination:
-  against: [{tmp / "bench.jsonl"}, aime24]
+  against: [aime24, {tmp / "bench.jsonl"}]  # the copy is in the second set
 output:
   path: {tmp / "out" / "train.parquet"}
   rejects: true
@@ -127,7 +137,7 @@ def test_every_filter_drops_its_row_and_the_rest_is_kept(prepared):
     expected = {why for _, _, why in POOL if why} | {r["drop"] for r in EXTRA if r["drop"]}
     assert set(by_stage) == expected
     assert all(len(v) == 1 for v in by_stage.values())
-    assert by_stage["contaminated"][0]["detail"].startswith("8-gram overlap with bench/0")
+    assert by_stage["contaminated"][0]["detail"].startswith("copy of bench/0 (0.9")
     assert "similar to" in by_stage["near_duplicate"][0]["detail"]
     assert "pool.parquet row 0" in by_stage["duplicate"][0]["detail"]
     assert by_stage["empty"][0]["origin"].endswith("pool.parquet row 3")
@@ -137,8 +147,8 @@ def test_every_filter_drops_its_row_and_the_rest_is_kept(prepared):
     assert read == len(POOL) + len(EXTRA) + len(ARROW)
     assert read == summary["rows"] + sum(f["total"] for f in summary["filters"].values())  # nothing silently lost
     assert summary["sources"]["saved"]["kept"] == 1  # a save_to_disk source is named after its directory
-    assert summary["decontamination"]["bench.jsonl"] == {"problems": 1, "overlapping": 1, "same_answer": 1}
-    assert summary["decontamination"]["aime24"]["overlapping"] == 0
+    assert summary["decontamination"]["bench.jsonl"] == {"problems": 1, "similar": 1, "copies": 1}
+    assert summary["decontamination"]["aime24"]["similar"] == 0
     assert summary["answer_types"]["integer"] == summary["rows"]
     assert "prepared 6 problems" in (out / "summary.txt").read_text()
 
@@ -209,3 +219,114 @@ def test_errors_name_the_file_and_row(tmp_path, capsys):
     assert "config error" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert "question_field" in capsys.readouterr().out
+
+
+def _items(problems: list[tuple[str, str]]) -> list[Item]:
+    return [Item(Problem(f"t/{i}", "t", q, a), "t", f"t row {i}", q) for i, (q, a) in enumerate(problems)]
+
+
+def test_prompt_length_is_the_templated_prompts(tmp_path):
+    """The length filter counts the prompt the training job builds (filters.template), not the bare question."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    question = POOL[9][0]
+    for template in ("tir_base_0309", "tir_base_0307"):
+        cfg = load_prepare_config(
+            [], ["sources=[{path: x}]", f"filters.tokenizer={TOKENIZER}", f"filters.template={template}"]
+        )
+        items = _items([(question, "1")])
+        count_prompt_tokens(items, cfg)
+        assert items[0].prompt_tokens == len(
+            tok(build_prompt(question, template), add_special_tokens=False)["input_ids"]
+        )
+    assert len(tok(build_prompt(question, "tir_base_0307"))["input_ids"]) != len(
+        tok(build_prompt(question))["input_ids"]
+    )
+    assert items[0].prompt_tokens > 3 * len(tok(question)["input_ids"])  # the template's instruction dominates
+
+
+def test_prompt_length_limit_is_inclusive(tmp_path):
+    """filters.max_prompt_tokens is the longest prompt kept (ToRL keeps a prompt of exactly max_prompt_length - 10)."""
+    question = POOL[9][0]
+    cfg = load_prepare_config([], ["sources=[{path: x}]", f"filters.tokenizer={TOKENIZER}"])
+    items = _items([(question, "1")])
+    count_prompt_tokens(items, cfg)
+    n = items[0].prompt_tokens
+    assert filter_each("too_long", items, Ledger(["t"]), lambda it: too_long(it, n)) == items
+    ledger = Ledger(["t"])
+    assert filter_each("too_long", items, ledger, lambda it: too_long(it, n - 1)) == []
+    assert ledger.rejects[0]["detail"] == f"{n} prompt tokens > {n - 1}"
+
+
+def test_decontamination_checks_every_set_and_only_copies(tmp_path):
+    """A copy in the last of three evaluation sets is found; variants (a number changed, with the answer changed or
+    not, or a word changed with the answer) are kept unless decontamination.keep_variants=false; problems sharing
+    only MATH's factorial reminder stay unless boilerplate counts."""
+    reminder = (
+        "(Reminder: The number $n!$ is the product of the integers from 1 to $n$.  For example, "
+        "$5!=5\\cdot 4\\cdot3\\cdot2\\cdot 1= 120$.)"
+    )
+    sets = {
+        "a.jsonl": [("What is the largest prime factor of $97!$?  " + reminder, "97")],
+        "b.jsonl": [("How many ordered pairs $(x,y)$ of positive integers satisfy $xy = 36$?", "9")],
+        "c.jsonl": [
+            ("How many integers are in the solution set of $|x-2|\\leq5.6$ ?", "11"),
+            ("How many zeroes are at the end of $42!$ (42 factorial)?  " + reminder, "9"),
+        ],
+    }
+    for name, rows in sets.items():
+        (tmp_path / name).write_text("".join(json.dumps({"problem": q, "answer": a}) + "\n" for q, a in rows))
+    pool = [
+        ("How many integers are there in the solution set of $|x-2| \\leq 5.6$?", "11"),  # copy of c/0
+        ("How many ordered pairs $(x,y)$ of positive integers satisfy $xy = 48$?", "10"),  # variant of b/0
+        ("How many integers are in the solution set of $|x-3|\\leq5.6$ ?", "11"),  # variant of c/0, same answer
+        ("In the prime factorization of $24!$, what is the exponent of $3$?  " + reminder, "9"),  # reminder only
+        ("Find the square root of $\\dfrac{8!}{70}$.  " + reminder, "24"),  # reminder only
+        ("How many even integers are in the solution set of $|x-2|\\leq5.6$ ?", "5"),  # same numbers, other answer
+    ]
+    against = "[" + ",".join(str(tmp_path / n) for n in sets) + "]"
+    cases = [  # (overrides, dropped pool rows)
+        ([], [0]),
+        (["decontamination.keep_variants=false"], [0, 1, 2, 5]),
+        (["decontamination.keep_variants=false", "decontamination.boilerplate_min_questions=0"], [0, 1, 2, 3, 4, 5]),
+    ]
+    for overrides, dropped in cases:
+        cfg = load_prepare_config([], ["sources=[{path: x}]", f"decontamination.against={against}", *overrides])
+        ledger = Ledger(["t"])
+        kept = drop_contaminated(_items(pool), cfg, ledger)
+        assert [it.problem.question for it in kept] == [q for i, (q, _) in enumerate(pool) if i not in dropped]
+        assert ledger.rejects[0]["detail"].startswith("copy of c/0 (0.9")
+        report = ledger.notes["decontamination"]
+        assert report["c.jsonl"]["similar"] >= 2 and report["b.jsonl"]["similar"] == 1
+        if not overrides:
+            assert report["c.jsonl"] == {"problems": 2, "similar": 3, "copies": 1}
+            assert report["b.jsonl"]["copies"] == 0 and report["a.jsonl"]["similar"] == 0
+            assert ledger.rejects[0]["detail"].endswith("same answer and numbers")
+
+
+@pytest.fixture(scope="module")
+def shared_preset_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shared") / "train.parquet"
+    assert main([str(REPO / "configs" / "data_math_hard_limr.yaml"), f"output.path={out}"]) == 0
+    return out
+
+
+def test_shared_preset_output(shared_preset_output):
+    """The preset's file: no null answer, none of the known copies, a data_source stock veRL's reward scores."""
+    out = shared_preset_output
+    table = pq.read_table(out).to_pylist()
+    assert {r["data_source"] for r in table} == {"DigitalLearningGmbH/MATH-lighteval"}
+    assert not any(r["reward_model"]["ground_truth"].strip().lower() in ("none", "null", "nan") for r in table)
+    questions = {r["prompt"][1]["content"] for r in table}
+    copies = [  # OlympiadBench 2791, MATH500 algebra/170 and prealgebra/1743 as the pool writes them
+        "The four zeros of the polynomial $x^4 + jx^2 + kx + 225$ are distinct real numbers",
+        "How many integers are there in the solution set of $|x-2| \\leq 5.6$?",
+        "For how many two-digit prime numbers is the sum of its digits 8?",
+    ]
+    assert not [c for c in copies if any(q.startswith(c) for q in questions)]
+    rejects = [json.loads(line) for line in (out.parent / "rejects.jsonl").read_text().splitlines()]
+    contaminated = [r for r in rejects if r["stage"] == "contaminated"]
+    assert all(r["detail"].endswith("same answer and numbers") for r in contaminated)
+    assert all(any(r["question"].startswith(c) for r in contaminated) for c in copies)
+    assert len(contaminated) == 11  # the pool's 11 copies of OlympiadBench and MATH500 problems, no variant

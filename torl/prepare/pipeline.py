@@ -31,14 +31,22 @@ from torl.data import (
     row_to_problem,
 )
 from torl.evaluation import read_pass_rates
-from torl.grading import quick_equivalent
+from torl.grading import is_equivalent, quick_equivalent
 from torl.paths import resolve
 from torl.prepare import balance as balancing
 from torl.prepare import checks, limr
 from torl.prepare.config import PrepareConfig, SourceConfig
-from torl.prepare.similarity import NgramIndex, near_duplicates
+from torl.prepare.similarity import CopyIndex, Overlap, near_duplicates
 from torl.prepare.summary import ANSWER_TYPES, answer_type, distribution, format_summary
-from torl.prepare.text import content_id, ngrams, question_key, words
+from torl.prepare.text import (
+    common_sentences,
+    content_id,
+    ngrams,
+    numbers,
+    question_key,
+    without_sentences,
+    words,
+)
 from torl.prepare.verl_format import TrainingRow, write_training_file
 from torl.problem_rewards import load_problem_rewards, reward_curves
 from torl.progress import Progress
@@ -228,12 +236,24 @@ def drop_near_duplicates(items: list[Item], cfg: PrepareConfig, ledger: Ledger) 
     return [it for i, it in enumerate(items) if i not in found]
 
 
+def answers_agree(a: str, b: str) -> bool:
+    """Whether two gold answers mean the same (cheap checks, then math-verify either way round)."""
+    return quick_equivalent(a, b) is True or is_equivalent(a, b) or is_equivalent(b, a)
+
+
+def is_copy(train: Problem, bench: Problem) -> bool:
+    """A similar pair is one problem when both state the same numbers and their answers agree; else a variant."""
+    return numbers(train.question) == numbers(bench.question) and answers_agree(train.answer, bench.answer)
+
+
 def drop_contaminated(items: list[Item], cfg: PrepareConfig, ledger: Ledger) -> list[Item]:
-    """Drop questions overlapping an evaluation problem; count the overlaps per evaluation set."""
+    """Drop copies of evaluation problems: a character similarity of at least ``decontamination.threshold`` between
+    the two texts without typesetting and boilerplate, the same numbers and equivalent answers (``keep_variants``;
+    else similarity alone). Count per evaluation set how many training questions are similar to one of its problems
+    and how many of those are copies."""
     ledger.open("contaminated")
     dc = cfg.decontamination
-    index = NgramIndex(dc.ngram)
-    answers: dict[tuple[str, str], str] = {}
+    by_key: dict[tuple[str, str], Problem] = {}
     report: dict[str, dict[str, int]] = {}
     eval_sets: dict[str, list[Problem]] = {}
     for spec in dc.against:
@@ -242,31 +262,44 @@ def drop_contaminated(items: list[Item], cfg: PrepareConfig, ledger: Ledger) -> 
             eval_sets[name] = load_problems(spec)
         except DataError as exc:
             raise DataError(f"decontamination.against {spec!r}: {exc}") from exc
-        report[name] = {"problems": len(eval_sets[name]), "overlapping": 0, "same_answer": 0}
+        report[name] = {"problems": len(eval_sets[name]), "similar": 0, "copies": 0}
+    # Boilerplate: sentences of many distinct questions (the evaluation sets repeat each other's problems).
+    distinct = {question_key(q): q for q in [it.problem.question for it in items]}
+    distinct.update((question_key(p.question), p.question) for ps in eval_sets.values() for p in ps)
+    boilerplate = (
+        common_sentences(distinct.values(), dc.boilerplate_min_questions)
+        if dc.boilerplate_min_questions
+        else frozenset()
+    )
+    index = CopyIndex()
     with Progress(sum(map(len, eval_sets.values())), "index evaluation sets", unit="problem") as bar:
-        for name, problems in eval_sets.items():
-            for p in problems:
-                index.add(name, p.id, p.question)
-                answers[(name, p.id)] = p.answer
+        for name, eval_problems in eval_sets.items():
+            for p in eval_problems:
+                index.add(name, p.id, without_sentences(p.question, boilerplate))
+                by_key[(name, p.id)] = p
                 bar.update(1)
     kept = []
     with Progress(len(items), "contaminated", unit="problem") as bar:
         for it in items:
-            overlaps = index.overlaps(it.problem.question, dc.threshold)
-            best_per_set = {}
-            for o in overlaps:  # best first
-                best_per_set.setdefault(o.eval_set, o)
-            for name, o in best_per_set.items():
-                report[name]["overlapping"] += 1
-                if quick_equivalent(it.problem.answer, answers[(name, o.problem_id)]) is True:
-                    report[name]["same_answer"] += 1
-            if overlaps:
-                parts = [f"{o.problem_id} ({o.score:.2f})" for o in best_per_set.values()]
-                ledger.reject_item("contaminated", it, f"{dc.ngram}-gram overlap with " + ", ".join(parts))
+            similar = index.similar(without_sentences(it.problem.question, boilerplate), dc.threshold)
+            copies: dict[str, Overlap] = {}  # per evaluation set, the most similar problem this one copies
+            for o in similar:  # best first: a variant may score above the copy it sits beside
+                if o.eval_set not in copies and (
+                    not dc.keep_variants or is_copy(it.problem, by_key[(o.eval_set, o.problem_id)])
+                ):
+                    copies[o.eval_set] = o
+            for name in {o.eval_set for o in similar}:
+                report[name]["similar"] += 1
+                report[name]["copies"] += name in copies
+            if copies:
+                parts = [f"{o.problem_id} ({o.score:.2f})" for o in copies.values()]
+                same = ", same answer and numbers" if dc.keep_variants else ""
+                ledger.reject_item("contaminated", it, "copy of " + ", ".join(parts) + same)
             else:
                 kept.append(it)
             bar.update(1)
     ledger.notes["decontamination"] = report
+    ledger.notes["boilerplate_sentences"] = len(boilerplate)
     return kept
 
 
@@ -382,7 +415,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if f.tokenizer and f.max_prompt_tokens > 0:
         with timed("too_long"):
             count_prompt_tokens(items, cfg)
-            items = filter_each("too_long", items, ledger, lambda it: _too_long(it, f.max_prompt_tokens))
+            items = filter_each("too_long", items, ledger, lambda it: too_long(it, f.max_prompt_tokens))
     if f.exact_duplicates:
         with timed("duplicate"):
             items = drop_exact_duplicates(items, ledger)
@@ -418,7 +451,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     return summary
 
 
-def _too_long(it: Item, limit: int) -> str | None:
+def too_long(it: Item, limit: int) -> str | None:
     return f"{it.prompt_tokens} prompt tokens > {limit}" if it.prompt_tokens and it.prompt_tokens > limit else None
 
 

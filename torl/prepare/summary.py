@@ -61,11 +61,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     out.append(line("kept", [sources[n]["kept"] for n in names] + [summary["rows"]]))
     decon = summary.get("decontamination") or {}
     if decon:
-        out.append("  overlap with evaluation sets (training questions; same answer = likely the same problem):")
+        out.append(
+            "  similarity to evaluation sets (training questions; copies: similar, same numbers, equivalent answer;"
+            f" {summary.get('boilerplate_sentences', 0)} boilerplate sentences left out):"
+        )
         for name, row in decon.items():
             out.append(
-                f"    {name:<18} {row['overlapping']:>5} of the pool overlap its {row['problems']} problems"
-                f" ({row['same_answer']} with the same answer)"
+                f"    {name:<18} {row['similar']:>5} of the pool similar to its {row['problems']} problems"
+                f" ({row['copies']} copies)"
             )
     for key in ("duplicates", "limr", "balance"):
         if summary.get(key):
