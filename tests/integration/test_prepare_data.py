@@ -273,6 +273,8 @@ def test_decontamination_checks_every_set_and_only_copies(tmp_path):
         "c.jsonl": [
             ("How many integers are in the solution set of $|x-2|\\leq5.6$ ?", "11"),
             ("How many zeroes are at the end of $42!$ (42 factorial)?  " + reminder, "9"),
+            # closer to pool row 0 than its copy c/0 is, but another problem: the copy must still be found
+            ("How many integers are there in the solution set of $|x-2| \\leq 5.7$?", "11"),
         ],
     }
     for name, rows in sets.items():
@@ -296,13 +298,13 @@ def test_decontamination_checks_every_set_and_only_copies(tmp_path):
         ledger = Ledger(["t"])
         kept = drop_contaminated(_items(pool), cfg, ledger)
         assert [it.problem.question for it in kept] == [q for i, (q, _) in enumerate(pool) if i not in dropped]
-        assert ledger.rejects[0]["detail"].startswith("copy of c/0 (0.9")
+        assert ledger.rejects[0]["detail"].startswith("copy of c/")
         report = ledger.notes["decontamination"]
         assert report["c.jsonl"]["similar"] >= 2 and report["b.jsonl"]["similar"] == 1
         if not overrides:
-            assert report["c.jsonl"] == {"problems": 2, "similar": 3, "copies": 1}
+            assert report["c.jsonl"] == {"problems": 3, "similar": 3, "copies": 1}
             assert report["b.jsonl"]["copies"] == 0 and report["a.jsonl"]["similar"] == 0
-            assert ledger.rejects[0]["detail"].endswith("same answer and numbers")
+            assert ledger.rejects[0]["detail"] == "copy of c/0 (0.95), same answer and numbers"
 
 
 @pytest.fixture(scope="module")
