@@ -249,7 +249,9 @@ class ToolLoop:
             state = LoopState.STOP
         else:
             state = tool_protocol.next_state(out.finish_reason, out.stop_reason, code, self.budget_used, tool)
-        if tool_protocol.is_void_turn(self._round_text):
+        # The engine's text exists only where a stop string was set (it skips detokenising otherwise): a round
+        # after the last call is read from its ids.
+        if tool_protocol.is_void_turn(self._round_text if self._round_allowed else self.decode(self._round_ids)):
             self.void_turns += 1
         self._end_round_text(out, state)
         if state is LoopState.STOP:

@@ -43,9 +43,10 @@ def dec(ids: list[int]) -> str:
     return "".join(chr(i) for i in ids)
 
 
-def rnd(text: str, tool_stop: bool = False, finish: str = "stop") -> RoundOutput:
+def rnd(text: str, tool_stop: bool = False, finish: str = "stop", detokenized: bool = True) -> RoundOutput:
+    """One engine round; ``detokenized=False``: no text, as vLLM returns a round generated without stop strings."""
     ids = enc(text + (STOP if tool_stop else ""))
-    return RoundOutput(ids, [-0.5] * len(ids), text, finish, STOP if tool_stop else None, 0)
+    return RoundOutput(ids, [-0.5] * len(ids), text if detokenized else "", finish, STOP if tool_stop else None, 0)
 
 
 def run(rounds: list[RoundOutput], max_calls: int = 3) -> Trajectory:
@@ -78,6 +79,13 @@ def run(rounds: list[RoundOutput], max_calls: int = 3) -> Trajectory:
 )
 def test_tool_loop_counts_void_rounds(rounds, void_turns):
     assert run(rounds).void_turns == void_turns
+
+
+def test_a_round_after_the_last_call_is_read_from_its_ids():
+    """With c = 1 the round after the call has no stop string, and the engine returns no text for it."""
+    answered = [rnd(CODE, tool_stop=True), rnd("So \\boxed{42}", detokenized=False)]
+    assert run(answered, max_calls=1).void_turns == 0
+    assert run([rnd(CODE, tool_stop=True), rnd("So it is 42", detokenized=False)], max_calls=1).void_turns == 1
 
 
 def traj(pid: str, void_turns: int, reward: float) -> Trajectory:
