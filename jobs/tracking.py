@@ -91,7 +91,10 @@ class Tracker:
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         if self.run is not None:
             try:
-                self.run.log({"step": step, **clean})
+                # W&B's own step is the training step: a resumed run (same run id) that redoes a step logs it at a
+                # step W&B already has, so the first record is kept and the second ignored with a warning; with W&B
+                # counting its calls instead, both were kept, one of them after the steps that followed it.
+                self.run.log({"step": step, **clean}, step=step)
             except Exception as exc:  # noqa: BLE001 - tracking must never end the run
                 print(f"[torl] W&B log failed at step {step}: {exc}")
 
@@ -116,7 +119,7 @@ class Tracker:
             import wandb
 
             table = wandb.Table(columns=SAMPLE_COLUMNS, data=rows)
-            self.run.log({"step": step, "samples/trajectories": table})
+            self.run.log({"step": step, "samples/trajectories": table}, step=step)  # one W&B row per step
 
     @staticmethod
     def figures(metrics: dict[str, float], spec: list[tuple[str, str, str]]) -> dict[str, str]:
@@ -132,7 +135,7 @@ class Tracker:
         if self.run is None:
             return "off (wandb.mode=disabled)"
         if self.mode == "offline":
-            return f"offline, in {Path(self.run.dir).parent}"
+            return f"offline, in {self._offline_parts()}"
         return getattr(self.run, "url", None) or str(self.run.dir)
 
     def finish(self) -> None:
@@ -140,4 +143,9 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             if self.mode == "offline":
-                print(f"[torl] W&B offline run saved; upload with: wandb sync {Path(self.run.dir).parent}")
+                print(f"[torl] W&B offline run saved; upload with: wandb sync {self._offline_parts()}")
+
+    def _offline_parts(self) -> str:
+        """The offline directories of this run, as a glob: a resumed run adds one per start, under the same run id,
+        and ``wandb sync`` given them all uploads them in order of start time into that one run."""
+        return str(Path(self.run.dir).parents[1] / f"offline-run-*-{self.run.id}*")

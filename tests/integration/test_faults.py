@@ -6,6 +6,13 @@ lost node would, while the job runs in this process (the test's Ray cluster).
   Pipelined, every rollout in flight on the dead generator fails: each is sampled again by the one replacement.
 - A dead learner rank: the job stops with a message that says how to resume; a resume under a different algorithm
   is refused naming the field; the same command resumes from the last checkpoint and each step is logged once.
+
+On-policy every run here, killed or stopped and resumed, must end where one uninterrupted run of the same steps ends:
+the same figures in every step's row and the same final weights, to 1e-5 (the replacement re-samples the lost shard
+with the same seeds on the current weights; a resume restores weights, optimizer, sampler and RNG). That reference
+run is made once per module. Pipelined runs are not reproducible step for step (a weight push lands wherever decoding
+is), so there the replacement's tokens are checked directly: tagged with the current version, and their engine
+log-probs those of the learner on that version.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+import torch
+from safetensors.torch import load_file
 from test_train import _args, _assert_resumed_at  # the training test's (tests/integration is on sys.path)
 
 from jobs.train import main as train_main
@@ -28,6 +37,75 @@ from jobs.train import main as train_main
 def _rows(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+STEPS = 4  # the on-policy fault runs and their uninterrupted reference
+
+# The figures of a step that depend only on what was sampled, graded and trained (not on timing or fault counters).
+EXACT = ("reward/", "acc/", "response/", "rollout/", "tool/", "learner/", "staleness/")
+NOT_EXACT = ("time", "per_s", "threads")
+# The engine's sampled-token log-probs against the learner's on the same weights, largest |log ratio|: 9.5e-7 here
+# (fp32 on CPU); tokens sampled a version or more behind the learner were 0.38 to 4.3 off in the same runs.
+SAME_WEIGHTS_MAX_LOG_RATIO = 1e-3
+
+
+def _fault_args(model_dir: Path, out: Path, save_every: int) -> list[str]:
+    return [*_args(model_dir, out, STEPS, 0), "trainer.val_every=0", f"trainer.save_every={save_every}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tiny_model_dir, tmp_path_factory) -> Path:
+    """The output of the fault runs' job without a fault: what each of them must end up with."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert train_main(_fault_args(tiny_model_dir, out, save_every=STEPS)) == 0
+    return out
+
+
+def _assert_same_run(out: Path, reference: Path) -> None:
+    """Every step's sampled, graded and trained figures, and the final weights, equal the reference run's to 1e-5.
+    A replacement that sampled on other weights or seeds, a resume that lost the optimizer or sampler state, a step
+    trained twice or on a partial batch: each changes a row or the weights."""
+    rows, ref = {r["step"]: r for r in _rows(out)}, {r["step"]: r for r in _rows(reference)}
+    assert sorted(rows) == sorted(ref)
+    compared = 0
+    for step, want in ref.items():
+        for key, value in want.items():
+            if key.startswith(EXACT) and not any(part in key for part in NOT_EXACT):
+                assert rows[step].get(key) == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+                compared += 1
+    assert compared > 20 * STEPS, compared
+    final = f"step_{STEPS:06d}/model.safetensors"
+    got, want = load_file(out / final), load_file(reference / final)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-7), name
+
+
+def _wandb_history(path: Path) -> list[dict]:
+    """The history rows of a W&B offline run file (``run-<id>.wandb``): the records ``wandb sync`` uploads. The file
+    is a LevelDB-style log (a 7-byte ``:W&B`` header, then 32 KiB blocks of records with a 7-byte header: CRC, length,
+    type full/first/middle/last), each record a ``wandb_internal_pb2.Record``; wandb 0.31 ships no reader for it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", data[:7]
+    rows, pos, pending = [], 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, or the last piece of a record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
 
 
 def _actor_processes(kind: str) -> list[psutil.Process]:
@@ -89,16 +167,15 @@ def _engine_of(generator: psutil.Process) -> psutil.Process:
 def _kill_after(
     out: Path, plan: list[tuple[int, str]], done: list[str], victims: list[int] | None = None
 ) -> threading.Thread:
-    """Kill, once step N's row is in metrics.jsonl, what ``plan`` names for it: a generator, its engine, a learner
-    (that one once step N's checkpoint is complete, so the resume point is known). ``victims`` gets the pids of
-    each victim's process tree, to check later that nothing of it survives."""
+    """Kill, once step N's row is in metrics.jsonl, what ``plan`` names for it: a generator, its engine, a learner.
+    ``victims`` gets the pids of each victim's process tree, to check later that nothing of it survives. A row is
+    logged just before its step's checkpoint is saved: kill a learner after a step that is not checkpointed, so that
+    the resume point (the checkpoint before) is known."""
 
     def run() -> None:
         deadline = time.monotonic() + 600
         for step, what in plan:
-            # The learner dies once step N is also checkpointed (the row is logged just before the save).
-            saved = out / f"step_{step:06d}" / "COMPLETE"
-            while not any(r["step"] == step for r in _rows(out)) or (what == "learner" and not saved.is_file()):
+            while not any(r["step"] == step for r in _rows(out)):
                 if time.monotonic() > deadline:
                     return
                 time.sleep(0.05)
@@ -116,12 +193,15 @@ def _kill_after(
     return thread
 
 
-def test_dead_generator_and_dead_engine_are_replaced(ray_cluster, tiny_model_dir, tmp_path):
+def test_dead_generator_and_dead_engine_are_replaced(uninterrupted, tiny_model_dir, tmp_path):
+    """The generator is killed as step 1 is logged and its engine process as step 2 is: the rollouts of steps 2 and
+    3, under way on them, are lost. Each replacement gets the current weights and re-samples the shard with its
+    seeds, so the run is the uninterrupted one, step for step and in its final weights."""
     out = tmp_path / "run"
     killed: list[str] = []
     victims: list[int] = []
     killer = _kill_after(out, [(1, "generator"), (2, "engine")], killed, victims)
-    args = [*_args(tiny_model_dir, out, 4, 0), "trainer.val_every=0", "trainer.max_actor_restarts=2"]
+    args = [*_fault_args(tiny_model_dir, out, save_every=2), "trainer.max_actor_restarts=2"]
     assert train_main(args) == 0
     killer.join(timeout=5)
     assert killed == ["generator", "engine"]
@@ -130,15 +210,21 @@ def test_dead_generator_and_dead_engine_are_replaced(ray_cluster, tiny_model_dir
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # each step once, none lost
     assert all(r["rollout/trajectories"] == 16 for r in rows[1:])
     assert rows[-1]["faults/generator_restarts"] == 2
-    assert rows[-1]["rollout/policy_version"] == 3  # the replacement samples on the current weights
+    for r in rows[2:4]:  # re-sampled by a replacement: on the weights the learner then held, and no others
+        assert r["rollout/policy_version"] == r["step"] - 1 and r["staleness/share_lag_0"] == 1, r
+        assert r["learner/mismatch_max_abs_log_ratio"] < SAME_WEIGHTS_MAX_LOG_RATIO, r
+    _assert_same_run(out, uninterrupted)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_one_generator_death_is_one_replacement_when_pipelined(ray_cluster, tiny_model_dir, tmp_path, monkeypatch, k):
+@pytest.mark.parametrize("k, route", [(1, "file"), (3, "collective")])
+def test_one_generator_death_is_one_replacement_when_pipelined(
+    ray_cluster, tiny_model_dir, tmp_path, monkeypatch, k, route
+):
     """trainer.max_staleness=k: the generator is killed as the learner starts step 2, while the rollouts of steps
     3..2+k run on it. The push after step 2 meets the death first and replaces the generator; each lost rollout then
     fails when it is collected and is sampled again by that replacement, on the current weights, without replacing
-    it again (it used to: k+1 replacements for one death, and at k=3 the default limit of 3 ended the run)."""
+    it again (it used to: k+1 replacements for one death, and at k=3 the default limit of 3 ended the run).
+    At k=1 the weights go by ToRL's file route (rollout.weight_sync=file), at k=3 by the collective default."""
     from actors.learner import LearnerGroup
 
     out = tmp_path / "run"
@@ -161,25 +247,49 @@ def test_one_generator_death_is_one_replacement_when_pipelined(ray_cluster, tiny
     monkeypatch.setattr(LearnerGroup, "train_step", kill_generator_then_train)
     total = 2 + k
     args = [*_args(tiny_model_dir, out, total, k), "trainer.val_every=0", "trainer.val_before_train=false"]
-    assert train_main(args) == 0
+    assert train_main([*args, f"rollout.weight_sync={route}"]) == 0
     assert victims and lost_in_flight == [True]
     _assert_nothing_left(victims)
     rows = _rows(out)
     assert [r["step"] for r in rows] == list(range(1, total + 1))  # each step once, none lost
     assert all(r["rollout/trajectories"] == 16 and r["learner/trained_seqs"] == 16 for r in rows)
     assert rows[-1]["faults/generator_restarts"] == 1
+    if k == 1:  # the lost rollout, step 3's, re-sampled on v2 and trained on v2: the engine's log-prob of each
+        # token is the learner's on the weights the replacement was given (at k=3 the learner has moved on to v4)
+        assert rows[2]["staleness/share_lag_0"] == 1, rows[2]
+        assert rows[2]["learner/mismatch_max_abs_log_ratio"] < SAME_WEIGHTS_MAX_LOG_RATIO, rows[2]
     # Step 2+k's rollout had started on weights v1 when its generator died. Step 2's checkpoint (save_every=2)
     # finishes the rollouts ahead: the replacement sampled it again there, on v2, so every token is k-1 versions
     # behind the step that trains it, where the lost tokens would have been k behind.
     assert rows[-1][f"staleness/share_lag_{k - 1}"] == 1
 
 
-def test_dead_learner_stops_the_run_and_the_same_command_resumes(ray_cluster, tiny_model_dir, tmp_path, capsys):
+def test_the_run_stops_once_max_actor_restarts_are_spent(ray_cluster, tiny_model_dir, tmp_path):
+    """trainer.max_actor_restarts=0: the first generator death stops the run, naming the bound and the cause, instead
+    of replacing it; nothing of the run is left."""
     out = tmp_path / "run"
-    args = [*_args(tiny_model_dir, out, 3, 0), "trainer.val_every=0", "trainer.save_every=1"]
     killed: list[str] = []
     victims: list[int] = []
-    killer = _kill_after(out, [(2, "learner")], killed, victims)
+    killer = _kill_after(out, [(1, "generator")], killed, victims)
+    args = [*_args(tiny_model_dir, out, 2, 0), "trainer.val_every=0", "trainer.val_before_train=false"]
+    stopped = r"generator 0 died and 0 generator\(s\) were already replaced .*max_actor_restarts=0.*Last cause"
+    with pytest.raises(RuntimeError, match=stopped):
+        train_main([*args, "trainer.save_every=0", "trainer.max_actor_restarts=0"])
+    killer.join(timeout=5)
+    assert killed == ["generator"]
+    _assert_nothing_left(victims)
+    assert [r["step"] for r in _rows(out)] == [1]  # step 2 was never trained on a partial or re-sampled batch
+
+
+def test_dead_learner_stops_the_run_and_the_same_command_resumes(uninterrupted, tiny_model_dir, tmp_path, capsys):
+    """The learner is killed once step 3 is logged (checkpoints every 2 steps): the run stops, and the same command
+    resumes from step 2's checkpoint, redoes step 3 and ends as the uninterrupted run. W&B (offline) records both
+    parts under one run id, each row at its training step, so the redone step's first record is the one W&B keeps."""
+    out = tmp_path / "run"
+    args = [*_fault_args(tiny_model_dir, out, save_every=2), "wandb.mode=offline"]
+    killed: list[str] = []
+    victims: list[int] = []
+    killer = _kill_after(out, [(3, "learner")], killed, victims)
     assert train_main(args) == 1
     killer.join(timeout=5)
     _assert_nothing_left(victims)
@@ -187,6 +297,7 @@ def test_dead_learner_stops_the_run_and_the_same_command_resumes(ray_cluster, ti
     assert "learner rank 0 died" in err and "run the same command again to resume from" in err
     assert "step_000002" in err
     first = _rows(out)
+    assert [r["step"] for r in first] == [0, 1, 2, 3]  # step 3 logged, not checkpointed: it is redone
 
     # A different algorithm is another run: refused, naming the field, before the data is read or any actor starts.
     assert train_main([*args, "algo.clip_high=0.28"]) == 2
@@ -196,11 +307,21 @@ def test_dead_learner_stops_the_run_and_the_same_command_resumes(ray_cluster, ti
 
     assert train_main(args) == 0
     _assert_resumed_at(capsys.readouterr().out, out / "step_000002", 2, first, _rows(out))
-    assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3]  # step 3 (cut short by the kill) logged once
+    assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3, 4]  # step 3 logged once (the redone one's row)
     _assert_nothing_left([])
+    _assert_same_run(out, uninterrupted)
+
+    parts = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    assert [p.name for p in parts] == [f"run-{run_id}.wandb"] * 2, parts  # the killed run, then the resumed one
+    logged = [_wandb_history(part) for part in parts]
+    assert [r["step"] for r in logged[0]] == [0, 1, 2, 3] and [r["step"] for r in logged[1]] == [3, 4]
+    assert all(r["_step"] == r["step"] for part in logged for r in part)  # W&B's step is the training step
+    # The first record of step 3 is the killed run's row, as it was logged (metrics.jsonl keeps the redone one).
+    assert logged[0][3]["reward/mean"] == first[3]["reward/mean"]
 
 
-def test_sigterm_stops_the_job_cleanly_and_the_next_start_resumes(tiny_model_dir, tmp_path, capsys):
+def test_sigterm_stops_the_job_cleanly_and_the_next_start_resumes(uninterrupted, tiny_model_dir, tmp_path, capsys):
     """What `ray job stop` does: SIGTERM to the driver, here while it saves a checkpoint every step. The job exits
     130 after shutting its actors down; no temporary or marker-less checkpoint is left that a resume could pick,
     and the next start continues from the last complete one. Its own Ray instance, as a submitted job has."""
@@ -211,7 +332,7 @@ def test_sigterm_stops_the_job_cleanly_and_the_next_start_resumes(tiny_model_dir
 
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "run"
-    args = [*_args(tiny_model_dir, out, 4, 0), "trainer.val_every=0", "trainer.save_every=1"]
+    args = _fault_args(tiny_model_dir, out, save_every=1)
     env = {**os.environ, "TORL_PROGRESS": "lines"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
@@ -247,3 +368,4 @@ def test_sigterm_stops_the_job_cleanly_and_the_next_start_resumes(tiny_model_dir
     _assert_resumed_at(capsys.readouterr().out, last, done, first, _rows(out))
     assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3, 4]
     assert done >= 1
+    _assert_same_run(out, uninterrupted)
