@@ -3,9 +3,10 @@
 The base model answers in text under greedy decoding (held-out greedy accuracy about 0.2, code ratio 0). Twelve GRPO
 steps of 8 prompts x 8 samples at lr 3e-4 flip its greedy choice to writing code. Measured on three seeds (data and
 sampling): held-out greedy accuracy 0.20 -> 0.98 / 0.86 / 0.95, code ratio 0 -> 1.00 each time, about 65 s on 2 cores.
-The same run with the advantage sign flipped ended at 0.06, and with the tool-output mask inverted (observations
-trained, model tokens masked; measured before old log-probs were recomputed) at 0.19: a gain of at least 0.4
-separates the two by a wide margin either way.
+Rerun on the learner that recomputes old log-probs in eval() and reuses the training forward (3565c90; 12 steps at
+1.2 s each, the test 47 s): 0.203 -> 0.984, code ratio 0 -> 1. Negative controls on the same learner: with the
+advantage sign flipped 0.203 -> 0.062, with the tool-output mask inverted (observations trained, model tokens masked)
+0.203 -> 0.188, code ratio 0 in both. A gain of at least 0.4 separates them from the real run by a wide margin.
 """
 
 import json
