@@ -183,10 +183,11 @@ def test_disk_fill_hits_file_size_limit(pool):
 
 
 def test_huge_stdout_is_capped_and_killed(pool):
-    t0 = time.monotonic()
     res = run(pool, "while True:\n    print('x' * 10000)")
     assert res.status == "killed" and res.truncated and len(res.stdout) <= CFG.max_output_bytes
-    assert time.monotonic() - t0 < 1.4  # killed at the cap, long before the timeout
+    # Killed at the cap, long before the timeout: the snippet's own run time (the zygote's clock, without the queue
+    # and the round trip that a loaded or slower machine stretches) is a fraction of it.
+    assert res.wall_s < CFG.timeout_s / 3, res.wall_s
 
 
 def test_huge_raw_stderr_is_capped(pool):
