@@ -141,6 +141,9 @@ def causal_lm_logprobs(
     the head are called separately so the full logits never exist; under FSDP the caller must run this as a
     registered forward method of the root (``register_fsdp_forward_method``) so the root's parameters are gathered.
     """
-    hidden = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state[0, keep]  # [N, H]
+    # No KV cache: with one, transformers skips its packed-sequence detection (which reads the restarting position
+    # ids) and every sequence of the row would attend to the ones before it.
+    out = model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state[0, keep]  # [N, H]
     head = model.lm_head
     return hidden_logprobs(hidden, head.weight, head.bias, input_ids[0, keep + 1], chunk_tokens, temperature)

@@ -115,7 +115,7 @@ def test_causal_lm_logprobs_equal_the_models_own_logits():
     model = Qwen2ForCausalLM(cfg)
     ids, pos, keep = pack_responses([([3, 4, 5], [6, 7]), ([8], [9, 10, 11, 12])])
     logp, ent = causal_lm_logprobs(model, ids, pos, keep, chunk_tokens=4)
-    logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep).logits[0]
+    logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False).logits[0]  # as training
     ref_logp, ref_ent = token_logprobs(logits, ids[0, keep + 1])
     torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
