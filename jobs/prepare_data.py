@@ -10,8 +10,9 @@ summary.json/summary.txt (and rejects.jsonl with output.rejects=true). Train on 
 
 LIMR selection (ToRL's last step, docs/torl-behaviour.md ("Training data")): train on the prepared pool for a few
 epochs (the run writes problem_rewards.jsonl), then rerun this job with ``limr.rewards=<run dir>``. Difficulty
-balancing: ``python jobs/eval.py --checkpoint M --benchmarks <output.path> eval.greedy=false eval.n=8``, then rerun
-with ``balance.pass_rates=<eval dir>``. Problems keep their ids across runs (a hash of the normalised question).
+balancing: ``python jobs/eval.py --checkpoint M --benchmarks <output.path> eval.greedy=false eval.n=8
+eval.top_p=1.0`` (top-p as in training), then rerun with ``balance.pass_rates=<eval dir>``. Problems keep their ids
+across runs (a hash of the normalised question).
 """
 
 from __future__ import annotations

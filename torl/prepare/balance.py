@@ -3,7 +3,8 @@
 GRPO learns nothing from a problem whose n samples are all right or all wrong (every advantage is zero), so those go
 first. The rest are binned by pass rate (equal-width bins over [0, 1]) and each bin is cut to the same size (a random,
 seeded sample), so easy problems, which dominate most pools for a given model, stop dominating training. Pass rates
-come from the evaluation job run on the prepared file with ``eval.greedy=false eval.n=<n>`` (its pass_rates.jsonl).
+come from the evaluation job run on the prepared file with ``eval.greedy=false eval.n=<n> eval.top_p=1.0`` (its
+pass_rates.jsonl; top-p as in training).
 """
 
 from __future__ import annotations

@@ -104,8 +104,8 @@ class LimrConfig:
 class BalanceConfig:
     pass_rates: str = opt(
         "",
-        "pass_rates.jsonl of jobs/eval.py run on this pool with eval.greedy=false eval.n=<n> (or its output "
-        'directory); set = balance difficulty; "" = off',
+        "pass_rates.jsonl of jobs/eval.py run on this pool with eval.greedy=false eval.n=<n> eval.top_p=1.0 (or its "
+        'output directory); set = balance difficulty; "" = off',
     )
     drop_solved: bool = opt(True, "drop problems every sample solved (no GRPO signal)")
     drop_unsolved: bool = opt(True, "drop problems no sample solved (no GRPO signal, or a wrong answer key)")
