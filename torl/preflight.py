@@ -188,8 +188,9 @@ def free_gb(path: str) -> float:
     return shutil.disk_usage(p).free / GiB
 
 
-# NVIDIA's minimum Linux driver branch per CUDA major release (CUDA minor version compatibility; docs/platform-notes.md
-# §15): a torch built for CUDA 13 does not start on a 535-570 driver, where torch.cuda.is_available() is simply False.
+# NVIDIA's minimum Linux driver branch per CUDA major release (CUDA minor version compatibility;
+# docs/platform-notes.md §15): a torch built for CUDA 13 does not start on a 535-570 driver, where
+# torch.cuda.is_available() is simply False.
 MIN_DRIVER_BRANCH = {11: 450, 12: 525, 13: 580}
 DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
 
