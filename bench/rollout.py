@@ -67,8 +67,9 @@ def trace(rng: random.Random, words: list[str], code: str, call_p: float, length
     return "".join(out)
 
 
-def warm_model(out_dir: str, codes: dict[str, str], call_p: float, words: int) -> str:
-    """Tiny checkpoint that behaves like the policy described at the top (about a minute of training)."""
+def warm_model(out_dir: str, codes: dict[str, str], call_p: float, words: int, steps: int = 800) -> str:
+    """Tiny checkpoint that behaves like the policy described at the top (``steps`` Adam steps: 800 take about a
+    minute)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,7 +94,7 @@ def warm_model(out_dir: str, codes: dict[str, str], call_p: float, words: int) -
     y = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     lengths = torch.tensor([len(ids) for ids, _ in rows])
-    for _ in range(800):
+    for _ in range(steps):
         idx = torch.randint(0, len(rows), (16,))
         w = int(lengths[idx].max())
         loss = model(x[idx, :w], labels=y[idx, :w]).loss
@@ -174,6 +175,9 @@ def main() -> None:
     ap.add_argument("--runs", default="tools-off,async,sync", help="runs in order (the ratios need all three)")
     ap.add_argument("--model", default="", help="reuse a warm checkpoint kept by --keep-model")
     ap.add_argument("--keep-model", action="store_true", help="keep the warm checkpoint (prints its path)")
+    ap.add_argument(
+        "--warm-steps", type=int, default=800, help="training steps of the warm checkpoint (few: a smoke run)"
+    )
     args = ap.parse_args()
     runs_wanted = [r for r in args.runs.split(",") if r]
     if not runs_wanted or set(runs_wanted) - {"tools-off", "async", "sync"}:
@@ -197,7 +201,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     codes = snippets(args.spin)
     tmp = None if args.model else tempfile.mkdtemp(prefix="torl-bench-rollout-")
-    path = args.model or warm_model(tmp, codes, args.call_p, args.response_tokens)
+    path = args.model or warm_model(tmp, codes, args.call_p, args.response_tokens, args.warm_steps)
     if args.keep_model:
         print(f"warm checkpoint kept for --model: {path}")
     from transformers import AutoTokenizer
@@ -263,9 +267,11 @@ def main() -> None:
         f" {'idle s':>7} {'engine waits for core s':>23}"
     )
     for name, m in runs.items():
+        # tool/exec_success exists only where calls ran (rollout_metrics): the tools-off row has none to rate.
+        ok = f"{m['tool/exec_success']:5.2f}" if "tool/exec_success" in m else f"{'-':>5}"
         print(
             f"{name:<10} {m['wall']:8.2f} {m['rollout/tokens']:8.0f} {m['rollout/tokens_per_s']:8.0f} "
-            f"{m['tool/calls']:6.0f} {m['tool/exec_success']:5.2f} {m['tool/timeouts']:8.0f} "
+            f"{m['tool/calls']:6.0f} {ok} {m['tool/timeouts']:8.0f} "
             f"{m['time/tool_wait']:9.2f} {m['time/engine_idle_tools']:7.2f} {m['engine_wait']:23.2f}"
         )
     groups = (ENGINE, "ray::Generator", "sandbox zygote+children", "ray::SandboxWorker")

@@ -2,6 +2,7 @@
 
     python bench/train.py [key=value ...]      # overrides apply to every run (default: the tiny CPU preset)
     python bench/train.py --vs-trl [key=value ...]   # also without tools, and TRL's GRPOTrainer on the same work
+    python bench/train.py --variants=on-policy,pipelined [key=value ...]   # a subset (ratios of those only)
 
 Runs the same short training five times in one process on one Ray cluster: trainer.max_staleness=0 (ToRL's
 strictly on-policy order) with the learner held to one torch thread (learner.num_threads=1, the earlier CPU
@@ -139,6 +140,13 @@ def main(argv: list[str]) -> int:
     if vs_trl and not TRL_PYTHON.exists():
         raise SystemExit(f"--vs-trl needs {TRL_PYTHON}: see bench/trl_grpo.py for how to make .venv-trl")
     variants = {**VARIANTS, **(NO_TOOL_VARIANTS if vs_trl else {})}
+    picked = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("--variants=")]
+    argv = [a for a in argv if not a.startswith("--variants=")]
+    if picked:
+        unknown = set(picked[-1]) - set(variants)
+        if unknown or vs_trl:
+            raise SystemExit(f"--variants takes names from {', '.join(variants)} (without --vs-trl); got {unknown}")
+        variants = {name: variants[name] for name in picked[-1]}
     with tempfile.TemporaryDirectory() as tmp:
         results = {
             name: summarise(run(name, variant, Path(tmp) / f"run{i}", argv))
@@ -153,16 +161,20 @@ def main(argv: list[str]) -> int:
     print(f"{'phase (s/step)':<24}" + "".join(f"{name:>13}" for name in results))
     for key in [*PHASES, "time/step median", "generator_idle_share", *WORK]:
         print(f"{key:<24}" + "".join(f"{r[key]:>13.3f}" for r in results.values()))
-    base = results["1 thread"]["time/step"]
-    for name in ("on-policy", "pipelined"):
-        print(f"{name} / on-policy with 1 learner thread, step time: {results[name]['time/step'] / base:.2f}x")
-    k0 = results["on-policy"]["time/step"]
-    for name, k in (("pipelined", 1), ("k=2", 2), ("k=4", 4)):
-        print(f"max_staleness={k} / max_staleness=0, step time: {results[name]['time/step'] / k0:.2f}x")
-    print(
-        "old log-probs recompute / learner step, on-policy: "
-        f"{results['on-policy']['learner/time_old_logprobs'] / results['on-policy']['time/train']:.2f}"
-    )
+    if "1 thread" in results:
+        base = results["1 thread"]["time/step"]
+        for name in ("on-policy", "pipelined"):
+            if name in results:
+                print(f"{name} / on-policy with 1 learner thread, step time: {results[name]['time/step'] / base:.2f}x")
+    if "on-policy" in results:
+        k0 = results["on-policy"]["time/step"]
+        for name, k in (("pipelined", 1), ("k=2", 2), ("k=4", 4)):
+            if name in results:
+                print(f"max_staleness={k} / max_staleness=0, step time: {results[name]['time/step'] / k0:.2f}x")
+        print(
+            "old log-probs recompute / learner step, on-policy: "
+            f"{results['on-policy']['learner/time_old_logprobs'] / results['on-policy']['time/train']:.2f}"
+        )
     if trl:
         print_vs_trl(results, trl)
     return 0

@@ -1,8 +1,27 @@
-"""Integration fixtures: one local Ray cluster for the whole session (starting Ray per test costs ~5 s each)."""
+"""Integration fixtures: one local Ray cluster for the whole session (starting Ray per test costs ~5 s each).
+
+Every test here carries the ``integration`` marker, and ``slow`` unless its module is in ``FAST``: the fast tier
+(``pytest -m "not slow"``, under 3 minutes on a 2-core machine) is the unit suite, these modules and the bench smoke
+runs; the full suite (the README's command, what CI runs) is everything. A new integration module is slow until it
+is measured and listed here: the tier's budget is not spent by accident.
+"""
 
 import os
 
 import pytest
+
+# A few seconds each on a 2-core CPU machine (docs/testing.md has the durations): no vLLM engine, learner group, Serve
+# app or training job of their own. test_benches.py is the exception (about 3.5 minutes, one vLLM start or more in
+# five of its eight scripts): the fast tier must include it so a benchmark cannot rot. test_install_resolves.py is
+# left out, as it asks the package indexes (seconds each, and nothing an edit of the code changes).
+FAST = {
+    "test_benches.py",
+    "test_convert.py",
+    "test_grader.py",
+    "test_preflight_only.py",
+    "test_prepare_data.py",
+    "test_vllm_api.py",
+}
 
 
 @pytest.fixture(scope="session")
@@ -19,5 +38,8 @@ def ray_cluster():
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "tests/integration/" in str(item.fspath):
+        path = item.path
+        if path.parent.name == "integration" and path.parent.parent.name == "tests":
             item.add_marker(pytest.mark.integration)
+            if path.name not in FAST:
+                item.add_marker(pytest.mark.slow)

@@ -1,0 +1,141 @@
+"""Every bench/ script runs at a seconds-to-minutes size and prints its figures, so a benchmark cannot rot unseen.
+
+bench/rollout.py crashed after five minutes of measuring (KeyError 'tool/exec_success' on its tools-off row) because
+nothing ran it after the metrics changed (#32). Each test here runs one script as a user would, in a process of its
+own (each starts its own local Ray cluster, as the scripts do), with the smallest arguments that still take every
+code path to the printed figures, and checks those figures are there and sane. bench/gpu_smoke.py has its own test
+(tests/unit/test_gpu_smoke.py). The sizes measure nothing: the figures of record come from the default arguments
+(docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# The tiny CPU default, as small as a run gets: two steps of two prompts, short responses, no validation.
+TINY_TRAINING = [
+    "trainer.total_steps=2",
+    "data.batch_size=2",
+    "rollout.n=2",
+    "rollout.max_response_tokens=24",
+    "trainer.val_before_train=false",
+    "sandbox.num_workers=1",
+    "wandb.mode=disabled",
+]
+
+
+def bench(script: str, *args: str, timeout: float = 240, python: str = sys.executable) -> str:
+    """Run ``bench/<script>`` with ``args``; its stdout (stderr's tail in the failure message)."""
+    cmd = [python, str(REPO / "bench" / script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
+    return proc.stdout
+
+
+def number(pattern: str, text: str) -> float:
+    found = re.search(pattern, text)
+    assert found, f"{pattern!r} not in the output:\n{text[-3000:]}"
+    return float(found.group(1))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rollout_prints_every_run_and_the_three_ratios():
+    """The tools-off row has no executed calls (no tool/exec_success): it prints '-' there, not a KeyError."""
+    out = bench(
+        "rollout.py",
+        *("--prompts", "8", "--response-tokens", "48", "--timeout", "2", "--warm-steps", "20"),
+        *("--heavy", "0.125", "--hang", "0", "--call-p", "0.2", "--slots", "2", "--sandbox-workers", "1"),
+    )
+    rows = {m.group(1): m.group(0).split() for m in re.finditer(r"^(tools-off|async|sync)\s+\d.*$", out, re.M)}
+    assert set(rows) == {"tools-off", "async", "sync"}, out
+    assert rows["tools-off"][4:6] == ["0", "-"]  # no calls, so no success rate
+    assert all(float(rows[r][2]) > 0 for r in rows)  # sampled tokens
+    for figure in ("tool overhead, async wall / tools-off wall", "sync wall / async wall", "tool-loop tokens/s"):
+        assert number(re.escape(figure) + r"[^:]*: ([\d.]+)", out) > 0
+
+
+def test_learner_prints_the_plain_loop_and_both_groups():
+    out = bench(
+        "learner.py",
+        *("--hidden", "64", "--layers", "1", "--seqs", "4", "--prompt-len", "8", "--resp-len", "32"),
+        *("--budget", "256", "--steps", "1"),
+    )
+    assert number(r"plain PyTorch, 1 process, 2 threads: ([\d.]+) s/step", out) > 0
+    for workers in (1, 2):
+        assert number(rf"learner group, {workers} worker\(s\) x [\d.]+ CPU: ([\d.]+) s/step", out) > 0
+
+
+def test_logprobs_memory_prints_both_variants_and_their_ratio(tiny_model_dir):
+    out = bench("logprobs_memory.py", "--model", str(tiny_model_dir), "--tokens", "2048", "--chunks", "0", "256")
+    full = re.search(r"^\s+full\s+(-?\d+)\s+([\d.]+)\s+(\S+)$", out, re.M)
+    chunked = re.search(r"^\s+256\s+(-?\d+)\s+([\d.]+)\s+(\S+)$", out, re.M)
+    assert full and chunked, out
+    assert float(full.group(3)) == pytest.approx(float(chunked.group(3)), rel=1e-4)  # the same loss either way
+    assert number(r"peak ratio full / chunk 256: ([\d.]+)x", out) > 0
+
+
+def test_sandbox_prints_pool_and_fresh_process_rates():
+    out = bench(
+        "sandbox.py", *("--workers", "1", "--per-worker", "2", "--n", "8", "--n-fresh", "2", "--callers", "1"),
+        *("--isolation", "best", "--timeout", "1"),
+    )  # fmt: skip
+    rows = re.findall(r"^best:\S+\s+(print\(1\)|sympy|mix)\s+1 \|\s+([\d.]+) .*\|\s+([\d.]+)x", out, re.M)
+    assert [r[0] for r in rows] == ["print(1)", "sympy", "mix"], out
+    assert all(float(rate) > 0 and float(ratio) > 0 for _, rate, ratio in rows)
+
+
+def test_serve_prints_bare_and_serve_rates_with_the_same_tokens():
+    out = bench("serve.py", "--requests", "8", "--max-tokens", "8", "--clients", "1", "--port", str(free_port()))
+    row = re.search(r"^\s+1 \|\s+([\d.]+) .*\|\s+([\d.]+) .*\| ([\d.]+)x(.*)$", out, re.M)
+    assert row, out
+    assert float(row.group(1)) > 0 and float(row.group(2)) > 0 and "differ" not in row.group(4)
+    assert number(r"Serve overhead at 1 clients: ([\d.]+)x", out) > 0
+
+
+def test_soak_trains_and_reports_its_steps():
+    out = bench("soak.py", "--steps", "2", "--every", "0.5", *TINY_TRAINING)
+    assert re.search(r"^2 steps in [\d.]+ min \(exit 0\), generator restarts 0$", out, re.M), out
+    assert "MB / 100 steps" in out
+
+
+def test_train_prints_the_phases_of_each_variant():
+    out = bench("train.py", "--variants=on-policy,pipelined", *TINY_TRAINING)
+    header = re.search(r"^phase \(s/step\)\s+on-policy\s+pipelined$", out, re.M)
+    assert header, out
+    assert all(float(x) > 0 for x in re.search(r"^time/step median\s+(\S+)\s+(\S+)$", out, re.M).groups())
+    assert number(r"max_staleness=1 / max_staleness=0, step time: ([\d.]+)x", out) > 0
+
+
+def test_weight_sync_prints_both_routes():
+    out = bench("weight_sync.py", "--models", "tiny", "--generators", "1", "--pushes", "1")
+    f, c, ratio = re.search(r"^seconds per push\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M).groups()
+    assert float(f) > 0 and float(c) > 0 and float(ratio) > 0
+    assert re.search(r"^peak RSS learner rank 0\s+\d+ MB", out, re.M), out
+
+
+TRL_PYTHON = REPO / ".venv-trl" / "bin" / "python"
+
+
+@pytest.mark.skipif(not TRL_PYTHON.exists(), reason=f"needs {TRL_PYTHON} (made as bench/trl_grpo.py says)")
+def test_trl_grpo_prints_its_json_line():
+    import json
+
+    out = bench("trl_grpo.py", "--tools", *TINY_TRAINING, python=str(TRL_PYTHON))
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["s_per_step_median"] > 0
