@@ -227,23 +227,29 @@ def test_the_engine_decodes_other_trajectories_while_one_waits_on_its_tool(ray_c
     assert beyond < 0.5 * sum(busy), f"the batch lasted {beyond:.2f} s beyond the sleeper: trajectories ran in turn"
 
 
-def test_persistent_sessions_through_the_tool_loop(ray_cluster, generator, models, sandbox):
-    """tool.session=persistent: a variable set in a trajectory's first call is read by its second; two trajectories
-    never share one; stateless, the second call fails."""
-    from actors.generator import GeneratorActor
+def _set_config(ray, actor, cfg: Config) -> None:
+    """Replace a started generator's config. Only for settings each call reads afresh (``generate`` builds its loop
+    settings, tool.session included, from the config per call), which spares a second engine start."""
 
+    def swap(self, new: Config) -> None:
+        self.cfg = new
+
+    ray.get(actor.__ray_call__.remote(swap, cfg))
+
+
+def test_persistent_sessions_through_the_tool_loop(ray_cluster, generator, models):
+    """tool.session=persistent: a variable set in a trajectory's first call is read by its second; two trajectories
+    never share one; stateless, the second call fails. The module's generator runs both, its config switched."""
     model_dir, tok, _, _ = models
-    cfg = _config(model_dir, session="persistent")
-    actor = GeneratorActor.options(num_cpus=1).remote(cfg, str(model_dir), sandbox)
+    _set_config(ray_cluster, generator, _config(model_dir, session="persistent"))
     try:
-        trajs, _ = ray_cluster.get(actor.generate.remote([_request(tok, SESSION, "sess", n=2)], greedy=True))
+        trajs, _ = ray_cluster.get(generator.generate.remote([_request(tok, SESSION, "sess", n=2)], greedy=True))
         for t in trajs:
             assert [c.observation for c in t.tool_calls] == ["42", "43"], t.tool_calls
             assert [c.status for c in t.tool_calls] == ["ok", "ok"]
     finally:
-        ray_cluster.get(actor.shutdown.remote())
-        ray_cluster.kill(actor)
-    # The module's generator runs stateless: the second call does not see x.
+        _set_config(ray_cluster, generator, _config(model_dir))
+    # Stateless (the module's config): the second call does not see x.
     (t,), _ = ray_cluster.get(generator.generate.remote([_request(tok, SESSION, "stateless")], greedy=True))
     assert t.tool_calls[1].status == "error" and "NameError" in t.tool_calls[1].observation
 

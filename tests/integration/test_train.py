@@ -2,7 +2,8 @@
 
 Checks what a short CI run can: rewards are finite, weights change and reach the generator (its policy version
 advances), checkpoints are complete, pipelining records staleness, resume continues from the last checkpoint, and
-bad config fails before any actor starts.
+bad config fails before any actor starts. One three-step run per staleness bound serves every test that reads it
+(each used to start the same job itself, a minute of actor start-up and training on this CPU).
 """
 
 import json
@@ -55,17 +56,22 @@ def _assert_resumed_at(printed: str, ckpt: Path, step: int, before: list[dict], 
     assert kept and [r for r in after if r["step"] <= step] == kept
 
 
+def _shared_args(model_dir, out, staleness):
+    """The shared runs' arguments: three steps, validation before training and at the end, checkpoints at steps 2
+    and 3. A run resumed from one of them takes the same arguments (and the checkpoint)."""
+    return [*_args(model_dir, out, 3, staleness), "trainer.val_every=3"]
+
+
 @pytest.fixture(scope="module")
-def two_step_run(ray_cluster, tiny_model_dir, tmp_path_factory) -> Callable[[int], Path]:
-    """The output directory of a two-step run at a staleness bound, run once per module: the plain test reads the
-    on-policy run and the exact-resume test continues a copy of it, where each used to start the same job itself
-    (a minute of actor start-up and training on this CPU). Tests must not write into the returned directory."""
+def three_step_run(ray_cluster, tiny_model_dir, tmp_path_factory) -> Callable[[int], Path]:
+    """The output directory of a three-step run at a staleness bound, run once per module: the plain tests read it,
+    the exact-resume tests compare their step 3 with it. Tests must not write into the returned directory."""
     runs: dict[int, Path] = {}
 
     def run(staleness: int) -> Path:
         if staleness not in runs:
-            out = tmp_path_factory.mktemp(f"two_steps_staleness{staleness}") / "run"
-            assert train_main(_args(tiny_model_dir, out, 2, staleness)) == 0
+            out = tmp_path_factory.mktemp(f"three_steps_staleness{staleness}") / "run"
+            assert train_main(_shared_args(tiny_model_dir, out, staleness)) == 0
             runs[staleness] = out
         return runs[staleness]
 
@@ -73,15 +79,15 @@ def two_step_run(ray_cluster, tiny_model_dir, tmp_path_factory) -> Callable[[int
 
 
 @pytest.mark.parametrize("staleness", [0, 1])
-def test_train_steps_update_weights_and_reach_the_generator(two_step_run, tiny_model_dir, staleness):
-    out = two_step_run(staleness)
+def test_train_steps_update_weights_and_reach_the_generator(three_step_run, tiny_model_dir, staleness):
+    out = three_step_run(staleness)
 
     rows = {r["step"]: r for r in _metrics(out)}
-    assert set(rows) == {0, 1, 2}  # step 0 = validation before training
-    for step in (1, 2):
+    assert set(rows) == {0, 1, 2, 3}  # step 0 = validation before training
+    for step in (1, 2, 3):
         assert math.isfinite(rows[step]["reward/mean"]) and math.isfinite(rows[step]["learner/grad_norm"])
         assert rows[step]["rollout/trajectories"] == 16
-    assert "val/acc/mean" in rows[2]
+    assert "val/acc/mean" in rows[3] and "val/acc/mean" not in rows[2]
     if staleness == 0:  # step 2's rollout started after the first weight push: every token is on-policy
         assert rows[2]["rollout/policy_version"] == 1 and rows[2]["staleness/mean"] == 0
     else:  # it started before the push, so its first tokens are one update behind (later ones may be fresh)
@@ -95,23 +101,26 @@ def test_train_steps_update_weights_and_reach_the_generator(two_step_run, tiny_m
     assert (out / "samples.jsonl").is_file()
 
 
-def test_resume_continues_from_the_last_checkpoint_exactly(two_step_run, tiny_model_dir, tmp_path, capsys):
-    """Stopped after step 2 and resumed, the run's step 3 equals an uninterrupted run's step 3 (on-policy: the same
-    weights, optimizer and RNG state, prompts and sampling seeds). The two steps are the shared on-policy run's,
-    continued in a copy so that the plain test reads that run as it ended, whichever test runs first."""
+def test_resume_continues_from_the_last_checkpoint_exactly(three_step_run, tiny_model_dir, tmp_path, capsys):
+    """Stopped after step 3 was logged but before its checkpoint, the same command resumes from step 2's checkpoint,
+    drops step 3's stale row, and its step 3 equals the uninterrupted run's (on-policy: the same weights, optimizer
+    and RNG state, prompts and sampling seeds). It runs in a copy of the shared on-policy run, which is the
+    uninterrupted run compared against."""
+    whole = three_step_run(0)
     out = tmp_path / "run"
-    shutil.copytree(two_step_run(0), out)
+    shutil.copytree(whole, out)
+    shutil.rmtree(out / "step_000003")
     first = _metrics(out)
-    assert train_main([*_args(tiny_model_dir, out, 3, 0), "trainer.val_before_train=true"]) == 0
+    assert [r["step"] for r in first] == [0, 1, 2, 3]
+    assert train_main([*_shared_args(tiny_model_dir, out, 0), "trainer.val_before_train=true"]) == 0
     _assert_resumed_at(capsys.readouterr().out, out / "step_000002", 2, first, _metrics(out))
     steps = [r["step"] for r in _metrics(out)]
-    assert steps == [0, 1, 2, 3], steps  # no second validation at step 0, no retrained steps
+    assert steps == [0, 1, 2, 3], steps  # no second validation at step 0, no retrained steps, step 3 logged once
     state = json.loads((out / "step_000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["sampler"]["position"] == 3 * 4
 
-    whole = tmp_path / "uninterrupted"
-    assert train_main(_args(tiny_model_dir, whole, 3, 0)) == 0
     resumed, straight = _metrics(out)[-1], _metrics(whole)[-1]
+    assert resumed["step"] == straight["step"] == 3
     for key in ("reward/mean", "response/length_mean", "rollout/tokens", "learner/loss", "learner/grad_norm"):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key
 
@@ -133,13 +142,12 @@ def test_bad_config_fails_before_actors_start(tiny_model_dir, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_staleness_bound_k_and_resume_trains_the_stored_rollouts_ahead(ray_cluster, tiny_model_dir, tmp_path, k):
+def test_staleness_bound_k_and_resume_trains_the_stored_rollouts_ahead(three_step_run, tiny_model_dir, tmp_path, k):
     """Rollouts of steps t+1..t+k run while step t trains, so no trained token is more than k versions behind, and
     step 3 (started before a push that lands mid-rollout) has tokens exactly k behind. A checkpoint at step 2 has
     step 3's rollout in flight, sampled on weights no checkpoint holds: it is finished and stored in the checkpoint,
     and the resumed run's step 3 is the uninterrupted run's step 3 (same trajectories, same update)."""
-    out = tmp_path / "run"
-    assert train_main([*_args(tiny_model_dir, out, 3, k), "trainer.val_every=0"]) == 0
+    out = three_step_run(k)
     rows = {r["step"]: r for r in _metrics(out) if r["step"] > 0}
     assert all(r["staleness/max"] <= k for r in rows.values())
     assert rows[3]["staleness/max"] == k and rows[3][f"staleness/share_lag_{k}"] > 0
@@ -149,8 +157,8 @@ def test_staleness_bound_k_and_resume_trains_the_stored_rollouts_ahead(ray_clust
     assert len(stored["trajectories"]) == 16
 
     again = tmp_path / "resumed"
-    resume = [f"trainer.resume={out / 'step_000002'}", f"trainer.output_dir={again}", "trainer.val_every=0"]
-    assert train_main([*_args(tiny_model_dir, out, 3, k), *resume]) == 0
+    resume = [f"trainer.resume={out / 'step_000002'}", f"trainer.output_dir={again}"]
+    assert train_main([*_shared_args(tiny_model_dir, out, k), *resume]) == 0
     (resumed,) = _metrics(again)
     assert resumed["step"] == 3
     for key in ("reward/mean", "response/length_mean", "rollout/tokens", "staleness/mean", "learner/loss",
