@@ -6,6 +6,11 @@ Every process of a node carries ``TORL_TEST_NODE=<cluster tag>:<node name>`` in 
 inherit their raylet's), so the test can find, kill and account for exactly its own processes: other Ray clusters on
 the machine are left alone. Processes that do not inherit the environment (the sandbox zygote starts with a minimal
 one) are found as descendants of the marked ones.
+
+Run as root, the nodes live in a PID namespace of their own (``unshare``; each ``ray_cluster.sh`` call enters it with
+``nsenter``), so ``ray_cluster.sh stop``, which is ``ray stop`` and stops every Ray process it can see, can be run
+for real: it sees this cluster only, not the test session's own Ray or another suite's. Seen from outside, the
+namespace's processes are ordinary processes of the machine; killing its init ends them all.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +29,14 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "TORL_TEST_NODE"
+# The PID namespace's init: it reaps the processes the namespace adopts (ray start's daemons, orphans).
+REAPER = """import os, time
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.2)
+"""
 
 
 def free_ports(n: int) -> list[int]:
@@ -61,6 +75,28 @@ class LocalCluster:
     gcs_port: int = 0
     dashboard_port: int = 0
     seen: dict[int, tuple[float, str]] = field(default_factory=dict)
+    init_pid: int = 0  # the PID namespace's init (host pid); 0 when the nodes run in the machine's namespace
+    no_namespace: str = ""  # why the nodes run in the machine's PID namespace, if they do
+
+    def enter_namespace(self) -> str:
+        """Start a PID namespace for the nodes (before any of them); returns why not, or "" once it runs."""
+        if os.geteuid() != 0:
+            return "needs root (unshare --pid, nsenter)"
+        holder = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c", REAPER],
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not (children := psutil.Process(holder.pid).children()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not children:
+            holder.kill()
+            return "unshare started no namespace"
+        self.init_pid = children[0].pid
+        return ""
+
+    def _in_namespace(self, cmd: list[str]) -> list[str]:
+        return ["nsenter", "--target", str(self.init_pid), "--pid", "--mount", *cmd] if self.init_pid else cmd
 
     @property
     def head(self) -> Node:
@@ -93,7 +129,7 @@ class LocalCluster:
 
     def _ray_cluster_sh(self, node: Node, *args: str, timeout: float = 120) -> str:
         proc = subprocess.run(
-            ["bash", str(REPO / "scripts" / "ray_cluster.sh"), *args],
+            self._in_namespace(["bash", str(REPO / "scripts" / "ray_cluster.sh"), *args]),
             env=node.env,
             cwd=REPO,
             capture_output=True,
@@ -198,8 +234,27 @@ class LocalCluster:
         alive += [f"{p.pid} {' '.join(p.cmdline())[:160]}" for p in self.processes() if p.pid not in self.seen]
         return alive
 
+    def stop_with_script(self, timeout_s: float = 30.0) -> list[str]:
+        """``scripts/ray_cluster.sh stop`` inside the namespace, as a user stops the nodes of a machine; returns what
+        of the cluster is still running ``timeout_s`` later."""
+        assert self.init_pid, "ray_cluster.sh stop would stop every Ray process of this machine"
+        self.snapshot()
+        self._ray_cluster_sh(self.head, "stop")
+        deadline = time.monotonic() + timeout_s
+        while (left := self.survivors()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return left
+
     def stop(self, grace_s: float = 10.0) -> list[str]:
-        """SIGTERM every process of the cluster, SIGKILL what is left after ``grace_s``; returns the survivors."""
+        """SIGTERM every process of the cluster, SIGKILL what is left after ``grace_s``; returns the survivors. The
+        namespace (if any) goes last, and with it anything left in it."""
+        try:
+            return self._stop(grace_s)
+        finally:
+            if self.init_pid:
+                os.kill(self.init_pid, signal.SIGKILL)
+
+    def _stop(self, grace_s: float) -> list[str]:
         self.snapshot()
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             for proc in self.processes():

@@ -3,9 +3,12 @@ requests (some snippets run past the sandbox timeout), then a replica killed (SI
 the middle of more load.
 
 What must hold: every valid request is answered and every invalid one gets its 4xx; after the kill only requests that
-were on the dead replica fail, each with a 5xx (or an in-band error on a stream already started), none hangs; Serve
-brings the replica back; and when the app is shut down nothing it started is left running (engine cores, sandbox
-workers and their zygotes, the dead replica's too).
+were on the dead replica fail, each with a 5xx (or an in-band error on a stream already started), none hangs and none
+is dropped without a status; Serve brings the replica back; and when the app is shut down nothing it started is left
+running (engine cores, sandbox workers and their zygotes, the dead replica's too).
+
+Timing is judged within the run, so a slower machine passes too: a request counts as hung when it lasted more than
+HANG_RATIO times the run's median answered request (the client's own timeout is only a backstop).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from torl.prompts import build_prompt
 
 APP = "torl-load"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-CLIENT_TIMEOUT_S = 90.0  # a request still open after this is a hang
+CLIENT_TIMEOUT_S = 300.0  # a backstop: a request still open after this is a hang on any machine
+HANG_RATIO = 20  # this many times the run's median answered request is a hang (the slowest of the 520 took 6.3x)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +107,12 @@ async def _send(http: httpx.AsyncClient, kind: str, route: str, body, headers: d
     """One request; returns what happened: status, whether the answer was complete, the error if any."""
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     hdrs = {**headers, "Content-Type": "application/json"}
+    t0 = time.perf_counter()
+    result = await _exchange(http, kind, route, content, hdrs, stream)
+    return {**result, "latency": time.perf_counter() - t0}
+
+
+async def _exchange(http: httpx.AsyncClient, kind: str, route: str, content: bytes, hdrs: dict, stream: bool) -> dict:
     try:
         if not stream:
             r = await http.post(route, content=content, headers=hdrs)
@@ -112,18 +122,33 @@ async def _send(http: httpx.AsyncClient, kind: str, route: str, body, headers: d
                 data = None
             ok = r.status_code == 200 and isinstance(data, dict) and "choices" in data
             return {"kind": kind, "status": r.status_code, "ok": ok, "body": r.text[:400], "json": data}
-        events = []
+        events, lines = [], []
         async with http.stream("POST", route, content=content, headers=hdrs) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
+            try:
+                async for line in r.aiter_lines():
+                    lines.append(line)
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+            except httpx.RemoteProtocolError as exc:  # the body cut short: every HTTP client reports it as an error
+                return {"kind": kind, "status": r.status_code, "ok": False, "body": repr(exc), "cut": True}
         errors = [e for e in events if e != "[DONE]" and "error" in json.loads(e)]
         ok = r.status_code == 200 and events[-1:] == ["[DONE]"] and not errors
-        return {"kind": kind, "status": r.status_code, "ok": ok, "body": (errors or events[-2:])[0][:400]}
+        body = (errors or events[-2:] or ["\n".join(lines)])[0]  # no events: an error page before the stream began
+        return {"kind": kind, "status": r.status_code, "ok": ok, "body": body[:400]}
     except httpx.TimeoutException as exc:
         return {"kind": kind, "status": "hang", "ok": False, "body": repr(exc)}
-    except httpx.HTTPError as exc:  # the connection dropped (a stream cut by a dead replica)
+    except httpx.HTTPError as exc:  # the connection dropped before any status: the request was lost
         return {"kind": kind, "status": "dropped", "ok": False, "body": repr(exc)}
+
+
+def _assert_no_hang(results: list[dict]) -> None:
+    """No request lasted more than HANG_RATIO times the run's median answered one, nor reached the client's timeout."""
+    latencies = sorted(r["latency"] for r in results)
+    answered = sorted(r["latency"] for r in results if r["ok"])
+    median = answered[len(answered) // 2]
+    print(f"latency: median {median:.2f} s, max {latencies[-1]:.2f} s ({latencies[-1] / median:.1f}x)")  # noqa: T201
+    assert not [r for r in results if r["status"] == "hang"], "a request hung"
+    assert latencies[-1] < HANG_RATIO * median, f"a request took {latencies[-1]:.1f} s, the median {median:.2f} s"
 
 
 def _plan(n: int, seed: int, invalid_share: float = 0.3, timeouts: int = 0) -> list[tuple]:
@@ -191,6 +216,19 @@ def _alive(pids: set[int]) -> set[int]:
     return {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
 
 
+def _replica_actors() -> dict[int, object]:
+    """pid -> handle of each running replica of the app (Serve names them SERVE_REPLICA::<app>#<deployment>#<id>)."""
+    import ray
+
+    handles = [
+        ray.get_actor(a["name"], namespace=a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{APP}#OpenAIServer#")
+    ]
+    pids = ray.get([h.__ray_call__.remote(lambda _: os.getpid()) for h in handles], timeout=30)
+    return dict(zip(pids, handles, strict=True))
+
+
 def _wait_replicas(n: int, timeout_s: float = 180) -> None:
     from ray import serve
 
@@ -214,6 +252,7 @@ def test_520_mixed_requests_on_two_replicas(app):
     by_kind = Counter(r["kind"] for r in results)
     print(f"\n{len(results)} requests in {wall:.1f} s ({len(results) / wall:.1f}/s): {dict(by_kind)}")  # noqa: T201 - the figures
     assert len(results) == 520
+    _assert_no_hang(results)
     for r in results:
         if r["kind"] in INVALID:
             assert r["status"] == INVALID[r["kind"]][3], r
@@ -235,27 +274,37 @@ def test_a_killed_replica_fails_only_its_requests_and_is_replaced(app, ray_clust
     victim_tree = {victim.pid} | {c.pid for c in victim.children(recursive=True)}
     assert any("EngineCore" in " ".join(psutil.Process(p).cmdline()) for p in victim_tree - {victim.pid})
     plan = _plan(200, seed=1, invalid_share=0.0)
+    actors = _replica_actors()
+    assert victim.pid in actors and len(actors) == 2, (victim.pid, list(actors))
     killed: list[float] = []
+    on_replica: dict[str, int] = {}  # requests each replica was executing at the kill
 
     def kill_at(done: int) -> None:
         if done == 40 and not killed:
+            import ray
+
+            counts = ray.get([h.get_num_ongoing_requests.remote() for h in actors.values()], timeout=10)
             os.kill(victim.pid, signal.SIGKILL)
             killed.append(time.perf_counter())
+            on_replica.update(
+                ("victim" if pid == victim.pid else "survivor", n) for pid, n in zip(actors, counts, strict=True)
+            )
 
     results = asyncio.run(_load(app, plan, concurrency=16, on_progress=kill_at))
     assert killed, "the replica was never killed"
     failed = [r for r in results if not r["ok"]]
-    print(f"\n{len(failed)} of {len(results)} failed after the kill: {Counter(str(r['status']) for r in failed)}")  # noqa: T201
-    assert not [r for r in failed if r["status"] == "hang"], "a request hung"
-    for r in failed:  # a 5xx, or a stream that had started and ended with an in-band error or a dropped connection
-        assert (
-            r["status"] in ("dropped",)
-            or (isinstance(r["status"], int) and r["status"] >= 500)
-            or (r["status"] == 200 and "error" in r["body"])
-        ), r
-    # Only what was on the dead replica: at most its share of the requests in flight when it died.
-    assert len(failed) <= 16, f"{len(failed)} requests failed; only those on the dead replica should"
-    assert len(results) - len(failed) >= 184
+    statuses = Counter(str(r["status"]) for r in failed)
+    print(f"\n{len(failed)} of {len(results)} failed after the kill: {statuses}; in flight then: {on_replica}")  # noqa: T201
+    _assert_no_hang(results)
+    for r in failed:  # a 5xx; a stream whose 200 was already sent ends with an in-band error event, or (its replica
+        # dead, nothing left to send one) its chunked body is cut short, which every HTTP client reports as an error
+        server_error = isinstance(r["status"], int) and r["status"] >= 500
+        started = r["kind"] == "chat_stream" and r["status"] == 200 and (r.get("cut") or "error" in r["body"])
+        assert server_error or started, r
+    # Only what the dead replica was executing: the requests it held when it died. The survivor's all succeeded, and
+    # none that came after the kill was lost (Serve routes them to the survivor).
+    assert 0 < on_replica["victim"] and on_replica["survivor"] > 0, on_replica
+    assert len(failed) <= on_replica["victim"], f"{len(failed)} requests failed; the dead replica held {on_replica}"
 
     _wait_replicas(2)  # Serve replaced it
     assert not _alive(victim_tree), f"the dead replica left processes behind: {_alive(victim_tree)}"
