@@ -3,6 +3,7 @@ isolation levels (what strict, best and none make of the layers a host has)."""
 
 import json
 import os
+import threading
 
 import pytest
 
@@ -104,6 +105,11 @@ def test_hidden_prefixes(tmp_path):
 
 
 def test_run_code_runs_as_script(capsys):
+    # A non-daemon thread of the host that never ends on its own (the full suite leaves thread-pool workers
+    # behind): run_code waits for the snippet's threads only, so this must not hang.
+    release = threading.Event()
+    host = threading.Thread(target=release.wait)
+    host.start()
     ns = {"__name__": "__main__", "__builtins__": __builtins__}
     assert run_code("x = 2\nx + 1\nif __name__ == '__main__':\n    print(x)", ns) == 0
     assert capsys.readouterr().out == "2\n" and ns["x"] == 2
@@ -111,6 +117,11 @@ def test_run_code_runs_as_script(capsys):
     assert run_code("1/0", ns) == 1
     err = capsys.readouterr().err
     assert "ZeroDivisionError" in err and 'File "<snippet>", line 1' in err and "run_code" not in err
+    # The snippet's own non-daemon thread is still waited for, as at interpreter exit.
+    assert run_code("import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.2), print('late'))).start()", ns) == 0
+    assert capsys.readouterr().out == "late\n"
+    release.set()
+    host.join()
 
 
 FULL = Available(identity="uid", namespaces=True, seccomp=True, landlock=7)

@@ -249,11 +249,14 @@ def _fresh_main() -> dict[str, Any]:
 def run_code(code: str, namespace: dict[str, Any]) -> int:
     """Run ``code`` in ``namespace`` like ``python script.py`` would; returns the exit code (tracebacks on stderr)."""
     linecache.cache[SNIPPET_FILENAME] = (len(code), None, code.splitlines(True), SNIPPET_FILENAME)
+    # Threads alive before the snippet are not its own: a host process (a test run, a persistent session)
+    # may hold non-daemon workers that never end, and joining them would hang the call.
+    before = set(threading.enumerate())
     try:
         exec(compile(code, SNIPPET_FILENAME, "exec"), namespace)
-        # Like interpreter shutdown: wait for non-daemon threads the snippet started.
+        # Like interpreter shutdown: wait for the non-daemon threads the snippet started.
         for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
+            if thread not in before and not thread.daemon:
                 thread.join()
         return 0
     except SystemExit as exc:
