@@ -118,7 +118,8 @@ def test_run_code_runs_as_script(capsys):
     err = capsys.readouterr().err
     assert "ZeroDivisionError" in err and 'File "<snippet>", line 1' in err and "run_code" not in err
     # The snippet's own non-daemon thread is still waited for, as at interpreter exit.
-    assert run_code("import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.2), print('late'))).start()", ns) == 0
+    late = "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.2), print('late'))).start()"
+    assert run_code(late, ns) == 0
     assert capsys.readouterr().out == "late\n"
     release.set()
     host.join()
