@@ -90,6 +90,13 @@ def test_logprobs_memory_prints_both_variants_and_their_ratio(tiny_model_dir):
     assert number(r"peak ratio full / chunk 256: ([\d.]+)x", out) > 0
 
 
+def test_correction_prints_both_passes_and_the_speed_up():
+    out = bench("correction.py", "--seqs", "16", "--tokens", "64")
+    for line in ("per-token Python pass", "tensor pass from lists", "tensor pass on tensors"):
+        assert number(re.escape(line) + r"\s+([\d.]+) s", out) >= 0
+    assert number(r"speed-up: ([\d.]+)x from lists", out) > 0
+
+
 def test_sandbox_prints_pool_and_fresh_process_rates():
     out = bench(
         "sandbox.py", *("--workers", "1", "--per-worker", "2", "--n", "8", "--n-fresh", "2", "--callers", "1"),
