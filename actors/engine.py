@@ -10,7 +10,7 @@ rank 0 over the weight-transfer group (``actors/weight_sync.py``), or with ``rol
 safetensors on /dev/shm and ``reload_weights`` (docs/platform-notes.md §10).
 
 Not here: driving trajectories and the sandbox (``actors/generator.py``, the actor built on this class), the loop's
-logic (``torl.rollout``).
+logic (``torl.rollout.tool_loop``).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 import ray
 
 from torl.config import Config
-from torl.devices import DeviceError, require_cuda
-from torl.logs import route_engine_logs
-from torl.paths import weight_dir
-from torl.rollout import EventFn, RoundOutput, RoundRequest, TextDelta, ToolLoop, derive_seed
-from torl.sampling import SamplingOverrides
+from torl.infra.devices import DeviceError, require_cuda
+from torl.infra.logs import route_engine_logs
+from torl.infra.paths import weight_dir
+from torl.rollout.sampling import SamplingOverrides
+from torl.rollout.tool_loop import EventFn, RoundOutput, RoundRequest, TextDelta, ToolLoop, derive_seed
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Generator actor: the tool loop over a vLLM engine, one asyncio task per trajectory (``torl.rollout``'s driver).
+"""Generator actor: the tool loop over a vLLM engine, one asyncio task per trajectory (``torl.rollout.tool_loop``'s
+driver).
 
 Each trajectory awaits the engine for a round, then awaits the sandbox pool for its tool call while the engine keeps
 decoding every other trajectory (continuous batching), then continues from the exact token ids so far. Batches for
@@ -6,8 +7,8 @@ training and evaluation (``generate``) and the serving stream (``generate_stream
 ``run_async``; the stream only listens to its events. The engine, its weight versions and weight updates are the
 base class's (``actors/engine.py``).
 
-Not here: the loop's logic, budget, masks and metrics (``torl.rollout``, ``torl.metrics``), the TIR text protocol
-(``torl.tool_protocol``), sandboxing (``actors.sandbox``), grading.
+Not here: the loop's logic, budget, masks and metrics (``torl.rollout.tool_loop``, ``torl.rollout.metrics``), the TIR
+text protocol (``torl.rollout.tool_protocol``), sandboxing (``actors.sandbox``), grading.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import ray
 
 from actors.engine import Engine
 from torl.config import Config
-from torl.metrics import BatchStats, batch_metrics, tool_warnings
-from torl.rollout import (
+from torl.rollout.metrics import BatchStats, batch_metrics, tool_warnings
+from torl.rollout.sampling import SamplingOverrides
+from torl.rollout.tool_loop import (
     Finished,
     GenRequest,
     LoopSettings,
@@ -37,8 +39,7 @@ from torl.rollout import (
     run_async,
     run_sync,
 )
-from torl.sampling import SamplingOverrides
-from torl.types import ExecResult, Trajectory
+from torl.rollout.types import ExecResult, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,8 @@ class Generator(Engine):
     ) -> AsyncIterator[StreamEvent]:
         """Run one trajectory and yield its events as they happen (for serving), through the same driver as training.
 
-        Events (``torl.rollout``): ``TextDelta`` (model text; only with ``overrides.stream``; stop strings held
-        back), ``ToolStarted``, ``ToolFinished`` (the recorded ``ToolCall``), ``Observation`` (the exact inserted
+        Events (``torl.rollout.tool_loop``): ``TextDelta`` (model text; only with ``overrides.stream``; stop strings
+        held back), ``ToolStarted``, ``ToolFinished`` (the recorded ``ToolCall``), ``Observation`` (the exact inserted
         text), and last ``Finished`` with the trajectory and the client-facing text, which ends before a matched
         client stop string (the trajectory keeps every sampled token). ``overrides`` may be a plain dict (a Ray
         caller); a misspelled key is an error. From Ray call it with ``.options(num_returns="streaming")``.

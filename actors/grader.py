@@ -1,10 +1,10 @@
 """The grader actor: scores a batch of responses against gold answers, returning (reward, correct) per response.
 
-A thin shell over ``torl.grading.score``. Every answer check runs in a helper process with a deadline
+A thin shell over ``torl.rl.grading.score``. Every answer check runs in a helper process with a deadline
 (``RewardConfig.grade_timeout_s``), so this actor may be sync or async and may run methods concurrently; a
 pathological answer costs at most the timeout and counts as wrong. ``grade`` never raises for a bad item.
 
-Not here: the equivalence rules (``torl/grading.py``) and accuracy metrics (``torl/metrics.py``).
+Not here: the equivalence rules (``torl/rl/grading.py``) and accuracy metrics (``torl/rollout/metrics.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import ray
 
 from torl.config import Config, RewardConfig
-from torl.grading import score, shutdown_helpers, worker_stats
+from torl.rl.grading import score, shutdown_helpers, worker_stats
 
 log = logging.getLogger(__name__)
 

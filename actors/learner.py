@@ -5,11 +5,11 @@ is the driver-side handle: a placement group, N learner actors that form a proce
 and shard the model per decoder layer + root with ``fully_shard`` (FSDP1 crashes on CPU, docs/platform-notes.md §3).
 With one worker the model is not wrapped (plain PyTorch), but a one-rank process group still exists so the state-dict
 and checkpoint code is the same. Every rank receives the whole batch and computes the same deterministic plan
-(``torl.batching``), then trains on its shard; losses are normalised by global counts (``torl.grpo``) so any
+(``torl.rl.batching``), then trains on its shard; losses are normalised by global counts (``torl.rl.grpo``) so any
 sharding gives the full-batch gradient.
 
-Not here: the GRPO formulas (``torl/grpo.py``), the checkpoint layout (``torl/checkpoint.py``), weight loading in
-the generators (``actors/generator.py``).
+Not here: the GRPO formulas (``torl/rl/grpo.py``), the checkpoint layout (``torl/infra/checkpoint.py``), weight loading
+in the generators (``actors/generator.py``).
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from torl import checkpoint as ckpt
-from torl.batching import pack_responses, plan_micro_batches
 from torl.config import Config, learner_threads
-from torl.devices import attention_implementation, process_group_backend, require_cuda
-from torl.dynamic_sampling import group_signal
-from torl.grpo import (
+from torl.infra import checkpoint as ckpt
+from torl.infra.devices import attention_implementation, process_group_backend, require_cuda
+from torl.infra.storage import Storage, StorageError, credential_env, run_storage
+from torl.rl.batching import pack_responses, plan_micro_batches
+from torl.rl.dynamic_sampling import group_signal
+from torl.rl.grpo import (
     CORRECTION_STATS,
     aggregation_weights,
     correction_metrics,
@@ -58,9 +59,8 @@ from torl.grpo import (
     rollout_correction,
     zero_variance_groups,
 )
-from torl.logprobs import causal_lm_logprobs
-from torl.storage import Storage, StorageError, credential_env, run_storage
-from torl.types import LearnerDied, Trajectory
+from torl.rl.logprobs import causal_lm_logprobs
+from torl.rollout.types import LearnerDied, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class Learner:
             ]
         t_prox = time.perf_counter() - t_prox
         adv = group_advantages(rewards, groups, algo.norm_adv_by_std, algo.adv_eps)
-        # By dynamic sampling's own criterion (correctness by default), which keeps such groups out (jobs/train.py).
+        # By dynamic sampling's own criterion (correctness by default), which keeps such groups out (jobs/loop.py).
         zero = zero_variance_groups(group_signal(trajs, algo.dynamic_sampling_metric), groups)
         sums: dict[str, float] = defaultdict(float)
         steps = 0
@@ -656,7 +656,7 @@ class LearnerGroup:
             raise ValueError(f"learner.num_workers must be >= 1, got {lc.num_workers}")
         self.storage = run_storage(cfg.trainer.storage_path, cfg.trainer.output_dir)
         # The ranks reach the storage with the driver's credentials when it has them in its environment (only those
-        # that are values, unless the cluster is the embedded local one: torl/storage.py).
+        # that are values, unless the cluster is the embedded local one: torl/infra/storage.py).
         local_cluster = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
         env = credential_env(os.environ, local_cluster) if self.storage is not None else {}
         bundle: dict[str, float] = {"CPU": lc.num_cpus}

@@ -10,7 +10,7 @@ that budget runs and how long snippets queue. ``create`` logs one loud warning w
 metrics. Every failure of the sandbox itself comes back as ``ExecResult(status="sandbox_error")``: a dead
 worker fails only the requests that were on it, and Ray restarts it for the next ones.
 
-Not here: isolation and limits (``torl/sandbox/``), turning results into observations (``torl.tool_protocol``).
+Not here: isolation and limits (``torl/sandbox/``), turning results into observations (``torl.rollout.tool_protocol``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any, get_args
 import ray
 
 from torl.config import SandboxConfig
+from torl.rollout.types import ExecResult, ExecStatus
 from torl.sandbox.client import Zygote, sandbox_error
+from torl.sandbox.health import PROBES, SandboxUnhealthy, probe_failures
 from torl.sandbox.isolation import LEVEL_VALUE, warning
-from torl.sandbox_health import PROBES, SandboxUnhealthy, probe_failures
-from torl.types import ExecResult, ExecStatus
 
 log = logging.getLogger(__name__)
 WORKER_BACKOFF_S = 2.0  # how long new requests avoid a worker that failed one (Ray restarts it meanwhile)
@@ -125,7 +125,7 @@ class SandboxPool:
         return pool
 
     def probe(self) -> None:
-        """Run the known snippets (``torl.sandbox_health.PROBES``) on every worker; raise ``SandboxUnhealthy``
+        """Run the known snippets (``torl.sandbox.health.PROBES``) on every worker; raise ``SandboxUnhealthy``
         naming each wrong answer. A worker that cannot answer at all counts as its sandbox failing."""
         refs = [(i, p, self.workers[i].run.remote(p.code)) for i in range(len(self.workers)) for p in PROBES]
         failures = []
@@ -196,7 +196,7 @@ class SandboxPool:
 
     def stats(self) -> dict[str, float]:
         """Flat counters of this client since it was made (or unpickled): results by status, what is in flight and
-        waiting now, queueing and execution times (keys and their merge over clients: ``torl.metrics``)."""
+        waiting now, queueing and execution times (keys and their merge over clients: ``torl.rollout.metrics``)."""
         done = sum(self._counts.values())
         out: dict[str, float] = {f"sandbox/{k}": float(self._counts[k]) for k in get_args(ExecStatus)}
         out.update(

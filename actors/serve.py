@@ -2,16 +2,17 @@
 
 One deployment, ``OpenAIServer``: a FastAPI ingress whose every replica owns one ``Generator`` (vLLM AsyncLLM,
 continuous batching) and the ``SandboxPool`` it runs code in. A request goes HTTP proxy -> replica and becomes one
-tool-loop trajectory on that replica's engine; auth, validation and response shapes (``torl.openai_api``), prompt
-templates (``torl.prompts``), tokenization and server-sent events run in the same process, next to the engine.
-Replica counts and autoscaling (one engine per replica) are Serve options (``configs/serve.yaml`` or ``ServeConfig``).
+tool-loop trajectory on that replica's engine; auth, validation and response shapes (``torl.serving.openai_api``),
+prompt templates (``torl.data.prompts``), tokenization and server-sent events run in the same process, next to the
+engine. Replica counts and autoscaling (one engine per replica) are Serve options (``configs/serve.yaml`` or
+``ServeConfig``).
 
 Why one deployment: an engine deployment behind a separate ingress cost a handle hop per request (routing,
 serialization, a second replica's request bookkeeping) for nothing in return: the ingress work is sub-millisecond
 and scales with the engines anyway (bench/serve.py has the figures).
 
-Not here: the tool loop (``actors/generator.py``, ``torl.rollout``), request validation rules (``torl.openai_api``),
-process start-up (``jobs/serve.py``).
+Not here: the tool loop (``actors/generator.py``, ``torl.rollout.tool_loop``), request validation rules
+(``torl.serving.openai_api``), process start-up (``jobs/serve.py``).
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.cluster import LOCAL_ENV
-from torl import openai_api as api
 from torl.config import Config, load_config
-from torl.prompts import TIR_INSTRUCTION, build_prompt
-from torl.rollout import Finished, Observation, StreamEvent, TextDelta, ToolFinished
-from torl.sampling import SamplingOverrides
-from torl.sandbox_health import health_report
-from torl.types import ToolCall
+from torl.data.prompts import TIR_INSTRUCTION, build_prompt
+from torl.rollout.sampling import SamplingOverrides
+from torl.rollout.tool_loop import Finished, Observation, StreamEvent, TextDelta, ToolFinished
+from torl.rollout.types import ToolCall
+from torl.sandbox.health import health_report
+from torl.serving import openai_api as api
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class OpenAIServer:
     @app.get("/health")
     async def health(self) -> dict:
         """Up, with the sandbox's health over the latest tool calls as training's gate judges it (``level``: ok,
-        warn, failing; torl.sandbox_health). The start-up probe already refused a replica whose sandbox failed."""
+        warn, failing; torl.sandbox.health). The start-up probe already refused a replica whose sandbox failed."""
         out: dict = {"status": "ok", "model": self.model_name}
         if self.pool is not None:
             out["sandbox"] = health_report(list(self.recent_calls), self.cfg.sandbox)

@@ -40,8 +40,8 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from torl.config import Config
-from torl.types import GeneratorDied
-from torl.weight_buckets import TensorMeta, bucket_bytes_of, pack, plan_buckets, unpack
+from torl.infra.weight_buckets import TensorMeta, bucket_bytes_of, pack, plan_buckets, unpack
+from torl.rollout.types import GeneratorDied
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class GlooInitInfo(WeightTransferInitInfo):
 
 @dataclass
 class GlooUpdateInfo(WeightTransferUpdateInfo):
-    """One push's tensors in send order; both ends cut the same buckets from it (``torl.weight_buckets``)."""
+    """One push's tensors in send order; both ends cut the same buckets from it (``torl.infra.weight_buckets``)."""
 
     names: list[str]
     dtype_names: list[str]

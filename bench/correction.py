@@ -3,7 +3,7 @@
     .venv/bin/python bench/correction.py [--seqs 2048 --tokens 2000 --mode tis --level token]
 
 Every learner rank corrects the whole batch against the engine's log-probs before its updates (``Learner.train_step``,
-``torl.grpo.rollout_correction``). The Python form walked every token of every sequence (about 690 ns per token, 2.8
+``torl.rl.grpo.rollout_correction``). The Python form walked every token of every sequence (about 690 ns per token, 2.8
 s per step at ToRL's 2048 x 2000 tokens, while the GPUs waited); the tensor form is one pass over the flat batch. The
 baseline below is that per-token form (token-level tis: the ratio, its clamp, the cap and the five statistics), kept
 only to measure against. Two tensor figures: from the trajectories' Python lists (flatten, correct, cut back per
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from torl.grpo import rollout_correction
+from torl.rl.grpo import rollout_correction
 
 
 def python_pass(proximal: list[list[float]], behaviour: list[list[float]], masks: list[list[int]], cap: float):

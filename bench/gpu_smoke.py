@@ -5,13 +5,13 @@
 
 Torch and transformers only (no Ray, no vLLM, no network), so it runs on a bare GPU machine in minutes: a randomly
 initialised Qwen2 of Qwen2.5-Math-1.5B's shape with gradient checkpointing (configs/torl_1.5b.yaml), one packed row of
-(prompt, response) sequences of ToRL-like lengths (``torl.batching.pack_responses``, position ids restarting per
+(prompt, response) sequences of ToRL-like lengths (``torl.rl.batching.pack_responses``, position ids restarting per
 sequence). The model is the learner's (``Learner._build_model``): fp32 master weights and AdamW states, FSDP2 (one
 rank, the learner's process-group backend) with bf16 compute (``MixedPrecisionPolicy``), the learner's attention
-(``torl.devices.attention_implementation``: flex attention or varlen flash attention on GPU, sdpa on CPU) and the
+(``torl.infra.devices.attention_implementation``: flex attention or varlen flash attention on GPU, sdpa on CPU) and the
 log-prob method registered as an FSDP forward. Each step is the learner's micro-step with the project's functions:
-the decoder and the chunked head (``torl.logprobs.causal_lm_logprobs`` at ``learner.logprob_chunk_tokens``),
-``torl.grpo.aggregation_weights`` and ``policy_loss``, backward, grad clip, AdamW. The old log-probs come from a
+the decoder and the chunked head (``torl.rl.logprobs.causal_lm_logprobs`` at ``learner.logprob_chunk_tokens``),
+``torl.rl.grpo.aggregation_weights`` and ``policy_loss``, backward, grad clip, AdamW. The old log-probs come from a
 no-grad pass first, as with ``algo.old_logprobs=recompute``.
 
 Figures: tokens/s of the last step (the first pays for CUDA warm-up and flex attention's compile); peak memory
@@ -21,7 +21,7 @@ head only runs where a log-prob is needed) + 6 x layers x hidden x sum(sequence 
 each sequence, forward and backward). Gradient checkpointing's recompute is not counted, as usual for MFU.
 
 It fails (exit status 1, naming the check) unless: every parameter and AdamW state is fp32 and the layers compute in
-bf16; on GPU, the peak memory is within the preflight's estimate for this micro-batch (``torl.preflight
+bf16; on GPU, the peak memory is within the preflight's estimate for this micro-batch (``torl.infra.preflight
 .learner_memory``: states + FSDP working set + activations + head) plus ``--memory-margin`` (10 %); and on GPU the
 MFU is at least ``--mfu-floor``: 15 %, a floor well under what a 1.5B step on 16k-token rows reaches on an H100 with
 flex attention (about a third of the work of the dense path's attention), so a regression to dense attention,
@@ -44,12 +44,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from torl.batching import pack_responses
 from torl.config import Config
-from torl.devices import attention_implementation, process_group_backend
-from torl.grpo import aggregation_weights, group_advantages, policy_loss
-from torl.logprobs import causal_lm_logprobs
-from torl.preflight import ModelShape, learner_memory
+from torl.infra.devices import attention_implementation, process_group_backend
+from torl.infra.preflight import ModelShape, learner_memory
+from torl.rl.batching import pack_responses
+from torl.rl.grpo import aggregation_weights, group_advantages, policy_loss
+from torl.rl.logprobs import causal_lm_logprobs
 
 # bf16 dense tensor-core peaks (vendor datasheets, no sparsity); the first name contained in the device name wins.
 PEAK_BF16_TFLOPS = (

@@ -21,11 +21,11 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from torl.batching import pack, plan_micro_batches
 from torl.config import Config, LearnerConfig, OptimConfig
-from torl.grpo import group_advantages, token_logprobs
-from torl.modeling import ModelShape, build_random_checkpoint
-from torl.types import Trajectory
+from torl.models.modeling import ModelShape, build_random_checkpoint
+from torl.rl.batching import pack, plan_micro_batches
+from torl.rl.grpo import group_advantages, token_logprobs
+from torl.rollout.types import Trajectory
 
 
 def make_batch(n_seqs: int, prompt_len: int, resp_len: int, vocab: int, group_size: int = 4) -> list[Trajectory]:

@@ -1,16 +1,16 @@
-"""Peak memory of the learner's log-prob step: the full logits at once vs the chunked head (torl/logprobs.py).
+"""Peak memory of the learner's log-prob step: the full logits at once vs the chunked head (torl/rl/logprobs.py).
 
     .venv/bin/python bench/logprobs_memory.py [--model models/smollm2-135m-instruct --tokens 4096 --chunks 0 1024]
 
 The step is what the learner does with the decoder's output for one micro-batch: the LM head, log-probs and entropy
-(``torl.logprobs.hidden_logprobs``), the GRPO loss over them (``torl.grpo.policy_loss``, token-mean weights), and
+(``torl.rl.logprobs.hidden_logprobs``), the GRPO loss over them (``torl.rl.grpo.policy_loss``, token-mean weights), and
 its backward to the hidden states and the head weight. Chunk 0 is the unchunked computation (the full [N, V] fp32
 logits through log_softmax, what the learner did before); the default is ``learner.logprob_chunk_tokens``.
 
 Method (CPU, peak resident memory): the parent loads the model once, packs ``--tokens`` tokens of random
-(prompt, response) sequences into one row (``torl.batching.pack_responses``), computes the final hidden states at the
-response positions and saves them with the head weight, the targets and the loss inputs. Each variant then runs in a
-fresh subprocess with one thread: it loads that file, runs a warm-up step on 8 rows (the first call of each kernel
+(prompt, response) sequences into one row (``torl.rl.batching.pack_responses``), computes the final hidden states at
+the response positions and saves them with the head weight, the targets and the loss inputs. Each variant then runs in
+a fresh subprocess with one thread: it loads that file, runs a warm-up step on 8 rows (the first call of each kernel
 pages in torch's code, which RSS counts), resets the process's peak-RSS mark (``/proc/self/clear_refs``: VmHWM =
 VmRSS), runs the step once and reports VmHWM - VmRSS-before: the step's peak growth over what was resident. Tensors
 this large are mmapped by glibc and handed back to the OS when freed, so RSS follows the live tensors.
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from torl.batching import pack_responses
 from torl.config import AlgoConfig, LearnerConfig
-from torl.grpo import aggregation_weights, policy_loss
-from torl.logprobs import hidden_logprobs
+from torl.rl.batching import pack_responses
+from torl.rl.grpo import aggregation_weights, policy_loss
+from torl.rl.logprobs import hidden_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 

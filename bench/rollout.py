@@ -73,7 +73,7 @@ def warm_model(out_dir: str, codes: dict[str, str], call_p: float, words: int, s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from torl.modeling import build_random_checkpoint
+    from torl.models.modeling import build_random_checkpoint
 
     rng = random.Random(0)
     data = [
@@ -195,8 +195,8 @@ def main() -> None:
     from actors.generator import GeneratorActor
     from actors.sandbox import SandboxPool
     from torl.config import Config, EngineConfig, ModelConfig, PromptConfig, RolloutConfig, SandboxConfig, ToolConfig
-    from torl.metrics import rollout_metrics
-    from torl.rollout import GenRequest
+    from torl.rollout.metrics import rollout_metrics
+    from torl.rollout.tool_loop import GenRequest
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     codes = snippets(args.spin)

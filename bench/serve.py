@@ -47,7 +47,7 @@ def model_dir(arg: str, tmp: str) -> str:
     base = REPO / "models" / "torl-tiny-base"
     if (base / "config.json").is_file():
         return str(base)
-    from torl.modeling import ModelShape, build_random_checkpoint
+    from torl.models.modeling import ModelShape, build_random_checkpoint
 
     # The base model recipe's shape (configs/base_model.yaml): hidden 128, 4 layers, head_dim 32.
     shape = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512)
@@ -79,8 +79,8 @@ def floor_server(path: str, port: int) -> None:
 
     from actors.generator import Generator
     from actors.serve import _choice, serve_limits
-    from torl import openai_api as api
-    from torl.rollout import Finished
+    from torl.rollout.tool_loop import Finished
+    from torl.serving import openai_api as api
 
     cfg = bench_config(path, port)
     state: dict = {}
@@ -140,7 +140,7 @@ async def wait_ready(base: str, proc, timeout_s: float = 600) -> None:
 
 
 def prompts(tok, n: int) -> list[list[int]]:
-    from torl.prompts import build_prompt
+    from torl.data.prompts import build_prompt
 
     questions = [f"What is {17 + 7 * i} times {23 + 3 * i}? Then add {i}." for i in range(n)]
     return [tok.encode(build_prompt(q, "tir_base_0309")) for q in questions]

@@ -23,7 +23,7 @@ learner.
 - one AdamW step per batch at ``optim.lr`` (constant), ``optim.weight_decay``, ``optim.betas``, ``optim.grad_clip``;
   PPO clip ``algo.clip_low``/``clip_high``, no KL (``algo.kl_coef=0``), token-mean loss (TRL's "dapo" loss type is
   torl's token-mean), group-std-normalised advantages;
-- the reward: torl's own check (``torl.grading.score``: +1 correct, -1 wrong or unboxed);
+- the reward: torl's own check (``torl.rl.grading.score``: +1 correct, -1 wrong or unboxed);
 - ``trainer.total_steps`` steps; the first is the warm-up and is left out, as in bench/train.py.
 
 Generation is TRL's default on CPU: ``transformers`` ``generate`` on the training model (TRL's vLLM modes need a GPU:
@@ -70,13 +70,13 @@ DEFAULT_PRESET = REPO / "configs" / "tiny_cpu.yaml"
 
 # Pure torl modules only (no Ray, no vLLM, no torl learner): the config, data, prompts, sampler, protocol, grading.
 from torl.config import Config, load_config, split_cli  # noqa: E402
-from torl.data import load_problems  # noqa: E402
-from torl.grading import score, shutdown_helpers  # noqa: E402
-from torl.paths import resolve  # noqa: E402
-from torl.prompts import build_prompt  # noqa: E402
-from torl.rollout import LoopSettings, RoundOutput, ToolLoop  # noqa: E402
-from torl.sampler import PromptSampler, encode_problems  # noqa: E402
-from torl.types import ExecResult, Trajectory  # noqa: E402
+from torl.data.problems import load_problems  # noqa: E402
+from torl.data.prompts import build_prompt  # noqa: E402
+from torl.data.sampler import PromptSampler, encode_problems  # noqa: E402
+from torl.infra.paths import resolve  # noqa: E402
+from torl.rl.grading import score, shutdown_helpers  # noqa: E402
+from torl.rollout.tool_loop import LoopSettings, RoundOutput, ToolLoop  # noqa: E402
+from torl.rollout.types import ExecResult, Trajectory  # noqa: E402
 
 
 def torl_batches(cfg: Config, tokenizer) -> list[list]:

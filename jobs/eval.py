@@ -29,7 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jobs.setup_run import check_resources, spawn_rollout_actors, stop_rollout_actors  # noqa: E402
+from jobs.run import spawn_rollout_actors, stop_rollout_actors  # noqa: E402
+from jobs.setup_run import check_resources  # noqa: E402
 from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict  # noqa: E402
 from torl.config_help import format_help  # noqa: E402
 from torl.evaluation import (  # noqa: E402
@@ -45,9 +46,9 @@ from torl.evaluation import (  # noqa: E402
     summarize,
     write_pass_rates,
 )
-from torl.sampling import SamplingOverrides  # noqa: E402
-from torl.sandbox_health import SandboxUnhealthy, health_report  # noqa: E402
-from torl.types import ToolCall  # noqa: E402
+from torl.rollout.sampling import SamplingOverrides  # noqa: E402
+from torl.rollout.types import ToolCall  # noqa: E402
+from torl.sandbox.health import SandboxUnhealthy, health_report  # noqa: E402
 
 NAMED_BENCHMARKS = ("aime24", "aime25", "math500", "olympiadbench", "amc23", "torl_val")
 
@@ -57,7 +58,7 @@ class Item:
     """One problem ready to generate: its benchmark, the problem, and the prompt as text and ids."""
 
     benchmark: str
-    problem: object  # torl.data.Problem
+    problem: object  # torl.data.problems.Problem
     prompt: str
     prompt_ids: list[int]
 
@@ -98,7 +99,7 @@ def resolve_checkpoint(path: str) -> str:
     if not p.exists():
         raise ConfigError(f"checkpoint {path!r} does not exist")
     if not (p / "config.json").is_file():
-        from torl.checkpoint import latest_checkpoint
+        from torl.infra.checkpoint import latest_checkpoint
 
         latest = latest_checkpoint(p)
         if latest is None or not (Path(latest) / "config.json").is_file():
@@ -109,8 +110,8 @@ def resolve_checkpoint(path: str) -> str:
 
 def load_items(cfg: Config, tokenizer) -> tuple[list[Item], dict[str, int]]:
     """Template and tokenize every benchmark's problems; skip (and count) prompts that would not fit the context."""
-    from torl.data import DataError, load_benchmark, load_problems
-    from torl.prompts import build_prompt
+    from torl.data.problems import DataError, load_benchmark, load_problems
+    from torl.data.prompts import build_prompt
 
     max_prompt = min(cfg.eval.max_prompt_tokens, cfg.model.max_model_len - cfg.rollout.max_response_tokens)
     items: list[Item] = []
@@ -179,7 +180,7 @@ def passes(cfg: Config) -> list[tuple[str, int, SamplingOverrides]]:
 
 def to_records(chunk: list[Item], trajs: list, verdicts: list, n: int, decoding: str) -> list[EvalRecord]:
     """Attach verdicts and turn a finished chunk's trajectories (``group`` = index in the chunk) into records."""
-    from torl.grading import extract_boxed
+    from torl.rl.grading import extract_boxed
 
     records, seen = [], Counter()
     for t, (reward, correct) in zip(trajs, verdicts, strict=True):
@@ -208,9 +209,9 @@ def stream(cfg: Config, generators: list, grader, work: dict[str, list[Item]], s
     ``work`` maps each pass's decoding to the problems it still has to generate."""
     import ray
 
-    from torl.metrics import engine_counts
-    from torl.progress import Progress
-    from torl.rollout import GenRequest
+    from torl.infra.progress import Progress
+    from torl.rollout.metrics import engine_counts
+    from torl.rollout.tool_loop import GenRequest
 
     size = cfg.eval.chunk_size
     chunks = [
@@ -287,7 +288,7 @@ def log_wandb(cfg: Config, out: Path, summary: dict, records: list[EvalRecord]) 
 
 
 def sandbox_summary(cfg: Config, records: list[EvalRecord], ran: bool) -> dict:
-    """The sandbox's health over the evaluation's tool calls, as training's gate judges it (torl.sandbox_health),
+    """The sandbox's health over the evaluation's tool calls, as training's gate judges it (torl.sandbox.health),
     and whether the start-up probe ran (it stops the evaluation before any problem when it fails)."""
     if not cfg.tool.enabled:
         return {"probe": "off (tools off)"}

@@ -24,14 +24,15 @@ sys.path.insert(0, str(REPO))
 
 from torl.config import ConfigError, split_cli  # noqa: E402
 from torl.config_help import format_help, wants_help  # noqa: E402
-from torl.paths import resolve  # noqa: E402
+from torl.infra.paths import resolve  # noqa: E402
 
 DEFAULT_RECIPE = REPO / "configs" / "base_model.yaml"
 
 
 def report(out: Path, eval_n: int, seed: int) -> dict:
     """Held-out figures of the model in ``out``: greedy (as validation) and temperature 1 (as RL rollouts)."""
-    from torl import base_report, tasks
+    from torl.data import tasks
+    from torl.models import base_report
 
     held_out = tasks.make_tasks("test", eval_n, seed=0)
     problems, levels = [t.problem() for t in held_out], [t.level for t in held_out]
@@ -48,7 +49,7 @@ def report(out: Path, eval_n: int, seed: int) -> dict:
 
 def main(argv: list[str]) -> int:
     if wants_help(argv):
-        from torl.pretrain import BaseModelRecipe
+        from torl.models.pretrain import BaseModelRecipe
 
         print(format_help(BaseModelRecipe, usage=__doc__.strip()))
         return 0
@@ -56,7 +57,13 @@ def main(argv: list[str]) -> int:
     args = [a for a in argv if a != "--force"]
     try:
         files, overrides = split_cli(args)
-        from torl.pretrain import build_base_model, cached_fingerprint, load_recipe, verify_manifest, write_manifest
+        from torl.models.pretrain import (
+            build_base_model,
+            cached_fingerprint,
+            load_recipe,
+            verify_manifest,
+            write_manifest,
+        )
 
         recipe = load_recipe(files or [str(DEFAULT_RECIPE)], overrides)
     except ConfigError as exc:

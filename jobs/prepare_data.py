@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from torl.config import ConfigError, split_cli  # noqa: E402
 from torl.config_help import format_help, wants_help  # noqa: E402
-from torl.data import DataError  # noqa: E402
+from torl.data.problems import DataError  # noqa: E402
 
 
 def source_help() -> str:

@@ -1,7 +1,7 @@
 """Driver-side run tracking: W&B (offline unless the user is logged in), a metrics.jsonl file, a console line.
 
 Only driver processes (jobs/) log; actors return flat slash-namespaced metric dicts. ``metrics.jsonl`` is always
-written so curves can be plotted without W&B (jobs/plot_run.py). Not here: computing metrics (torl/metrics.py).
+written so curves can be plotted without W&B (jobs/plot_run.py). Not here: computing metrics (torl/rollout/metrics.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from torl.config import WandbConfig
-from torl.types import Trajectory
+from torl.rollout.types import Trajectory
 
 SAMPLE_COLUMNS = ["step", "id", "response", "gold", "reward", "calls", "status"]
 

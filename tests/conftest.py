@@ -26,7 +26,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """The seconds-to-build variant of the base-model recipe (configs/base_model_test.yaml): a Qwen2 with hidden 64,
     2 layers, head_dim 32, tied embeddings, fp32, briefly trained on ToRL-format traces, and its tokenizer. Loads
     offline in transformers (AutoTokenizer / AutoModelForCausalLM) and vLLM. Built once per session."""
-    from torl.pretrain import build_base_model, load_recipe
+    from torl.models.pretrain import build_base_model, load_recipe
 
     out = tmp_path_factory.mktemp("tiny_model") / "model"
     path, _ = build_base_model(load_recipe([str(TEST_RECIPE)], [f"output_dir={out}", "threads=1"]))

@@ -370,7 +370,7 @@ class AlgoConfig:
             )
 
     def correction_thresholds(self) -> tuple[float, float, float]:
-        """(cap, low, high) for ``torl.grpo.rollout_correction`` at this correction_level: a geometric mean sits
+        """(cap, low, high) for ``torl.rl.grpo.rollout_correction`` at this correction_level: a geometric mean sits
         near 1 at any length, where the token and product thresholds (2, [0.5, 2]) would never act, so it has its
         own (tis truncates at its upper bound, as veRL's geometric level uses one threshold for both)."""
         if self.correction_level == "geometric":
@@ -402,7 +402,7 @@ class LearnerConfig:
     )
     logprob_chunk_tokens: int = opt(
         1024,
-        "Tokens per chunk of the LM head's log-softmax (torl/logprobs.py): only chunk x vocab fp32 logits exist at"
+        "Tokens per chunk of the LM head's log-softmax (torl/rl/logprobs.py): only chunk x vocab fp32 logits exist at"
         " a time, recomputed in backward, instead of micro_batch_tokens x vocab (40-50 GB at 16384 tokens and"
         " Qwen's 152k vocab; ~1.2 GB per 1024-token chunk). Same values and gradients; 0 = the whole micro-batch"
         " at once.",
@@ -531,7 +531,7 @@ class PreflightConfig:
     enabled: bool = opt(
         True,
         "Before any actor starts, estimate learner and engine memory, host memory and disk against the hardware, print"
-        " the table and stop naming the field to change when something will not fit (torl/preflight.py). False "
+        " the table and stop naming the field to change when something will not fit (torl/infra/preflight.py). False "
         "skips the estimates; the actors' CPU/GPU counts are always checked against Ray's.",
     )
     only: bool = opt(

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torl.metrics import rollout_metrics
-from torl.types import ToolCall, Trajectory
+from torl.rollout.metrics import rollout_metrics
+from torl.rollout.types import ToolCall, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,9 @@ def format_table(summary: dict[str, Any]) -> str:
     body = []
     for name, r in rows.items():
         body.append([name] + [fmt.format(r[k]) if k in r else "-" for k, _, fmt in cols])
-        for level in sorted({k.split("/")[1] for k in r if k.startswith("level/")}):  # by difficulty (torl.metrics)
+        for level in sorted(
+            {k.split("/")[1] for k in r if k.startswith("level/")}
+        ):  # by difficulty (torl.rollout.metrics)
             sub = {"problems": r[f"level/{level}/n"], "acc": r[f"level/{level}/acc"]}
             sub["tool/code_ratio"] = r[f"level/{level}/code_ratio"]
             body.append([f"  level {level}"] + [fmt.format(sub[k]) if k in sub else "" for k, _, fmt in cols])

@@ -38,7 +38,7 @@ def test_job_builds_once_then_returns_from_cache(tmp_path):
 def test_build_is_deterministic_given_the_seed(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from torl.pretrain import build_base_model, load_recipe
+    from torl.models.pretrain import build_base_model, load_recipe
 
     again, _ = build_base_model(load_recipe([str(TEST_RECIPE)], [f"output_dir={tmp_path / 'again'}", "threads=1"]))
     a, b = load_file(tiny_model_dir / "model.safetensors"), load_file(again / "model.safetensors")
@@ -51,7 +51,7 @@ VLLM_SCRIPT = textwrap.dedent(
     import json, sys
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
-    from torl.prompts import build_prompt
+    from torl.data.prompts import build_prompt
     path = sys.argv[1]
     llm = LLM(model=path, dtype="float32", max_model_len=512, enforce_eager=True, block_size=32, seed=0)
     prompt = build_prompt("What is $4821 \\\\times 397$?", "tir_base_0309")
@@ -75,7 +75,8 @@ def test_vllm_loads_the_checkpoint_with_identical_token_ids(tiny_model_dir):
 
 
 def test_tool_loop_report_runs_on_the_tiny_model(tiny_model_dir):
-    from torl import base_report, tasks
+    from torl.data import tasks
+    from torl.models import base_report
 
     held_out = tasks.make_tasks("test", 6, seed=0)
     figures = base_report.evaluate(
@@ -98,8 +99,9 @@ def test_tool_loop_report_runs_on_the_tiny_model(tiny_model_dir):
     ],
 )
 def test_run_snippet_reports_like_the_sandbox(code, status, body):
-    from torl import base_report, tool_protocol
     from torl.config import ToolConfig
+    from torl.models import base_report
+    from torl.rollout import tool_protocol
 
     result = base_report.run_snippet(code)
     assert result.status == status
@@ -111,7 +113,7 @@ SHIPPED = REPO / "models" / "torl-tiny-base"
 
 def test_shipped_base_model_is_intact_and_current():
     """The CPU default's model ships built; its files match their checksums and the recipe still names it."""
-    from torl.pretrain import load_recipe, verify_manifest
+    from torl.models.pretrain import load_recipe, verify_manifest
 
     assert verify_manifest(SHIPPED) == []
     meta = json.loads((SHIPPED / "recipe.json").read_text())
@@ -128,7 +130,7 @@ def test_recipe_still_reproduces_the_shipped_model(tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    from torl.pretrain import FIRST_LOSSES, initial_state, load_recipe, train
+    from torl.models.pretrain import FIRST_LOSSES, initial_state, load_recipe, train
 
     meta = json.loads((SHIPPED / "recipe.json").read_text())
     recipe = load_recipe([str(REPO / "configs" / "base_model.yaml")], [f"steps={FIRST_LOSSES}", "threads=1"])

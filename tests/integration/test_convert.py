@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from torl import convert
 from torl.config import load_config
+from torl.models import convert
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ def test_smollm2_converts_and_generates(smollm2_dir, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from torl.prompts import build_prompt
+    from torl.data.prompts import build_prompt
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out, first_s = smollm2_dir
@@ -141,7 +141,7 @@ def test_qwen_tokenizer_autotokenizer_beside_qwen2_config(tmp_path):
     # the one ours already has, so ids stay the same (vLLM also loads tokenizers through AutoTokenizer).
     from transformers import AutoTokenizer
 
-    from torl.qwen_tokenizer import qwen_tokenizer
+    from torl.models.qwen_tokenizer import qwen_tokenizer
 
     tok = qwen_tokenizer()
     tok.save_pretrained(tmp_path)

@@ -328,7 +328,7 @@ def test_sigterm_stops_the_job_cleanly_and_the_next_start_resumes(uninterrupted,
     import subprocess
     import sys
 
-    from torl.checkpoint import MARKER, latest_checkpoint
+    from torl.infra.checkpoint import MARKER, latest_checkpoint
 
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "run"

@@ -19,8 +19,8 @@ import torch
 from memorize import memorize
 
 from torl.config import Config, EngineConfig, ModelConfig, PromptConfig, RolloutConfig, SandboxConfig, ToolConfig
-from torl.metrics import rollout_metrics
-from torl.rollout import GenRequest
+from torl.rollout.metrics import rollout_metrics
+from torl.rollout.tool_loop import GenRequest
 
 STOP = "```output"
 TWO_CALLS = (
@@ -186,7 +186,7 @@ def test_sampling_is_reproducible(ray_cluster, generator, models):
 
 
 def test_stream_events(ray_cluster, generator, models):
-    from torl.rollout import Finished, Observation, TextDelta, ToolFinished, ToolStarted
+    from torl.rollout.tool_loop import Finished, Observation, TextDelta, ToolFinished, ToolStarted
 
     _, tok, _, _ = models
     prompt = _encode(tok, TWO_CALLS[0])
@@ -360,7 +360,7 @@ def test_gpus_the_generator_cannot_use_fail_at_start_naming_the_cause(tiny_model
     import vllm.platforms
 
     from actors.generator import Generator
-    from torl.devices import DeviceError
+    from torl.infra.devices import DeviceError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.version, "cuda", "13.0")

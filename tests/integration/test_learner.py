@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from actors.learner import Learner, LearnerGroup
-from torl import checkpoint as ckpt
 from torl.config import AlgoConfig, Config, LearnerConfig, OptimConfig, TrainerConfig, replace
-from torl.devices import DeviceError
-from torl.types import Trajectory
+from torl.infra import checkpoint as ckpt
+from torl.infra.devices import DeviceError
+from torl.rollout.types import Trajectory
 
 LR = 1e-3  # large enough that optimizer state and every step visibly matter
 CLIP = 0.5  # below the tiny model's gradient norm, so clipping is exercised
@@ -214,7 +214,7 @@ def _ones(trajs):
 
 
 def _advantages(trajs):
-    from torl.grpo import group_advantages
+    from torl.rl.grpo import group_advantages
 
     return group_advantages([t.reward for t in trajs], [t.group for t in trajs])
 

@@ -1,6 +1,6 @@
 """Padding-free attention over packed rows (#28): flex attention's block mask, built by transformers from the packed
 position ids, gives the same log-probs as the dense path (sdpa with its block-diagonal mask) and as each sequence
-run alone, to 1e-5. GPU learners use it (``learner.attn_implementation=auto``, torl/devices.py); torch's flex
+run alone, to 1e-5. GPU learners use it (``learner.attn_implementation=auto``, torl/infra/devices.py); torch's flex
 attention runs forward on CPU (its first call compiles for a few seconds), so the equality is checked here.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from torl.batching import pack_responses
-from torl.logprobs import causal_lm_logprobs
+from torl.rl.batching import pack_responses
+from torl.rl.logprobs import causal_lm_logprobs
 
 # (prompt, response) lengths: one row crosses the 128-token blocks of flex's block mask several times, with a
 # one-token response, a long sequence spanning blocks, and sequences starting mid-block.

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from jobs.prepare_data import main  # noqa: E402
-from torl.data import Problem, load_problems  # noqa: E402
+from torl.data.problem_rewards import record_problem_rewards  # noqa: E402
+from torl.data.problems import Problem, load_problems  # noqa: E402
+from torl.data.prompts import build_prompt  # noqa: E402
 from torl.prepare.config import load_prepare_config  # noqa: E402
 from torl.prepare.pipeline import (  # noqa: E402
     Item,
@@ -25,9 +27,7 @@ from torl.prepare.pipeline import (  # noqa: E402
     filter_each,
     too_long,
 )
-from torl.problem_rewards import record_problem_rewards  # noqa: E402
-from torl.prompts import build_prompt  # noqa: E402
-from torl.types import Trajectory  # noqa: E402
+from torl.rollout.types import Trajectory  # noqa: E402
 
 TOKENIZER = REPO / "models" / "torl-tiny-base"  # shipped with the repository
 EVAL_PROBLEM = "Let $ABCD$ be a square of side 7. Point $E$ lies on $CD$ with $DE=2$. Find the area of triangle $ABE$."

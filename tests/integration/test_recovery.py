@@ -24,7 +24,7 @@ MIN_FIRST_FAILED = 16  # held-out responses whose first call failed, before and 
 
 def test_shipped_recovery_base_model_is_intact_and_current():
     """The preset's model ships built (a fresh clone does not wait ten minutes for it) and matches its recipe."""
-    from torl.pretrain import cached_fingerprint, load_recipe, verify_manifest
+    from torl.models.pretrain import cached_fingerprint, load_recipe, verify_manifest
 
     model = REPO / "models" / "torl-recovery-base"
     assert verify_manifest(model) == []

@@ -1,5 +1,5 @@
 """The health gate and the start-up probe against a sandbox broken on purpose, and against a model writing failing
-code into a working one (torl.sandbox_health; the gate's arithmetic is in tests/unit/test_sandbox_health.py).
+code into a working one (torl.sandbox.health; the gate's arithmetic is in tests/unit/test_sandbox_health.py).
 
 Broken two ways: every worker actor killed mid-run (each call then fails in the pool client), and a zygote that
 cannot fork (its user's process limit leaves no room for a snippet's child, so the forker's fork fails with EAGAIN).
@@ -13,8 +13,8 @@ import pytest
 from sandbox_envs import ENVS, EnvZygote
 
 from torl.config import SandboxConfig
-from torl.sandbox_health import PROBES, HealthGate, SandboxUnhealthy, probe_failures
-from torl.types import ExecResult, ToolCall
+from torl.rollout.types import ExecResult, ToolCall
+from torl.sandbox.health import PROBES, HealthGate, SandboxUnhealthy, probe_failures
 
 CFG = SandboxConfig(num_workers=2, concurrency_per_worker=2, timeout_s=2.0, uid_base=262000, num_cpus=0.1)
 # What a model that writes failing code sends: its own NameError, a crash, an infinite loop (a real timeout).

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from hostile_target import CFG, HOST_FILE, ROOT, SECRET, healthy_after, pool, run, wait_no_strays  # noqa: F401
 
-from torl.paths import weight_dir
+from torl.infra.paths import weight_dir
 
 
 def test_reported_level(pool):

@@ -11,7 +11,7 @@ import pytest
 from sandbox_envs import ENVS, EnvZygote
 
 from torl.config import SandboxConfig
-from torl.metrics import ENGINE_METRICS
+from torl.rollout.metrics import ENGINE_METRICS
 
 CFG = SandboxConfig(num_workers=2, concurrency_per_worker=2, max_queue=8, timeout_s=2.0, uid_base=260000, num_cpus=0.1)
 

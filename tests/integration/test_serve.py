@@ -16,8 +16,8 @@ import httpx
 import pytest
 from memorize import memorize
 
-from torl.prompts import build_prompt
-from torl.rollout import observation_insert
+from torl.data.prompts import build_prompt
+from torl.rollout.tool_loop import observation_insert
 
 API_KEY = "test-key-123"
 MODEL = "tiny-tir"

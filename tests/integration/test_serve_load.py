@@ -35,7 +35,7 @@ from test_serve import (  # tests/integration is on sys.path
     teach,
 )
 
-from torl.prompts import build_prompt
+from torl.data.prompts import build_prompt
 
 APP = "torl-load"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}

@@ -1,5 +1,5 @@
 """Checkpoints and run files in an S3 bucket (moto's S3 server on loopback), as a run over several nodes without a
-shared disk keeps them (trainer.storage_path, torl/storage.py).
+shared disk keeps them (trainer.storage_path, torl/infra/storage.py).
 
 One run of the tiny model stores its checkpoints (each with its marker, older ones pruned) and metrics.jsonl in the
 bucket. A second start with another, empty output_dir (another node) and the model itself read from the bucket

@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from torl.config import AlgoConfig, Config, EngineConfig, LearnerConfig, ModelConfig, PromptConfig, RolloutConfig
-from torl.rollout import GenRequest
-from torl.types import Trajectory
+from torl.rollout.tool_loop import GenRequest
+from torl.rollout.types import Trajectory
 
 PROMPT = "Q: what is 6*7?\nA:"
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from torl.batching import balance, pack, pack_by_budget, pack_responses, plan_micro_batches
+from torl.rl.batching import balance, pack, pack_by_budget, pack_responses, plan_micro_batches
 
 
 def _lengths(n, seed=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from torl import checkpoint as ckpt
+from torl.infra import checkpoint as ckpt
 
 
 def _save(root, step, extra=None):

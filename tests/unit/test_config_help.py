@@ -7,8 +7,8 @@ from pathlib import Path
 
 from torl.config import Config
 from torl.config_help import format_help, markdown, sections
+from torl.models.pretrain import BaseModelRecipe
 from torl.prepare.config import PrepareConfig, SourceConfig
-from torl.pretrain import BaseModelRecipe
 
 REPO = Path(__file__).resolve().parents[2]
 

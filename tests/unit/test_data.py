@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from torl.data import (
+from torl.data.problems import (
     BENCHMARKS,
     DataError,
     EmptyField,
@@ -158,7 +158,7 @@ def test_empty_answer_raises_or_is_skipped_with_count(tmp_path, caplog):
     f = _write_jsonl(tmp_path / "some.jsonl", rows)
     with pytest.raises(DataError, match="some.jsonl row 1: empty answer"):
         load_problems(f)
-    with caplog.at_level(logging.WARNING, logger="torl.data"):
+    with caplog.at_level(logging.WARNING, logger="torl.data.problems"):
         problems = load_problems(f, skip_bad_rows=True)
     assert [p.question for p in problems] == ["q0"]
     assert "skipped 2 bad rows" in caplog.text

@@ -1,8 +1,9 @@
-"""A learner's process group and device (torl/devices.py, #28): CPU tensors beside NCCL, and no silent CPU run."""
+"""A learner's process group and device (torl/infra/devices.py, #28): CPU tensors beside NCCL, and no silent CPU
+run."""
 
 import pytest
 
-from torl.devices import (
+from torl.infra.devices import (
     CUDA_GROUP_BACKEND,
     DeviceError,
     attention_implementation,

@@ -1,9 +1,9 @@
 """DAPO's dynamic sampling bookkeeping: varied groups kept in arrival order, renumbered, capped at the batch size."""
 
-from torl.dynamic_sampling import VariedBatch, group_signal
-from torl.grading import overlong_penalty
-from torl.grpo import zero_variance_groups
-from torl.types import Trajectory
+from torl.rl.dynamic_sampling import VariedBatch, group_signal
+from torl.rl.grading import overlong_penalty
+from torl.rl.grpo import zero_variance_groups
+from torl.rollout.types import Trajectory
 
 
 def _rollout(rewards_per_group: list[list[float]], tag: str) -> list[Trajectory]:
@@ -73,10 +73,10 @@ def test_all_equal_rewards_leave_nothing():
 def test_each_draw_of_a_step_seeds_its_sampling_apart(monkeypatch):
     """A problem drawn again within one step (the epoch wrapped between draws) gets new sampling seeds in each draw,
     and the same ones when the step is rerun: keep_varied seeds draw k by ``draw_seed_step(step, k)``."""
-    from jobs import train
+    from jobs import loop
     from torl.config import AlgoConfig, Config, DataConfig
-    from torl.dynamic_sampling import draw_seed_step
-    from torl.rollout import derive_seed
+    from torl.rl.dynamic_sampling import draw_seed_step
+    from torl.rollout.tool_loop import derive_seed
 
     class FakeRun:  # every draw offers the same problem, never varied: keep_varied draws up to its bound
         cfg = Config(data=DataConfig(batch_size=1), algo=AlgoConfig(dynamic_sampling_max_draws=3))
@@ -94,11 +94,11 @@ def test_each_draw_of_a_step_seeds_its_sampling_apart(monkeypatch):
         def collect(self, shards):
             return _rollout([[1, 1]], "p"), {}
 
-    monkeypatch.setattr(train, "grade", lambda run, trajs: None)
+    monkeypatch.setattr(loop, "grade", lambda run, trajs: None)
 
     def seeds(step: int) -> list[int]:
         run = FakeRun()
-        train.keep_varied(run, _rollout([[1, 1]], "p"), step, {}, lambda _: None)
+        loop.keep_varied(run, _rollout([[1, 1]], "p"), step, {}, lambda _: None)
         assert len(run.steps) == 2
         # the step's own batch was sampled with GenRequest.step = step (RolloutQueue.fill)
         return [derive_seed(1, "p0", 0, 0, s) for s in [step, *run.steps]]

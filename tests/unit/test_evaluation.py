@@ -20,7 +20,7 @@ from torl.evaluation import (
     summarize,
     write_pass_rates,
 )
-from torl.types import ToolCall, Trajectory
+from torl.rollout.types import ToolCall, Trajectory
 
 
 def rec(

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from torl.config import RewardConfig
-from torl.grading import extract_boxed, is_equivalent, normalize_answer, parse_number, score
+from torl.rl.grading import extract_boxed, is_equivalent, normalize_answer, parse_number, score
 
 # (prediction as boxed by a model, gold as stored in the dataset, expected)
 GRADING_TABLE = [
@@ -249,7 +249,7 @@ def test_score(text, cfg, attempted, failed, expected):
 
 
 def test_overlong_penalty_follows_dapo_at_the_boundaries():
-    from torl.grading import overlong_penalty
+    from torl.rl.grading import overlong_penalty
 
     # L_max 3072, L_cache 512: no penalty up to 2560 tokens, linear to -1 at 3072, -1 beyond (cut off).
     assert overlong_penalty(2560, 3072, 512) == 0.0

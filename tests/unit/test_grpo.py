@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from torl.grpo import (
+from torl.rl.grpo import (
     aggregation_weights,
     group_advantages,
     kl_penalty,
@@ -196,7 +196,7 @@ def test_token_logprobs_fp32_and_entropy():
 
 def _one(proximal, behaviour, mask, mode, level="token", cap=2.0, low=0.5, high=2.0) -> SimpleNamespace:
     """``rollout_correction`` of one sequence given as lists: its weights, surviving mask and stats as plain values."""
-    from torl.grpo import CORRECTION_STATS, rollout_correction
+    from torl.rl.grpo import CORRECTION_STATS, rollout_correction
 
     weights, kept, stats = rollout_correction(
         torch.tensor(proximal, dtype=torch.float64),
@@ -238,7 +238,7 @@ def test_tis_truncates_weights_at_the_cap():
 def test_mismatch_k3_and_k1_average_to_kl_of_behaviour_to_proximal_over_behaviour_samples():
     """Both estimators, averaged over the tokens the engine would sample (each outcome weighted by its behaviour
     probability), give exactly KL(behaviour || proximal); the inverted k3, exp(-r) - 1 + r, does not."""
-    from torl.grpo import correction_metrics
+    from torl.rl.grpo import correction_metrics
 
     behav, prox = [0.7, 0.2, 0.1], [0.4, 0.4, 0.2]
     kl = sum(b * math.log(b / p) for b, p in zip(behav, prox, strict=True))
@@ -268,7 +268,7 @@ def test_mis_keeps_the_importance_weight_inside_the_band_and_mis_reject_does_not
 def test_mis_reject_masks_tokens_outside_the_band_and_they_leave_the_denominator():
     import torch
 
-    from torl.grpo import aggregation_weights
+    from torl.rl.grpo import aggregation_weights
 
     c = _one(_PROX, _BEHAV, _MASK, "mis_reject", low=0.5, high=2.0)
     assert c.mask == [0, 1, 0, 0] and c.weights == [1.0, 1.0, 1.0, 1.0] and c.stats["corrected"] == 2
@@ -341,7 +341,7 @@ def test_geometric_level_keeps_long_sequences_that_the_product_rejects():
 def test_policy_loss_scales_each_token_by_its_importance_weight():
     import torch
 
-    from torl.grpo import policy_loss
+    from torl.rl.grpo import policy_loss
 
     logp = torch.tensor([-1.0, -2.0])
     adv, mask, w = torch.tensor([1.0, -1.0]), torch.ones(2), torch.tensor([0.5, 0.5])
@@ -357,7 +357,7 @@ def test_batched_correction_equals_each_sequence_alone(mode, level):
     """The learner corrects a whole packed batch in one tensor pass (#28: a Python pass per token cost ~2.8 s per
     step at 2048 x 2000 tokens); each sequence's weights, mask and stats must be those it gets alone, with lengths
     that differ (one sequence empty, one all tool output) and ratios on both sides of every threshold."""
-    from torl.grpo import CORRECTION_STATS, rollout_correction
+    from torl.rl.grpo import CORRECTION_STATS, rollout_correction
 
     gen = torch.Generator().manual_seed(2)
     lengths = [7, 0, 12, 5, 30]

@@ -20,7 +20,14 @@ def _torl_modules() -> list[str]:
 
 def test_torl_modules_are_found():
     names = _torl_modules()
-    for core in ("torl.config", "torl.data", "torl.grading", "torl.prompts", "torl.tool_protocol", "torl.types"):
+    for core in (
+        "torl.config",
+        "torl.data.problems",
+        "torl.rl.grading",
+        "torl.data.prompts",
+        "torl.rollout.tool_protocol",
+        "torl.rollout.types",
+    ):
         assert core in names
 
 

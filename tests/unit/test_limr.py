@@ -5,9 +5,7 @@ import json
 
 import pytest
 
-from torl.data import DataError
-from torl.prepare.limr import average_curve, lim_score, lim_scores, select
-from torl.problem_rewards import (
+from torl.data.problem_rewards import (
     FILE_NAME,
     ProblemReward,
     load_problem_rewards,
@@ -15,7 +13,9 @@ from torl.problem_rewards import (
     reward_curves,
     step_records,
 )
-from torl.types import Trajectory
+from torl.data.problems import DataError
+from torl.prepare.limr import average_curve, lim_score, lim_scores, select
+from torl.rollout.types import Trajectory
 
 # Three problems over three epochs: one that learns, one never solved, one always solved.
 CURVES = {"learns": [0.0, 0.5, 1.0], "never": [0.0, 0.0, 0.0], "always": [1.0, 1.0, 1.0]}

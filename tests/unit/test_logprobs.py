@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from torl.batching import pack_responses
-from torl.grpo import token_logprobs
-from torl.logprobs import causal_lm_logprobs, hidden_logprobs
+from torl.rl.batching import pack_responses
+from torl.rl.grpo import token_logprobs
+from torl.rl.logprobs import causal_lm_logprobs, hidden_logprobs
 
 N, H, V = 10, 8, 13
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from torl.metrics import answer_in_output, is_effective_code, level_name, rollout_metrics
-from torl.types import ToolCall, Trajectory
+from torl.rollout.metrics import answer_in_output, is_effective_code, level_name, rollout_metrics
+from torl.rollout.types import ToolCall, Trajectory
 
 
 def call(status: str = "ok", observation: str = "1") -> ToolCall:

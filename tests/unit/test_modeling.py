@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from torl.modeling import IM_END, PAD_TOKEN, ModelShape, build_model, padded_vocab
+from torl.models.modeling import IM_END, PAD_TOKEN, ModelShape, build_model, padded_vocab
 
 TORL_TEXT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
@@ -78,14 +78,16 @@ def test_padded_vocab():
     assert padded_vocab(512) == 512 and padded_vocab(513) == 576
 
 
-# --- the pretraining recipe (torl.pretrain) ---------------------------------------------------------------------
+# --- the pretraining recipe (torl.models.pretrain)
+# ---------------------------------------------------------------------
 
 
 def test_encode_trace_matches_how_the_tool_loop_builds_ids(auto_tok):
     import random
 
-    from torl import pretrain, tasks
-    from torl.rollout import observation_insert
+    from torl.data import tasks
+    from torl.models import pretrain
+    from torl.rollout.tool_loop import observation_insert
 
     rng = random.Random(0)
     ts = tasks.make_tasks("train", 200, seed=0)
@@ -110,7 +112,7 @@ def test_encode_trace_matches_how_the_tool_loop_builds_ids(auto_tok):
 
 def test_recipe_overrides_fingerprint_and_unknown_keys():
     from torl.config import ConfigError
-    from torl.pretrain import BaseModelRecipe, load_recipe
+    from torl.models.pretrain import BaseModelRecipe, load_recipe
 
     base = BaseModelRecipe()
     assert load_recipe([], ["steps=7"]).steps == 7
@@ -121,7 +123,7 @@ def test_recipe_overrides_fingerprint_and_unknown_keys():
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
-    from torl.pretrain import BaseModelRecipe, _lr_at
+    from torl.models.pretrain import BaseModelRecipe, _lr_at
 
     r = BaseModelRecipe(steps=100, warmup_steps=10, lr=1.0, min_lr_frac=0.1)
     assert _lr_at(0, r) == pytest.approx(0.1) and _lr_at(9, r) == pytest.approx(1.0)
@@ -137,7 +139,7 @@ def test_fixture_model_was_built_by_the_recipe(tiny_model_dir):
 def test_recipe_fields_added_later_keep_the_shipped_fingerprint_until_set():
     from pathlib import Path
 
-    from torl.pretrain import load_recipe
+    from torl.models.pretrain import load_recipe
 
     repo = Path(__file__).resolve().parents[2]
     default = load_recipe([str(repo / "configs" / "base_model.yaml")])

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from torl.openai_api import (
+from torl.rollout.sampling import SamplingOverrides
+from torl.rollout.types import ToolCall
+from torl.serving.openai_api import (
     APIError,
     ChoiceResult,
     ServeLimits,
@@ -22,8 +24,6 @@ from torl.openai_api import (
     stream_chunk,
     usage_chunk,
 )
-from torl.sampling import SamplingOverrides
-from torl.types import ToolCall
 
 LIMITS = ServeLimits(
     model_name="tiny",

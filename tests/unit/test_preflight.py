@@ -1,5 +1,5 @@
-"""The preflight (torl/preflight.py): shipped presets fit the hardware they are for, impossible ones fail naming the
-field to change, and each estimate moves with the settings that should move it."""
+"""The preflight (torl/infra/preflight.py): shipped presets fit the hardware they are for, impossible ones fail naming
+the field to change, and each estimate moves with the settings that should move it."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from torl.config import load_config
-from torl.preflight import (
+from torl.infra.preflight import (
     KNOWN_SHAPES,
     GiB,
     Hardware,

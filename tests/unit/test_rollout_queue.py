@@ -1,13 +1,13 @@
-"""jobs/train.py's RolloutQueue against a fake run: which rollouts a checkpoint keeps, and that a resumed run trains on
+"""jobs/loop.py's RolloutQueue against a fake run: which rollouts a checkpoint keeps, and that a resumed run trains on
 exactly the batches the interrupted one would have, whatever trainer.max_staleness it resumes with."""
 
 from __future__ import annotations
 
 import copy
 
-from jobs.train import RolloutQueue
+from jobs.loop import RolloutQueue
 from torl.config import Config, TrainerConfig
-from torl.sampler import PromptSampler
+from torl.data.sampler import PromptSampler
 
 
 class FakeRun:

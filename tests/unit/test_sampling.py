@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from torl.sampling import SamplingOverrides
+from torl.rollout.sampling import SamplingOverrides
 
 
 def test_a_misspelled_override_fails_loudly_naming_the_known_keys():

@@ -1,4 +1,4 @@
-"""The sandbox health gate, the probe's verdicts and the shared report (torl.sandbox_health), on hand-made results.
+"""The sandbox health gate, the probe's verdicts and the shared report (torl.sandbox.health), on hand-made results.
 
 The same gate runs against a really broken sandbox (killed workers, a zygote that cannot fork) in
 tests/integration/test_sandbox_health_gate.py.
@@ -7,8 +7,8 @@ tests/integration/test_sandbox_health_gate.py.
 import pytest
 
 from torl.config import ConfigError, SandboxConfig
-from torl.sandbox_health import PROBES, HealthGate, health_report, is_sandbox_side, probe_failures
-from torl.types import ExecResult, ToolCall
+from torl.rollout.types import ExecResult, ToolCall
+from torl.sandbox.health import PROBES, HealthGate, health_report, is_sandbox_side, probe_failures
 
 NAME_ERROR = "Traceback (most recent call last):\nNameError: name 'a' is not defined"
 

@@ -1,12 +1,12 @@
-"""torl/storage.py against a local pyarrow filesystem (file:// URIs): upload with the marker last, listing, prune,
-download into a node-local cache, run files, model cache, probe errors and the variables passed to actors."""
+"""torl/infra/storage.py against a local pyarrow filesystem (file:// URIs): upload with the marker last, listing,
+prune, download into a node-local cache, run files, model cache, probe errors and the variables passed to actors."""
 
 import json
 
 import pytest
 
-from torl import checkpoint as ckpt
-from torl.storage import RUN_FILES, Storage, StorageError, credential_env, open_storage, run_storage
+from torl.infra import checkpoint as ckpt
+from torl.infra.storage import RUN_FILES, Storage, StorageError, credential_env, open_storage, run_storage
 
 
 def _save(root, step, payload=b"weights"):

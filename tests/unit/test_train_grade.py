@@ -1,4 +1,4 @@
-"""jobs/train.py's grade(): the grader's verdicts, then DAPO's overlong shaping and filtering on training batches
+"""jobs/loop.py's grade(): the grader's verdicts, then DAPO's overlong shaping and filtering on training batches
 only. A fake grader and a stand-in for ``ray.get`` keep it to milliseconds."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import types
 
 import pytest
 
-from jobs import train
+from jobs import loop
 from torl.config import Config, RewardConfig, RolloutConfig
-from torl.types import Trajectory
+from torl.rollout.types import Trajectory
 
 LIMIT = 10  # rollout.max_response_tokens
 
@@ -42,8 +42,8 @@ def _run(**reward) -> types.SimpleNamespace:
 
 def test_overlong_shaping_is_added_to_training_rewards(batch):
     """Buffer 4 below the limit of 10: nothing up to 6 tokens, -0.5 at 8, the whole -1 at 10 (DAPO's soft overlong
-    punishment, torl.grading.overlong_penalty), on top of the grader's reward; correctness is the grader's (#30)."""
-    train.grade(_run(overlong_buffer=4, overlong_penalty=1.0), batch)
+    punishment, torl.rl.grading.overlong_penalty), on top of the grader's reward; correctness is the grader's (#30)."""
+    loop.grade(_run(overlong_buffer=4, overlong_penalty=1.0), batch)
     assert [t.reward for t in batch] == pytest.approx([1.0, 0.5, 0.0])
     assert all(t.correct for t in batch) and all(all(t.loss_mask) for t in batch)
 
@@ -51,11 +51,11 @@ def test_overlong_shaping_is_added_to_training_rewards(batch):
 def test_mask_truncated_takes_cut_off_responses_out_of_the_loss(batch):
     """reward.mask_truncated: the response cut off at the limit keeps its reward but no token trains; the long one
     that ended on its own trains as before (DAPO's overlong filtering) (#30)."""
-    train.grade(_run(mask_truncated=True), batch)
+    loop.grade(_run(mask_truncated=True), batch)
     assert [t.reward for t in batch] == [1.0, 1.0, 1.0]
     assert [sum(t.loss_mask) for t in batch] == [5, 8, 0]
 
 
 def test_validation_is_graded_unshaped(batch):
-    train.grade(_run(overlong_buffer=4, mask_truncated=True), batch, shape=False)
+    loop.grade(_run(overlong_buffer=4, mask_truncated=True), batch, shape=False)
     assert [t.reward for t in batch] == [1.0, 1.0, 1.0] and [sum(t.loss_mask) for t in batch] == [5, 8, LIMIT]

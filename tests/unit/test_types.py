@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from torl.types import ToolCall, Trajectory
+from torl.rollout.types import ToolCall, Trajectory
 
 
 def test_a_trajectory_round_trips_through_json_exactly():

@@ -10,9 +10,9 @@ import asyncio
 import pytest
 
 from torl.config import ToolConfig
-from torl.rollout import LoopSettings, RoundOutput, ToolLoop, filter_void_turns, run_async
-from torl.tool_protocol import is_void_turn
-from torl.types import ExecResult, Trajectory
+from torl.rollout.tool_loop import LoopSettings, RoundOutput, ToolLoop, filter_void_turns, run_async
+from torl.rollout.tool_protocol import is_void_turn
+from torl.rollout.types import ExecResult, Trajectory
 
 STOP = "```output"
 CODE = "```python\nprint(6*7)\n```\n"
@@ -101,7 +101,7 @@ def test_filter_zeroes_only_void_trajectories_and_keeps_rewards():
 
 
 def test_void_turn_share_is_reported_with_the_filter_off():
-    from torl.metrics import rollout_metrics
+    from torl.rollout.metrics import rollout_metrics
 
     batch = [traj("a", 0, 1.0), traj("b", 1, -1.0), traj("c", 0, -1.0), traj("d", 0, 1.0)]
     assert rollout_metrics(batch)["tool/void_turn_share"] == 0.25

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from torl.weight_buckets import TensorMeta, bucket_bytes_of, pack, plan_buckets, unpack
+from torl.infra.weight_buckets import TensorMeta, bucket_bytes_of, pack, plan_buckets, unpack
 
 
 def _metas(*sizes, dtype=torch.float32):

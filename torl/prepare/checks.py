@@ -4,14 +4,14 @@ ToRL kept problems with a single verifiable answer, dropping proofs and ambiguou
 (docs/torl-behaviour.md ("Training data")). An RL reward only means something when the answer can be matched: a
 proof has no final answer, a multiple-choice letter is guessed right one time in five without any reasoning, and an
 answer the grader cannot parse rewards nothing however good the response. The rules below look at text only; the
-math-verify self-check runs in ``torl.grading``'s helper process.
+math-verify self-check runs in ``torl.rl.grading``'s helper process.
 """
 
 from __future__ import annotations
 
 import re
 
-from torl.grading import is_verifiable
+from torl.rl.grading import is_verifiable
 
 # "Show that ...", "Explain why ...": an imperative opening a sentence, a line or a numbered part. "will the census
 # show that" (a question about a value) opens nothing, and "Show your work" asks for no proof.
@@ -76,7 +76,7 @@ def multiple_choice(question: str, answer: str) -> str | None:
 
 def unverifiable(answer: str, timeout_s: float = 5.0) -> str | None:
     """Why the grader could never match this gold answer, or None: unbalanced braces, a sentence instead of a value,
-    or math-verify cannot parse it or verify it against itself (``torl.grading.is_verifiable``)."""
+    or math-verify cannot parse it or verify it against itself (``torl.rl.grading.is_verifiable``)."""
     depth = 0
     for i, ch in enumerate(answer):
         if ch in "{}" and (i == 0 or answer[i - 1] != "\\"):

@@ -2,7 +2,7 @@
 
 Its own tree rather than a section of ``torl.config.Config``: preparing data needs no model, cluster or trainer,
 and a training run should not carry fields it never reads. Paths that do not exist as given are taken relative to
-the checkout (``torl.paths``), so a preset's ``../shared/data/...`` works from any working directory.
+the checkout (``torl.infra.paths``), so a preset's ``../shared/data/...`` works from any working directory.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from torl.config import ConfigError, load_dataclass, opt, section
-from torl.qwen_tokenizer import QWEN25_MATH_SYSTEM
+from torl.models.qwen_tokenizer import QWEN25_MATH_SYSTEM
 
 EVALUATION_SETS = ("aime24", "aime25", "math500", "olympiadbench", "amc23", "torl_val", "train_limr/test")
 
@@ -44,7 +44,7 @@ class FilterConfig:
     tokenizer: str = opt(
         "qwen2.5",
         'tokenizer for the prompt-length filter: a Hugging Face tokenizer directory, "qwen2.5" = Qwen2.5(-Math)\'s '
-        '(built offline by torl.qwen_tokenizer), "" = no length filter',
+        '(built offline by torl.models.qwen_tokenizer), "" = no length filter',
     )
     template: Literal["tir_base_0309", "tir_base_0307"] = opt(
         "tir_base_0309", "prompt template whose token count is limited (the training job's prompt.template)"
@@ -65,7 +65,7 @@ class FilterConfig:
 class DecontaminationConfig:
     against: tuple[str, ...] = opt(
         EVALUATION_SETS,
-        "evaluation sets (torl.data benchmark names or paths) no training question may overlap; () = off",
+        "evaluation sets (torl.data.problems benchmark names or paths) no training question may overlap; () = off",
     )
     threshold: float = opt(
         0.75,

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from torl.config import to_dict
-from torl.data import (
+from torl.data.problem_rewards import load_problem_rewards, reward_curves
+from torl.data.problems import (
     DataError,
     EmptyField,
     FieldNames,
@@ -31,8 +32,8 @@ from torl.data import (
     row_to_problem,
 )
 from torl.evaluation import read_pass_rates
-from torl.grading import is_equivalent, quick_equivalent
-from torl.paths import resolve
+from torl.infra.paths import resolve
+from torl.infra.progress import Progress
 from torl.prepare import balance as balancing
 from torl.prepare import checks, limr
 from torl.prepare.config import PrepareConfig, SourceConfig
@@ -48,8 +49,7 @@ from torl.prepare.text import (
     words,
 )
 from torl.prepare.verl_format import TrainingRow, write_training_file
-from torl.problem_rewards import load_problem_rewards, reward_curves
-from torl.progress import Progress
+from torl.rl.grading import is_equivalent, quick_equivalent
 
 _GENERIC_NAMES = {"train", "test", "data", "val", "validation", "dev"}
 
@@ -170,7 +170,7 @@ def filter_each(stage: str, items: list[Item], ledger: Ledger, why: Callable[[It
 
 def load_tokenizer(name: str) -> Any:
     if name == "qwen2.5":
-        from torl.qwen_tokenizer import qwen_tokenizer
+        from torl.models.qwen_tokenizer import qwen_tokenizer
 
         return qwen_tokenizer()
     from transformers import AutoTokenizer
@@ -186,7 +186,7 @@ def load_tokenizer(name: str) -> Any:
 
 def count_prompt_tokens(items: list[Item], cfg: PrepareConfig) -> None:
     """Templated prompt length of every item, in batches (the tokenizer is fast on lists)."""
-    from torl.prompts import build_prompt
+    from torl.data.prompts import build_prompt
 
     tok = load_tokenizer(cfg.filters.tokenizer)
     batch = 256

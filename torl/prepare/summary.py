@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from torl.grading import normalize_answer, parse_number
+from torl.rl.grading import normalize_answer, parse_number
 
 ANSWER_TYPES = ("integer", "decimal", "fraction", "tuple/interval", "list", "matrix", "text", "expression")
 _TEXT = re.compile(r"^(?:\\text\{[^{}]*\}|[A-Za-z][A-Za-z ]+)$")

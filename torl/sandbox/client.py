@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from torl.config import SandboxConfig
-from torl.types import ExecResult
+from torl.rollout.types import ExecResult
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ or without a box. Fixed here: answers are wrapped in ``$...$`` before math-verif
 number are dropped, and every math-verify call runs in a helper process with a deadline, so a check can never hang and
 works from any thread (math-verify's own ``signal.alarm`` timeout only works on the main thread).
 
-Not here: batching across actors (``actors/grader.py``) and accuracy metrics (``torl/metrics.py``).
+Not here: batching across actors (``actors/grader.py``) and accuracy metrics (``torl/rollout/metrics.py``).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def wrap_math(answer: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # math-verify in a helper process with a deadline.
 
-_WORKER_CODE = "from torl.grading import _worker_main; _worker_main()"
+_WORKER_CODE = "from torl.rl.grading import _worker_main; _worker_main()"
 
 
 def _die_with_parent() -> None:
@@ -226,7 +226,7 @@ class _Helper:
 
     def __init__(self) -> None:
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])  # the directory holding the torl package
+        root = str(Path(__file__).resolve().parents[2])  # the directory holding the torl package
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(

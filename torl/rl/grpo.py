@@ -5,7 +5,7 @@ so the same code serves any packing. Loss aggregation is expressed as per-token 
 (all micro-batches of all ranks of one optimizer step): summing the micro-batch losses, or the shard gradients,
 gives exactly the full-batch loss and gradient.
 
-Not here: models, optimizers, distribution (``actors/learner.py``), how sequences are split (``torl/batching.py``).
+Not here: models, optimizers, distribution (``actors/learner.py``), how sequences are split (``torl/rl/batching.py``).
 """
 
 from __future__ import annotations

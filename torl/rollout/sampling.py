@@ -5,7 +5,7 @@ budget and stop strings. They travel as one frozen record rather than a free dic
 is written instead of being silently ignored by the engine (``SamplingOverrides.from_dict``).
 
 Not here: turning these into vLLM's ``SamplingParams`` (``actors/engine.py``), OpenAI request validation
-(``torl.openai_api``).
+(``torl.serving.openai_api``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class SamplingOverrides:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    seed: int | None = None  # base seed; each round still derives its own (``torl.rollout.derive_seed``)
+    seed: int | None = None  # base seed; each round still derives its own (``torl.rollout.tool_loop.derive_seed``)
     max_tokens: int | None = None  # response budget, observations included (None: rollout.max_response_tokens)
     greedy: bool = False
     # Stream text deltas; False: the engine reports each round once, which is cheaper.

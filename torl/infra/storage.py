@@ -4,13 +4,13 @@
 same path everywhere); nothing here is used. Otherwise it is a shared absolute path or a URI that ``pyarrow.fs``
 opens (``s3://bucket/prefix``, ``gs://bucket/prefix``, ``file:///abs/path``; S3 options in the query, e.g.
 ``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``; credentials from the usual variables, AWS_*).
-Learner rank 0 still writes each checkpoint into ``output_dir`` (atomically, torl/checkpoint.py), then uploads it:
-every file first, the completion marker last, so a partial upload never looks complete. The driver lists, prunes
+Learner rank 0 still writes each checkpoint into ``output_dir`` (atomically, torl/infra/checkpoint.py), then uploads
+it: every file first, the completion marker last, so a partial upload never looks complete. The driver lists, prunes
 and resumes through the storage, and each learner rank downloads the checkpoint it loads when its node lacks it.
 The run's small files (metrics.jsonl, ...) are uploaded beside the checkpoints and downloaded before a resume, so a
 run continues on another node with its rows. A ``model.path`` URI is downloaded once per node into a local cache.
 
-The layout (step directory names, the marker) is torl/checkpoint.py's; this module only moves directories.
+The layout (step directory names, the marker) is torl/infra/checkpoint.py's; this module only moves directories.
 Pure logic over ``pyarrow.fs``: no Ray. Not here: when to save, upload or prune (actors/learner.py, jobs/).
 """
 
@@ -27,13 +27,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from torl import checkpoint as ckpt
 from torl.config import ConfigError
+from torl.infra import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
 # The driver-written files of a run directory, uploaded at each checkpoint and at the end (jobs/tracking.py writes
-# the first three and the W&B run id, torl/problem_rewards.py the fourth, jobs/train.py the curves).
+# the first three and the W&B run id, torl/data/problem_rewards.py the fourth, jobs/train.py the curves).
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "wandb_run_id", "problem_rewards.jsonl", "curves.png")
 # Variables pyarrow's filesystems read that hold a value (not a file of this machine): passed on to the actors
 # that reach the storage when the driver has them set, on any cluster.
@@ -177,7 +177,8 @@ class Storage:
             raise self._fail(f"reading {'/'.join(parts)}", exc) from exc
 
     def read_trainer_state(self, name: str) -> dict[str, Any]:
-        """A stored checkpoint's trainer_state.json (torl/checkpoint.py), read without downloading the checkpoint."""
+        """A stored checkpoint's trainer_state.json (torl/infra/checkpoint.py), read without downloading the
+        checkpoint."""
         return json.loads(self.read_text(name, ckpt.STATE_FILE))
 
     # ---- changing ----------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ class Storage:
     def download_model(self, cache_root: str | Path, on_download: Callable[[], None] | None = None) -> Path:
         """The model directory at the root, downloaded into ``cache_root``/<digest of the URI>/<its name> unless
         that copy is complete and the stored files are unchanged (same names, sizes and times). The directory keeps
-        the stored name: run identity (torl/checkpoint.py) names a model by it."""
+        the stored name: run identity (torl/infra/checkpoint.py) names a model by it."""
         name = self.root.rsplit("/", 1)[-1] or "model"
         digest = hashlib.sha256(self.uri.split("?", 1)[0].encode()).hexdigest()[:12]
         target = Path(cache_root) / digest / name

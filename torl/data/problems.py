@@ -4,11 +4,11 @@ Formats: veRL/ToRL parquet (``prompt[1].content`` is the question, ToRL's templa
 ``reward_model.ground_truth`` the answer; ``extra_info.id`` dedups ToRL's 4 copies of each AIME problem), the five
 benchmark jsonl files (``problem``/``question`` and ``answer``/``final_answer`` fields), LIMR's ``save_to_disk``
 arrow directory (read with pyarrow, no ``datasets``), generic jsonl/parquet with question/answer fields, and
-``synthetic:<split>`` from ``torl.tasks``. Other field names are named with ``FieldNames`` (dotted paths reach into
-nested fields). AIME25's corrupted rows (a form feed where ``\\f`` of ``\\frac`` was)
+``synthetic:<split>`` from ``torl.data.tasks``. Other field names are named with ``FieldNames`` (dotted paths reach
+into nested fields). AIME25's corrupted rows (a form feed where ``\\f`` of ``\\frac`` was)
 are replaced by the clean text from ToRL's parquet.
 
-Not here: prompt templating (``torl/prompts.py``), tokenisation, length filtering and batching.
+Not here: prompt templating (``torl/data/prompts.py``), tokenisation, length filtering and batching.
 """
 
 from __future__ import annotations
@@ -78,14 +78,14 @@ class Problem:
     id: str  # unique within a load: "<source>/<id in the file>" (row index when the file has no id)
     source: str  # data_source / benchmark name, e.g. "aime24", "math500", "ToRL"
     question: str
-    answer: str  # gold answer as stored (OlympiadBench keeps its "$...$"); graded by torl.grading
+    answer: str  # gold answer as stored (OlympiadBench keeps its "$...$"); graded by torl.rl.grading
     level: str = ""  # difficulty as the data gives it (MATH's "level" 1-5, synthetic "easy"/"hard"); "" = unknown
 
 
 def shared_data_dir() -> Path:
     """The shared data directory: ``$TORL_DATA_DIR`` if set, else ``shared/data`` beside the repository."""
     env = os.environ.get("TORL_DATA_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
     if not path.is_dir():
         how = "TORL_DATA_DIR points to" if env else "expected the shared data directory at"
         raise DataError(f"{how} {path}, which does not exist; set TORL_DATA_DIR to the directory holding SOURCES.md")
@@ -358,7 +358,7 @@ def _clean_aime25(problems: list[Problem], path: Path) -> list[Problem]:
 
 
 def _load_synthetic(spec: str, seed: int) -> list[Problem]:
-    """``synthetic:<split>`` or ``synthetic:<split>:<n>`` from ``torl.tasks.make_split`` (imported lazily)."""
+    """``synthetic:<split>`` or ``synthetic:<split>:<n>`` from ``torl.data.tasks.make_split`` (imported lazily)."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1]:
         raise DataError(f"bad synthetic spec {spec!r}; use synthetic:<split> or synthetic:<split>:<n>")
@@ -367,7 +367,7 @@ def _load_synthetic(spec: str, seed: int) -> list[Problem]:
     except ValueError as exc:
         raise DataError(f"bad synthetic spec {spec!r}: {parts[2]!r} is not a count") from exc
     try:
-        from torl import tasks
+        from torl.data import tasks
     except ImportError as exc:
-        raise DataError(f"{spec}: synthetic tasks need torl.tasks, which is not available ({exc})") from exc
+        raise DataError(f"{spec}: synthetic tasks need torl.data.tasks, which is not available ({exc})") from exc
     return list(tasks.make_split(parts[1], n=n, seed=seed))

@@ -7,7 +7,7 @@ on every rank. ``pack`` concatenates a micro-batch into one row with per-sequenc
 models turn into a block-diagonal attention mask (no padding, no cross-sequence attention).
 
 The plan is deterministic (ties broken by index), so every rank computes the same plan from the same batch.
-Not here: the loss (``torl/grpo.py``) or the model (``actors/learner.py``).
+Not here: the loss (``torl/rl/grpo.py``) or the model (``actors/learner.py``).
 """
 
 from __future__ import annotations

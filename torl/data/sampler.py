@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torl.data import Problem
+from torl.data.problems import Problem
 
 log = logging.getLogger(__name__)
 

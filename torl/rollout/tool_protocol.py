@@ -7,7 +7,7 @@ block of that round's text is run; the result becomes an observation (error -> l
 "Error" anywhere in stdout trimming it) are ``ToolConfig`` options, off by default, on in ``configs/torl_compat.yaml``.
 
 Not here: running code (the sandbox), tokenising or masking the inserted text, and the engine loop itself
-(``torl/rollout.py`` drives it with ``LoopState`` / ``next_state``).
+(``torl/rollout/tool_loop.py`` drives it with ``LoopState`` / ``next_state``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 
 from torl.config import ToolConfig
-from torl.types import ExecResult
+from torl.rollout.types import ExecResult
 
 # What ToRL's model saw when a run produced no output at all, e.g. a real timeout (Sandbox Fusion returned nothing and
 # ToRL substituted this text). Kept for real timeouts in both modes so the model's interface does not change.

@@ -1,14 +1,14 @@
 """Pretrain the project's small base model on synthetic ToRL-format traces, deterministically, on CPU.
 
-``build_base_model(recipe, out_dir)`` draws traces from ``torl.tasks`` (train split only: the held-out split is never
-seen), trains a byte-level BPE on them (``torl.modeling``), then trains a random-init Qwen2 with next-token loss on
-the response tokens (the prompt is context only; the observation body is masked, as RL will mask it, so the model
-never learns to predict tool output). Data order, initialisation and sampling are fixed by ``recipe.seed``. The
-output is an ordinary HF checkpoint plus ``recipe.json`` holding the recipe and its hash, which the job uses as a
-cache key.
+``build_base_model(recipe, out_dir)`` draws traces from ``torl.data.tasks`` (train split only: the held-out split is
+never seen), trains a byte-level BPE on them (``torl.models.modeling``), then trains a random-init Qwen2 with
+next-token loss on the response tokens (the prompt is context only; the observation body is masked, as RL will mask it,
+so the model never learns to predict tool output). Data order, initialisation and sampling are fixed by
+``recipe.seed``. The output is an ordinary HF checkpoint plus ``recipe.json`` holding the recipe and its hash, which
+the job uses as a cache key.
 
 Not here: the command line and caching policy (``jobs/make_base_model.py``), measuring the result
-(``torl.base_report``).
+(``torl.models.base_report``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from typing import Any, Literal
 
 import torch
 
-from torl import modeling, tasks
 from torl.config import opt
-from torl.progress import Progress
+from torl.data import tasks
+from torl.infra.progress import Progress
+from torl.models import modeling
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class BaseModelRecipe:
     bug_style: Literal["simple", "realistic"] = opt(
         "simple",
         "simple: a stray name, dropped import or syntax error, then a guess (the CPU default). realistic: a typo'd"
-        " name, missing import, off-by-one index or / for //, then a fix in fix_frac of cases (torl.tasks)",
+        " name, missing import, off-by-one index or / for //, then a fix in fix_frac of cases (torl.data.tasks)",
     )
     fix_frac: float = opt(0.0, "bug_style=realistic: share of failed programs followed by a block that fixes them")
     vocab_size: int = opt(768, "byte-level BPE vocabulary asked for (the trainer may stop short)")
@@ -138,8 +139,8 @@ def encode_trace(tokenizer, prompt: str, response: str, kind: str = "") -> Examp
     """Tokenize a trace the way the tool loop builds it at inference, and mask what the model does not produce.
 
     Segments: the prompt (mask 0); the model's text up to and including the stop string ```output (mask 1); the
-    inserted observation "\\n{body}\\n```\\n", tokenized on its own as ``torl.rollout.observation_insert`` does
-    (mask 0); the model's text after it plus ``<|im_end|>`` (mask 1).
+    inserted observation "\\n{body}\\n```\\n", tokenized on its own as ``torl.rollout.tool_loop.observation_insert``
+    does (mask 0); the model's text after it plus ``<|im_end|>`` (mask 1).
     """
     stop = OUTPUT_OPEN.rstrip("\n")
 

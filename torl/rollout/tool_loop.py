@@ -8,7 +8,7 @@ sandbox callables (one asyncio task per trajectory); ``run_sync`` drives a whole
 as ToRL does, and exists only to measure what the async loop gains.
 
 Not here: the vLLM engine, Ray and the sandbox (``actors/generator.py`` passes them in as callables), the TIR text
-protocol itself (``torl.tool_protocol``), metrics (``torl.metrics``), grading.
+protocol itself (``torl.rollout.tool_protocol``), metrics (``torl.rollout.metrics``), grading.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from torl import tool_protocol
 from torl.config import Config, ToolConfig
-from torl.tool_protocol import LoopState
-from torl.types import ExecResult, FinishReason, ToolCall, Trajectory
+from torl.rollout import tool_protocol
+from torl.rollout.tool_protocol import LoopState
+from torl.rollout.types import ExecResult, FinishReason, ToolCall, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class GenRequest:
     n: int = 1
     # The training step this rollout serves: part of every sample's seed, so a prompt drawn again in a later epoch
     # samples a new random stream while a rerun of the same step samples the same one. A further dynamic-sampling
-    # draw of the step passes a value of its own (``torl.dynamic_sampling.draw_seed_step``).
+    # draw of the step passes a value of its own (``torl.rl.dynamic_sampling.draw_seed_step``).
     step: int = 0
 
 

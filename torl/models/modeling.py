@@ -5,8 +5,8 @@ The tokenizer is trained with Qwen2's own pre-tokenizer (regex split + byte-leve
 ids as the saved ``tokenizer.json`` (docs/platform-notes.md §4). Digits are single tokens, as in Qwen. Special tokens:
 ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos), plus a ChatML chat template.
 
-Not here: the task generator and trace synthesis (``torl.tasks``), pretraining (``torl.pretrain``), the job that
-caches a built model on disk (``jobs/make_base_model.py``).
+Not here: the task generator and trace synthesis (``torl.data.tasks``), pretraining (``torl.models.pretrain``), the job
+that caches a built model on disk (``jobs/make_base_model.py``).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def require_cuda(
 def attention_implementation(requested: str, use_cuda: bool, flash_attn_installed: bool) -> str:
     """The Hugging Face ``attn_implementation`` the learner builds its model with (``learner.attn_implementation``).
 
-    The learner packs sequences into one row with restarting position ids (``torl.batching.pack``). On GPU, auto
+    The learner packs sequences into one row with restarting position ids (``torl.rl.batching.pack``). On GPU, auto
     takes varlen flash attention where flash-attn is installed, else flex attention, whose block mask transformers
     builds from the position ids: both skip the cross-sequence blocks that sdpa's dense block-diagonal mask computes
     (at 16k-token rows of 2k-token sequences, about 8x the useful attention work). On CPU: sdpa, since torch's flex

@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from torl.data import DataError
-from torl.types import Trajectory
+from torl.data.problems import DataError
+from torl.rollout.types import Trajectory
 
 FILE_NAME = "problem_rewards.jsonl"
 _TAIL_BYTES = 65536  # far more than one line

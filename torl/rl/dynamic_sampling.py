@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from torl.types import Trajectory
+from torl.rollout.types import Trajectory
 
 GroupMetric = Literal["acc", "reward"]
 

@@ -2,9 +2,9 @@
 
 A self-contained check used right after pretraining (no Ray, no vLLM): round 1 generates until ```output or EOS,
 the last complete ```python block runs in a fresh ``python -I`` subprocess with a timeout, the observation is
-spliced in exactly as ``torl.rollout`` does (``tool_protocol`` formatting, c = 1), and round 2 continues without a
-stop string. The answer is the last ``\\boxed{}``, graded by ``torl.grading``. The training job's validation
-through vLLM is the reference; this gives the same figures in a minute without a cluster.
+spliced in exactly as ``torl.rollout.tool_loop`` does (``tool_protocol`` formatting, c = 1), and round 2 continues
+without a stop string. The answer is the last ``\\boxed{}``, graded by ``torl.rl.grading``. The training job's
+validation through vLLM is the reference; this gives the same figures in a minute without a cluster.
 
 Not here: sandboxing untrusted code (our own model's arithmetic snippets run with a timeout and ``-I`` only, in a
 temporary directory; use the sandbox pool for anything else), vLLM, batching across processes.
@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from torl import grading, tool_protocol
 from torl.config import ToolConfig
-from torl.prompts import build_prompt
-from torl.types import ExecResult
+from torl.data.prompts import build_prompt
+from torl.rl import grading
+from torl.rollout import tool_protocol
+from torl.rollout.types import ExecResult
 
 logger = logging.getLogger(__name__)
 STOP = "```output"

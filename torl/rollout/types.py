@@ -46,7 +46,7 @@ class ToolCall:
     status: ExecStatus
     exec_s: float
     queue_s: float
-    # Whether the call passed (``torl.tool_protocol.is_success``: exit status 0, or ToRL's rule under
+    # Whether the call passed (``torl.rollout.tool_protocol.is_success``: exit status 0, or ToRL's rule under
     # tool.compat_code_ok); None when built without a verdict (older records): the status decides.
     ok: bool | None = None
     error: str = ""  # the sandbox's own message when status is sandbox_error (the health gate names the cause)

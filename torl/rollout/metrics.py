@@ -10,7 +10,7 @@ Two sources, no key in both:
 Keys are flat and slash-namespaced.
 A ratio whose bucket is empty (accuracy without code when every response used code, execution success when no
 call ran) is omitted rather than reported as 0 or NaN; the matching ``.../n_...`` count is always present so a
-reader can tell "0 %" from "no data". Not here: grading (torl.grading), pass@k over samples (torl.evaluation).
+reader can tell "0 %" from "no data". Not here: grading (torl.rl.grading), pass@k over samples (torl.evaluation).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from torl.config import ToolConfig
-from torl.grading import extract_boxed, quick_equivalent
-from torl.rollout import ToolLoop
-from torl.types import ExecStatus, Trajectory
+from torl.rl.grading import extract_boxed, quick_equivalent
+from torl.rollout.tool_loop import ToolLoop
+from torl.rollout.types import ExecStatus, Trajectory
 
 # The marker the tool loop inserts before an observation (ToRL: "```output\n{obs}\n```\n").
 _OUTPUT_MARK = "```output"
@@ -35,7 +35,7 @@ _SPACE = re.compile(r"\s+")
 
 
 def answer_in_output(answer: str | None, output: str) -> bool:
-    r"""Whether the final answer ``answer`` can be read off a program's ``output``: it equals (as ``torl.grading``'s
+    r"""Whether the final answer ``answer`` can be read off a program's ``output``: it equals (as ``torl.rl.grading``'s
     cheap check decides: the same text after normalisation, or the same number; spaces ignored) the whole output,
     one of its lines, or one value of a line split at spaces, commas, semicolons, colons and ``=``.
 
@@ -244,7 +244,7 @@ def _reduction(key: str) -> Reduce:
     try:
         return ENGINE_METRICS[key]
     except KeyError:
-        raise KeyError(f"metric {key!r} is not declared in torl.metrics.ENGINE_METRICS") from None
+        raise KeyError(f"metric {key!r} is not declared in torl.rollout.metrics.ENGINE_METRICS") from None
 
 
 def merge_batch_metrics(parts: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -4,12 +4,13 @@ The learner's largest allocation used to be the head: the micro-batch's full ``[
 ``log_softmax`` and the entropy's temporaries, all kept for backward (40-50 GB at N = 16384 and Qwen's 152k
 vocabulary). Here the head is applied to ``chunk_tokens`` hidden states at a time and no chunk's logits outlive its
 step: the backward recomputes them. Peak memory then scales with chunk x V, in forward and backward alike, at the cost
-of one more head matmul per chunk. Values and gradients equal the unchunked computation (``torl.grpo.token_logprobs``
-over the full logits, which ``chunk_tokens`` 0 or None still runs). Every function takes the sampling temperature:
-the log-probs are those of softmax(logits / T), the distribution the engine samples from.
+of one more head matmul per chunk. Values and gradients equal the unchunked computation
+(``torl.rl.grpo.token_logprobs`` over the full logits, which ``chunk_tokens`` 0 or None still runs). Every function
+takes the sampling temperature: the log-probs are those of softmax(logits / T), the distribution the engine samples
+from.
 
-Not here: which positions are kept and how rows are packed (``torl.batching``), the loss (``torl.grpo``), FSDP (the
-learner binds ``causal_lm_logprobs`` as an FSDP forward method, ``actors/learner.py``).
+Not here: which positions are kept and how rows are packed (``torl.rl.batching``), the loss (``torl.rl.grpo``), FSDP
+(the learner binds ``causal_lm_logprobs`` as an FSDP forward method, ``actors/learner.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from torl.grpo import token_logprobs
+from torl.rl.grpo import token_logprobs
 
 
 def check_chunk_tokens(chunk_tokens: int | None) -> None:

@@ -13,7 +13,7 @@ trace uses code is drawn independently of the family and level, so the choice si
 for RL to learn. ``bug_style="realistic"`` (the error-recovery preset) writes bugs people make instead (a typo'd
 name, a missing import, an off-by-one index, ``/`` where ``//`` was meant), and after the interpreter's error either
 a second block that fixes the bug (share ``fix_frac``) or a guess: RL with two tool calls can then learn to repair.
-Not here: tokenization and training (``torl.pretrain``), grading (``torl.grading``).
+Not here: tokenization and training (``torl.models.pretrain``), grading (``torl.rl.grading``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from math import comb
 
-from torl.data import Problem
-from torl.prompts import build_prompt
+from torl.data.problems import Problem
+from torl.data.prompts import build_prompt
 
 SPLITS = ("train", "test")
 DEFAULT_SIZES = {"train": 4096, "test": 256}

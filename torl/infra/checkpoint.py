@@ -7,7 +7,7 @@ It is written into a hidden temporary sibling, the marker file ``COMPLETE`` is w
 renamed into place: a crash mid-save leaves no directory that looks complete, and a directory without the marker is
 ignored by ``latest_checkpoint``.
 
-Not here: gathering sharded state (``actors/learner.py``); deciding when to save (``jobs/train.py``).
+Not here: gathering sharded state (``actors/learner.py``); deciding when to save (``jobs/loop.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 def step_name(step: int) -> str:
-    """The directory name of the checkpoint of ``step`` (the same locally and in storage, torl/storage.py)."""
+    """The directory name of the checkpoint of ``step`` (the same locally and in storage, torl/infra/storage.py)."""
     return f"step_{step:06d}"
 
 

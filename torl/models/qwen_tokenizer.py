@@ -105,7 +105,7 @@ def default_ranks_path() -> Path:
 
 def default_cache_dir() -> Path:
     """``$TORL_MODELS_DIR/qwen2.5-tokenizer``, else ``models/qwen2.5-tokenizer`` at the repository root."""
-    root = os.environ.get("TORL_MODELS_DIR") or str(Path(__file__).resolve().parents[1] / "models")
+    root = os.environ.get("TORL_MODELS_DIR") or str(Path(__file__).resolve().parents[2] / "models")
     return Path(root) / "qwen2.5-tokenizer"
 
 

@@ -10,8 +10,8 @@ Beyond OpenAI: ``max_tool_calls`` in the request (the tool budget, capped by the
 choice carrying the extracted boxed answer and every tool call (code, output, status, latency). OpenAI clients ignore
 it; it is readable as ``choice.model_extra["torl"]`` in the official Python client.
 
-Not here: tokenization and prompt templates (``torl.prompts``), the tool loop itself (``actors/generator.py``), HTTP
-plumbing (``actors/serve.py``).
+Not here: tokenization and prompt templates (``torl.data.prompts``), the tool loop itself (``actors/generator.py``),
+HTTP plumbing (``actors/serve.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from torl.grading import extract_boxed
-from torl.sampling import SamplingOverrides
-from torl.types import ToolCall
+from torl.rl.grading import extract_boxed
+from torl.rollout.sampling import SamplingOverrides
+from torl.rollout.types import ToolCall
 
 # ---------------------------------------------------------------------------------------------------------------
 # Errors

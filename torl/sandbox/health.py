@@ -7,7 +7,7 @@ trained against a broken tool (docs/sandbox-health.md). Here a failure is the sa
 request); a NameError, a crash, a timeout or a kill of model code is the code's. Timeouts and kills of *trivial* code
 are the sandbox's too, but only the probe knows code is trivial, so the probe judges those.
 
-Not here: running snippets (``actors/sandbox.py``, ``torl/sandbox/``), stopping the run (``jobs/train.py``).
+Not here: running snippets (``actors/sandbox.py``, ``torl/sandbox/``), stopping the run (``jobs/loop.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from torl.config import SandboxConfig
-from torl.types import ExecResult, ToolCall
+from torl.rollout.types import ExecResult, ToolCall
 
 
 class SandboxUnhealthy(RuntimeError):

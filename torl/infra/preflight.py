@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from torl import paths
 from torl.config import Config, ConfigError
+from torl.infra import paths
 
 GiB = 2**30
 # Per GPU process: CUDA context, cuBLAS and NCCL workspaces (0.5-1.5 GiB on recent GPUs and drivers).
@@ -168,7 +168,7 @@ class Hardware:
     host_memory_gb: float  # per node
     cpus: float  # logical CPUs in the cluster, as Ray counts them
     free_disk_gb: Mapping[str, float] = field(default_factory=dict)  # free space at each path the run writes to
-    weight_dir: str = "/dev/shm"  # where a generator writes its weight file (torl.paths.weight_dir)
+    weight_dir: str = "/dev/shm"  # where a generator writes its weight file (torl.infra.paths.weight_dir)
     # The installed torch's CUDA (torch.version.cuda; None = a CPU-only build) and this machine's NVIDIA kernel
     # driver ("535.104.05"; None = none here, e.g. a head node without GPUs: the driver is then not checked).
     torch_cuda: str | None = None
@@ -399,8 +399,8 @@ def activation_bytes(shape: ModelShape, tokens: int, nbytes: int, checkpointing:
 
 
 def micro_batch_tokens(cfg: Config) -> int:
-    """The most tokens one forward/backward holds (torl.batching): learner.micro_batch_tokens of packed sequences, but
-    no more than a rank's share of a mini-batch, and a longer sequence in a micro-batch of its own."""
+    """The most tokens one forward/backward holds (torl.rl.batching): learner.micro_batch_tokens of packed sequences,
+    but no more than a rank's share of a mini-batch, and a longer sequence in a micro-batch of its own."""
     seq = cfg.prompt.max_prompt_tokens + cfg.rollout.max_response_tokens
     prompts = cfg.learner.mini_batch_prompts or cfg.data.batch_size
     share = math.ceil(prompts * cfg.rollout.n / cfg.learner.num_workers) * seq
@@ -410,9 +410,9 @@ def micro_batch_tokens(cfg: Config) -> int:
 def head_bytes(shape: ModelShape, tokens: int, chunk: int, nbytes: int) -> float:
     """The log-prob step's [tokens, vocab] tensors (the largest single allocation at Qwen's 152k vocabulary).
 
-    Unchunked (torl.grpo.token_logprobs on the full logits): the logits in the compute dtype, their fp32 copy, the
+    Unchunked (torl.rl.grpo.token_logprobs on the full logits): the logits in the compute dtype, their fp32 copy, the
     fp32 log-softmax and the entropy's fp32 product, all kept for backward. Chunked (learner.logprob_chunk_tokens,
-    torl/logprobs.py): one chunk's logits in the compute dtype and at most two fp32 [chunk, vocab] tensors.
+    torl/rl/logprobs.py): one chunk's logits in the compute dtype and at most two fp32 [chunk, vocab] tensors.
     """
     if chunk > 0:
         return min(chunk, tokens) * shape.vocab * (nbytes + 8)

@@ -1,0 +1,1 @@
+"""The served model's HTTP surface: OpenAI-compatible request schemas, validation, errors and responses."""
