@@ -70,7 +70,7 @@ def baseline_step(model, opt, trajs, budget: int) -> float:
 
 
 def run_group(model_dir: str, trajs, workers: int, cpus_per_worker: float, budget: int, steps: int):
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
 
     cfg = Config(
         optim=OptimConfig(lr=1e-5),

@@ -51,7 +51,7 @@ def _mem_mb(pid: int) -> tuple[float, float]:
 def measure(preset: Path, route: str, n_gen: int, pushes: int, extra: list[str]) -> dict:
     import ray
 
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from jobs.run import push_weights, spawn_rollout_actors, stop_rollout_actors
     from jobs.setup_run import ensure_model, with_absolute_paths
     from torl.config import load_config

@@ -22,7 +22,7 @@ from torl.rollout.metrics import merge_batch_metrics
 if TYPE_CHECKING:  # annotations only: importing these starts nothing, but pulls in Ray and torch
     from ray.actor import ActorHandle
 
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from actors.sandbox import SandboxPool
     from jobs.tracking import Tracker
 

@@ -278,7 +278,7 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     import ray
 
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from jobs.tracking import Tracker
 
     if is_uri(cfg.model.path):

@@ -225,7 +225,7 @@ def test_one_generator_death_is_one_replacement_when_pipelined(
     fails when it is collected and is sampled again by that replacement, on the current weights, without replacing
     it again (it used to: k+1 replacements for one death, and at k=3 the default limit of 3 ended the run).
     At k=1 the weights go by ToRL's file route (rollout.weight_sync=file), at k=3 by the collective default."""
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
 
     out = tmp_path / "run"
     victims: list[int] = []

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from actors.learner import Learner, LearnerGroup
+from actors.learner import Learner
+from actors.learner_group import LearnerGroup
 from torl.config import AlgoConfig, Config, LearnerConfig, OptimConfig, TrainerConfig, replace
 from torl.infra import checkpoint as ckpt
 from torl.infra.devices import DeviceError

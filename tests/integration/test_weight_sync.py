@@ -33,7 +33,7 @@ def _hf_logprobs(model, prompt, response):
 @pytest.fixture(scope="module")
 def setup(ray_cluster, tiny_model_dir, tmp_path_factory):
     from actors.generator import GeneratorActor
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -11,7 +11,8 @@ The run's small files (metrics.jsonl, ...) are uploaded beside the checkpoints a
 run continues on another node with its rows. A ``model.path`` URI is downloaded once per node into a local cache.
 
 The layout (step directory names, the marker) is torl/infra/checkpoint.py's; this module only moves directories.
-Pure logic over ``pyarrow.fs``: no Ray. Not here: when to save, upload or prune (actors/learner.py, jobs/).
+Pure logic over ``pyarrow.fs``: no Ray. Not here: when to save, upload or prune (actors/learner.py,
+actors/learner_group.py, jobs/).
 """
 
 from __future__ import annotations
