@@ -36,7 +36,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.cluster import LOCAL_ENV
-from torl.config import Config, load_config
+from torl.config import Config
+from torl.config_load import load_config
 from torl.data.prompts import TIR_INSTRUCTION, build_prompt
 from torl.rollout.sampling import SamplingOverrides
 from torl.rollout.tool_loop import Finished, Observation, StreamEvent, TextDelta, ToolFinished

@@ -56,7 +56,7 @@ def model_dir(arg: str, tmp: str) -> str:
 
 
 def bench_config(path: str, port: int, ingress: str = "proxy"):
-    from torl.config import load_config
+    from torl.config_load import load_config
 
     return load_config(
         overrides=[

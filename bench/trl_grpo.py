@@ -69,7 +69,8 @@ sys.path.insert(0, str(REPO))
 DEFAULT_PRESET = REPO / "configs" / "tiny_cpu.yaml"
 
 # Pure torl modules only (no Ray, no vLLM, no torl learner): the config, data, prompts, sampler, protocol, grading.
-from torl.config import Config, load_config, split_cli  # noqa: E402
+from torl.config import Config  # noqa: E402
+from torl.config_load import load_config, split_cli  # noqa: E402
 from torl.data.problems import load_problems  # noqa: E402
 from torl.data.prompts import build_prompt  # noqa: E402
 from torl.data.sampler import PromptSampler, encode_problems  # noqa: E402

@@ -54,7 +54,7 @@ def measure(preset: Path, route: str, n_gen: int, pushes: int, extra: list[str])
     from actors.learner_group import LearnerGroup
     from jobs.run import push_weights, spawn_rollout_actors, stop_rollout_actors
     from jobs.setup_run import ensure_model, with_absolute_paths
-    from torl.config import load_config
+    from torl.config_load import load_config
 
     overrides = [f"rollout.weight_sync={route}", f"rollout.num_generators={n_gen}", "tool.enabled=false", *extra]
     cfg = with_absolute_paths(load_config([str(preset)], overrides))

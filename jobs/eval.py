@@ -31,8 +31,9 @@ sys.path.insert(0, str(REPO))
 
 from jobs.run import spawn_rollout_actors, stop_rollout_actors  # noqa: E402
 from jobs.setup_run import check_resources  # noqa: E402
-from torl.config import Config, ConfigError, load_config, replace, split_cli, to_dict  # noqa: E402
+from torl.config import Config, ConfigError, replace, to_dict  # noqa: E402
 from torl.config_help import format_help  # noqa: E402
+from torl.config_load import load_config, split_cli  # noqa: E402
 from torl.evaluation import (  # noqa: E402
     GREEDY,
     SAMPLED,

@@ -22,8 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from torl.config import ConfigError, split_cli  # noqa: E402
+from torl.config import ConfigError  # noqa: E402
 from torl.config_help import format_help, wants_help  # noqa: E402
+from torl.config_load import split_cli  # noqa: E402
 from torl.infra.paths import resolve  # noqa: E402
 
 DEFAULT_RECIPE = REPO / "configs" / "base_model.yaml"

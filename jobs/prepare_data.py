@@ -24,8 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from torl.config import ConfigError, split_cli  # noqa: E402
+from torl.config import ConfigError  # noqa: E402
 from torl.config_help import format_help, wants_help  # noqa: E402
+from torl.config_load import split_cli  # noqa: E402
 from torl.data.problems import DataError  # noqa: E402
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from torl.config import ConfigError, load_config, split_cli  # noqa: E402
+from torl.config import ConfigError  # noqa: E402
+from torl.config_load import load_config, split_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.run import Run, spawn_rollout_actors
-from torl.config import Config, ConfigError, check_training_sampling, load_config, replace, split_cli, to_dict
+from torl.config import Config, ConfigError, check_training_sampling, replace, to_dict
+from torl.config_load import load_config, split_cli
 from torl.data.problems import load_problems
 from torl.data.prompts import build_prompt
 from torl.data.sampler import EncodedProblem, PromptSampler, SamplerState, encode_problems

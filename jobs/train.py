@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO))
 from jobs.loop import train  # noqa: E402
 from jobs.run import Run  # noqa: E402
 from jobs.setup_run import load_run_config, prepare_run, run_preflight  # noqa: E402
-from torl.config import Config, ConfigError, split_cli  # noqa: E402
+from torl.config import Config, ConfigError  # noqa: E402
 from torl.config_help import format_help, wants_help  # noqa: E402
+from torl.config_load import split_cli  # noqa: E402
 from torl.data.problems import DataError  # noqa: E402
 from torl.infra.storage import StorageError  # noqa: E402
 from torl.rollout.metrics import analysis_figures  # noqa: E402

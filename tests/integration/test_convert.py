@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from torl.config import load_config
+from torl.config_load import load_config
 from torl.models import convert
 
 REPO = Path(__file__).resolve().parents[2]

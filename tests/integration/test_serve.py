@@ -94,7 +94,7 @@ def server(request, ray_cluster, tiny_model_dir, tmp_path_factory):
     from ray import serve
 
     from actors.serve import build_app, start_serve
-    from torl.config import load_config
+    from torl.config_load import load_config
 
     model_dir = teach(tiny_model_dir, tmp_path_factory.mktemp("taught") / MODEL)
     port = free_port()

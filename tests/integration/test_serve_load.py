@@ -48,7 +48,7 @@ def app(ray_cluster, tiny_model_dir, tmp_path_factory):
     from ray import serve
 
     from actors.serve import build_app, start_serve
-    from torl.config import load_config
+    from torl.config_load import load_config
 
     _wait_for_no_serve(ray_cluster)  # a previous module's Serve may still be shutting down on this cluster
     model_dir = teach(tiny_model_dir, tmp_path_factory.mktemp("taught") / MODEL)

@@ -76,7 +76,8 @@ def test_rng_state_round_trip():
 
 
 def _identity(tmp_path, **changes):
-    from torl.config import load_config, to_dict
+    from torl.config import to_dict
+    from torl.config_load import load_config
 
     model = tmp_path / "Qwen-tiny"
     if not model.is_dir():

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from torl.config import Config, ConfigError, load_config, split_cli, to_dict
+from torl.config import Config, ConfigError, to_dict
+from torl.config_load import load_config, split_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -183,7 +184,8 @@ def test_every_shipped_preset_loads(preset):
 
 
 def test_learner_threads_use_every_core_only_when_the_learner_runs_alone():
-    from torl.config import learner_threads, load_config
+    from torl.config import learner_threads
+    from torl.config_load import load_config
 
     on_policy = load_config(overrides=["trainer.max_staleness=0", "learner.num_cpus=1"])
     assert learner_threads(on_policy, cores=2) == 2

@@ -2,7 +2,8 @@
 
 import pytest
 
-from torl.config import Config, ConfigError, load_config
+from torl.config import Config, ConfigError
+from torl.config_load import load_config
 
 
 def test_resources_default_empty_and_not_shared():

@@ -325,7 +325,7 @@ def test_geometric_level_keeps_long_sequences_that_the_product_rejects():
     """3000 model tokens each 0.03% more likely under the proximal policy: the product is e^0.9 = 2.46, outside the
     product's band [0.5, 2]; the geometric mean is 1.0003, inside its own band [0.999, 1.001] (veRL's Geo-RS), and
     AlgoConfig hands each level its thresholds."""
-    from torl.config import load_config
+    from torl.config_load import load_config
 
     prox, behav, mask = [-1.0 + 3e-4] * 3000, [-1.0] * 3000, [1] * 3000
     seq_cfg = load_config([], ["algo.correction_level=sequence", "algo.rollout_correction=mis"]).algo

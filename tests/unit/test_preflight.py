@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from torl.config import load_config
+from torl.config_load import load_config
 from torl.infra.preflight import (
     KNOWN_SHAPES,
     GiB,

@@ -183,7 +183,7 @@ def test_credential_env_passes_values_everywhere_and_paths_only_locally():
 
 def test_storage_uris_are_not_anchored_like_paths(monkeypatch, tmp_path):
     from jobs.setup_run import with_absolute_paths
-    from torl.config import load_config
+    from torl.config_load import load_config
 
     monkeypatch.setenv("TORL_HOME", str(tmp_path))
     uri = "s3://bucket/models/Qwen?endpoint_override=h:1&scheme=http"

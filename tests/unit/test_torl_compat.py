@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from torl.config import ConfigError, load_config
+from torl.config import ConfigError
+from torl.config_load import load_config
 from torl.rl.grading import score
 from torl.rollout.tool_loop import LoopSettings, Retokenizer, RoundOutput, ToolLoop, run_async
 from torl.rollout.tool_protocol import TIMEOUT_TEXT

@@ -109,7 +109,7 @@ def load_recipe(
     files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()
 ) -> BaseModelRecipe:
     """A recipe from YAML files (later wins) and ``key=value`` overrides; unknown keys fail with a suggestion."""
-    from torl.config import load_dataclass
+    from torl.config_load import load_dataclass
 
     return load_dataclass(BaseModelRecipe, files, overrides)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from torl.config import ConfigError, load_dataclass, opt, section
+from torl.config import ConfigError, opt, section
+from torl.config_load import load_dataclass
 from torl.models.qwen_tokenizer import QWEN25_MATH_SYSTEM
 
 EVALUATION_SETS = ("aime24", "aime25", "math500", "olympiadbench", "amc23", "torl_val", "train_limr/test")
