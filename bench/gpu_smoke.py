@@ -21,7 +21,7 @@ head only runs where a log-prob is needed) + 6 x layers x hidden x sum(sequence 
 each sequence, forward and backward). Gradient checkpointing's recompute is not counted, as usual for MFU.
 
 It fails (exit status 1, naming the check) unless: every parameter and AdamW state is fp32 and the layers compute in
-bf16; on GPU, the peak memory is within the preflight's estimate for this micro-batch (``torl.infra.preflight
+bf16; on GPU, the peak memory is within the preflight's estimate for this micro-batch (``torl.infra.model_sizes
 .learner_memory``: states + FSDP working set + activations + head) plus ``--memory-margin`` (10 %); and on GPU the
 MFU is at least ``--mfu-floor``: 15 %, a floor well under what a 1.5B step on 16k-token rows reaches on an H100 with
 flex attention (about a third of the work of the dense path's attention), so a regression to dense attention,
@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from torl.config import Config
 from torl.infra.devices import attention_implementation, process_group_backend
-from torl.infra.preflight import ModelShape, learner_memory
+from torl.infra.model_sizes import ModelShape, learner_memory
 from torl.rl.batching import pack_responses
 from torl.rl.grpo import aggregation_weights, group_advantages, policy_loss
 from torl.rl.logprobs import causal_lm_logprobs

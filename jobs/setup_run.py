@@ -23,6 +23,8 @@ from torl.data.prompts import build_prompt
 from torl.data.sampler import EncodedProblem, PromptSampler, SamplerState, encode_problems
 from torl.infra import preflight
 from torl.infra.checkpoint import run_identity
+from torl.infra.hardware import detect_hardware
+from torl.infra.model_sizes import ModelShape, model_shape
 from torl.infra.paths import resolve
 from torl.infra.storage import Storage, StorageError, is_uri
 from torl.rollout.types import Trajectory
@@ -150,7 +152,7 @@ def run_preflight(cfg: Config, model_path: str, resources: Mapping[str, float] |
     report = preflight.check(
         cfg,
         _model_shape(model_path),
-        preflight.detect_hardware(cfg, resources),
+        detect_hardware(cfg, resources),
         existing_checkpoints=len(list_checkpoints(cfg.trainer.output_dir)),
         total_steps=total_steps,
     )
@@ -158,16 +160,16 @@ def run_preflight(cfg: Config, model_path: str, resources: Mapping[str, float] |
     report.raise_on_failure()
 
 
-def _model_shape(model_path: str) -> preflight.ModelShape:
+def _model_shape(model_path: str) -> ModelShape:
     """The preflight's model shape; for a storage URI (preflight.only: nothing downloaded) from its config.json."""
     if is_uri(model_path):
         import json
 
         try:
-            return preflight.ModelShape.from_hf_config(json.loads(Storage(model_path).read_text("config.json")))
+            return ModelShape.from_hf_config(json.loads(Storage(model_path).read_text("config.json")))
         except StorageError:
             pass  # a known model name still gives the shape; otherwise model_shape says what is missing
-    return preflight.model_shape(model_path)
+    return model_shape(model_path)
 
 
 def load_encoded(cfg: Config, specs: tuple[str, ...], tokenizer, limit: int = 0) -> tuple[list[EncodedProblem], int]:

@@ -7,21 +7,17 @@ from pathlib import Path
 import pytest
 
 from torl.config_load import load_config
-from torl.infra.preflight import (
+from torl.infra.hardware import Hardware, detect_hardware, parse_driver_version
+from torl.infra.model_sizes import (
     KNOWN_SHAPES,
     GiB,
-    Hardware,
     ModelShape,
-    PreflightError,
     activation_bytes,
-    check,
-    detect_hardware,
     head_bytes,
     micro_batch_tokens,
     model_shape,
-    parse_driver_version,
-    resource_rows,
 )
+from torl.infra.preflight import PreflightError, check, resource_rows
 
 REPO = Path(__file__).resolve().parents[2]
 QWEN_1_5B = ModelShape.from_hf_config(KNOWN_SHAPES["qwen2.5-math-1.5b"])
