@@ -4,15 +4,18 @@ lost node would, while the job runs in this process (the test's Ray cluster).
 - A dead generator actor, and a dead vLLM engine process under a live actor: the job replaces the generator, brings
   it to the current weights, rolls out the lost shard again and carries on; every step is trained and logged once.
   Pipelined, every rollout in flight on the dead generator fails: each is sampled again by the one replacement.
+  Killed in the middle of a weight broadcast, it fails the push at once (no collective waits out its timeout), and
+  the replacement gets that push's weights before it samples.
 - A dead learner rank: the job stops with a message that says how to resume; a resume under a different algorithm
   is refused naming the field; the same command resumes from the last checkpoint and each step is logged once.
 
-On-policy every run here, killed or stopped and resumed, must end where one uninterrupted run of the same steps ends:
-the same figures in every step's row and the same final weights, to 1e-5 (the replacement re-samples the lost shard
-with the same seeds on the current weights; a resume restores weights, optimizer, sampler and RNG). That reference
-run is made once per module. Pipelined runs are not reproducible step for step (a weight push lands wherever decoding
-is), so there the replacement's tokens are checked directly: tagged with the current version, and their engine
-log-probs those of the learner on that version.
+On-policy every run here on one learner rank, killed or stopped and resumed, must end where one uninterrupted run of
+the same steps ends: the same figures in every step's row and the same final weights, to 1e-5 (the replacement
+re-samples the lost shard with the same seeds on the current weights; a resume restores weights, optimizer, sampler
+and RNG). That reference run is made once per module. Pipelined runs are not reproducible step for step (a weight push
+lands wherever decoding is), nor is the mid-broadcast kill's run on two learner ranks, so there the replacement's
+tokens are checked directly: tagged with the current version, and their engine log-probs those of the learner on that
+version.
 """
 
 from __future__ import annotations
@@ -262,6 +265,87 @@ def test_one_generator_death_is_one_replacement_when_pipelined(
     # finishes the rollouts ahead: the replacement sampled it again there, on v2, so every token is k-1 versions
     # behind the step that trains it, where the lost tokens would have been k behind.
     assert rows[-1][f"staleness/share_lag_{k - 1}"] == 1
+
+
+def _unread(receiver: psutil.Process, sender: psutil.Process) -> int:
+    """Bytes ``sender`` sent ``receiver`` over TCP that it has not read yet (the receive queues of its sockets to
+    ``sender``, from /proc/net/tcp*): what a process that is stopped holds of a collective its peer entered."""
+    theirs = {c.laddr.port for c in sender.net_connections("tcp")}
+    pairs = {
+        (c.laddr.port, c.raddr.port) for c in receiver.net_connections("tcp") if c.raddr and c.raddr.port in theirs
+    }
+    unread = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{receiver.pid}/net/{table}").read_text().splitlines()[1:]:
+            local, remote, _state, queues = line.split()[1:5]
+            ports = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16))
+            if ports in pairs:
+                unread += int(queues.split(":")[1], 16)
+    return unread
+
+
+def test_a_generator_killed_mid_broadcast_is_replaced_once(ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
+    """The generator is SIGKILLed while the push after step 1 broadcasts to it: learner rank 1 is stopped (SIGSTOP)
+    before the push, so rank 0 has paused the generator, asked it to receive, and waits inside the broadcast's first
+    FSDP gather (its bytes sit unread in rank 1's socket) when the kill lands; then rank 1 continues. The push fails
+    on the death, not on rollout.weight_sync_timeout_s; the generator is replaced once; the replacement gets weights
+    v1 before it samples step 2 (its tokens carry v1 and their log-probs are the learner's); each step trains once on
+    a full batch."""
+    from actors.learner_group import LearnerGroup
+
+    out = tmp_path / "run"
+    push = LearnerGroup.push_weights
+    victims: list[int] = []
+    killed_at: list[float] = []
+    in_broadcast: list[bool] = []  # at the kill: was rank 0 inside the broadcast's first gather?
+    failed_after: list[float] = []  # seconds from the kill until the push gave up
+
+    def kill_mid_broadcast(self: LearnerGroup, version: int) -> dict[str, float]:
+        if version != 1 or victims:  # the push of v1 again, to the replacement, goes through
+            return push(self, version)
+        rank0, rank1 = (
+            psutil.Process(p) for p in ray.get([a.__ray_call__.remote(lambda _: os.getpid()) for a in self.actors])
+        )
+        (victim,) = _actor_processes("Generator")
+
+        def kill() -> None:
+            try:
+                deadline = time.monotonic() + 120
+                while not _unread(rank1, rank0) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                in_broadcast.append(_unread(rank1, rank0) > 0)
+                victims.extend([victim.pid, *(c.pid for c in victim.children(recursive=True))])
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait(timeout=30)
+                killed_at.append(time.monotonic())
+            finally:
+                rank1.resume()
+
+        rank1.suspend()  # idle between steps: its part of the push waits until the kill
+        killer = threading.Thread(target=kill, daemon=True)
+        killer.start()
+        try:
+            return push(self, version)
+        finally:
+            killer.join()
+            if killed_at:
+                failed_after.append(time.monotonic() - killed_at[0])
+
+    monkeypatch.setattr(LearnerGroup, "push_weights", kill_mid_broadcast)
+    timeout_s = 120
+    args = [*_args(tiny_model_dir, out, 2, 0), "trainer.val_every=0", "trainer.val_before_train=false"]
+    args += ["trainer.save_every=0", "learner.num_workers=2", "data.batch_size=2", "rollout.n=2"]
+    assert train_main([*args, f"rollout.weight_sync_timeout_s={timeout_s}"]) == 0
+    assert in_broadcast == [True] and len(killed_at) == 1
+    assert failed_after[0] < timeout_s / 2, failed_after  # the death ended the push, not the collective timeout
+    _assert_nothing_left(victims)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["rollout/trajectories"] == 4 and r["learner/trained_seqs"] == 4 for r in rows)
+    assert rows[-1]["faults/generator_restarts"] == 1
+    # Step 2 sampled by the replacement: every token on v1, the weights the learner held, and no others.
+    assert rows[1]["rollout/policy_version"] == 1 and rows[1].get("staleness/share_lag_0") == 1, rows[1]
+    assert rows[1]["learner/mismatch_max_abs_log_ratio"] < SAME_WEIGHTS_MAX_LOG_RATIO, rows[1]
 
 
 def test_the_run_stops_once_max_actor_restarts_are_spent(ray_cluster, tiny_model_dir, tmp_path):
