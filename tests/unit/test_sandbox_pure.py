@@ -13,8 +13,8 @@ from torl.sandbox.child import Limits, exit_code_of, run_code, snippet_env
 from torl.sandbox.client import ZYGOTE_ENV, result_from_reply, zygote_command, zygote_limits
 from torl.sandbox.isolation import Available, IsolationUnavailable, assess, warning
 from torl.sandbox.namespaces import hidden_prefixes
+from torl.sandbox.outcome import CappedBuffer, classify
 from torl.sandbox.scratch import make_root, remove_stale_roots, remove_tree
-from torl.sandbox.zygote import CappedBuffer, classify
 
 
 def test_capped_buffer_keeps_head_and_flags_overflow():

@@ -20,7 +20,8 @@ Persistent sessions keep one long-lived child per session id that runs successiv
 forker stops it between calls.
 
 Standard library only (plus ``torl.sandbox``): the zygote must stay small, quick to fork, and free of Ray.
-Not here: request routing, Ray, the ExecResult record (see ``torl.sandbox.client`` and ``actors/sandbox.py``).
+Not here: capping a snippet's output and naming how it ended (``torl.sandbox.outcome``), request routing, Ray, the
+ExecResult record (see ``torl.sandbox.client`` and ``actors/sandbox.py``).
 """
 
 from __future__ import annotations
@@ -45,67 +46,7 @@ from torl.sandbox.child import PR_SET_PDEATHSIG, Limits, libc
 from torl.sandbox.isolation import IsolationUnavailable
 from torl.sandbox.layers import Layers, set_up
 from torl.sandbox.namespaces import hidden_prefixes
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pure helpers (unit-tested).
-
-
-class CappedBuffer:
-    """Collects bytes up to ``cap``; reports overflow so the caller can kill the writer instead of reading on."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.truncated = False
-
-    def append(self, data: bytes) -> bool:
-        """Add ``data``; return True once more than ``cap`` bytes were offered (the excess is dropped)."""
-        room = self.cap - self.size
-        if len(data) > room:
-            data = data[: max(room, 0)]
-            self.truncated = True
-        if data:
-            self.parts.append(data)
-            self.size += len(data)
-        return self.truncated
-
-    def text(self) -> str:
-        # Binary output must not break the JSON reply: undecodable bytes become U+FFFD.
-        return b"".join(self.parts).decode("utf-8", errors="replace")
-
-
-def classify(
-    wait_status: int | None, timed_out: bool, over_output: bool, setup_failed: bool = False
-) -> tuple[str, int | None]:
-    """Map how a snippet ended to ``(status, exit_code)``; a signal gives a negative exit code like ``subprocess``.
-
-    ``setup_failed``: the sandbox itself said so (the forker, or the child's status pipe, which the snippet never
-    holds); what the snippet prints or its exit code never makes a sandbox error.
-
-    >>> classify(0, False, False)
-    ('ok', 0)
-    >>> classify(9, True, False)
-    ('timeout', -9)
-    """
-    code: int | None = None
-    if wait_status is not None:
-        code = os.waitstatus_to_exitcode(wait_status)
-    if setup_failed:
-        return "sandbox_error", code
-    if timed_out:
-        return "timeout", code
-    if over_output:
-        return "killed", code
-    if code is None:
-        return "killed", None
-    if code < 0:
-        return "killed", code
-    return ("ok" if code == 0 else "error"), code
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Zygote side: the request loop.
+from torl.sandbox.outcome import CappedBuffer, classify
 
 MAX_CODE_BYTES = 1 << 20  # a request's code; more is refused (the client never sends that much)
 MAX_DONE_BYTES = 256  # a session's done line is {"exit": N}; a longer line is not one
