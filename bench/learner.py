@@ -1,12 +1,12 @@
 """Training tokens/s of the learner group vs a plain single-process PyTorch loop on the same model and batch.
 
-    .venv/bin/python bench/learner.py [--hidden 256 --layers 4 --seqs 32 --steps 4]
+    .venv/bin/python bench/learner.py [--hidden 256 --layers 4 --seqs 32 --steps 4 --workers 1,2]
 
 The baseline is the limit on CPU: one process using all threads, the same packed micro-batches and the same GRPO
 token-mean loss, AdamW and grad clip, no Ray and no FSDP. Learner configurations: 1 worker with all CPUs (no FSDP
-wrap) and 2 workers with one CPU each (FSDP2 over gloo). Tokens = prompt + response tokens trained per optimizer
-step; the median step time after one warm-up step is reported, both as measured inside the actor (``time/train``)
-and as seen by the driver (adds the object-store transfer of the batch).
+wrap) and 2 workers with one CPU each (FSDP2 over gloo); ``--workers 2`` starts only the second. Tokens = prompt +
+response tokens trained per optimizer step; the median step time after one warm-up step is reported, both as
+measured inside the actor (``time/train``) and as seen by the driver (adds the object-store transfer of the batch).
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the machine given to each configuration")
+    ap.add_argument("--workers", default="1,2", help="learner groups to measure: worker counts, sharing --cpus")
     args = ap.parse_args()
+    group_sizes = [int(w) for w in args.workers.split(",")]
     os.environ.setdefault("OMP_NUM_THREADS", str(args.cpus))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +126,7 @@ def main() -> None:
         from actors.cluster import init_ray
 
         init_ray(num_cpus=args.cpus)
-        for workers in (1, 2):
+        for workers in group_sizes:
             inner, outer = run_group(model_dir, trajs, workers, args.cpus / workers, args.budget, args.steps)
             print(
                 f"learner group, {workers} worker(s) x {args.cpus / workers:g} CPU: {inner:.3f} s/step in actor "

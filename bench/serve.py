@@ -15,16 +15,18 @@ without Ray Serve. Its ratio to the bare engine is what any Python HTTP front en
 rest of Serve's ratio is Serve's proxy and replica machinery.
 
 ``--model`` defaults to the project's small base model (models/torl-tiny-base) if built, else a random Qwen2 of
-the same shape. Both engines stay up and the two sides alternate level by level, so each ratio compares runs made
-seconds apart (this machine's speed drifts by +-10 % over minutes); they never run at once (2 cores). A level sends
-at least 8 requests per client, so a level's figure is not dominated by its ramp-up and tail. The HTTP client is
-aiohttp in this process (~0.5 ms of CPU per request; httpx cost several times that and capped the Serve figure).
+the same shape. Both engines start together and stay up, and the two sides alternate level by level, so each ratio
+compares runs made seconds apart (this machine's speed drifts by +-10 % over minutes); they never serve at once (2
+cores). A level sends at least 8 requests per client, so a level's figure is not dominated by its ramp-up and tail.
+The HTTP client is aiohttp in this process (~0.5 ms of CPU per request; httpx cost several times that and capped the
+Serve figure).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -178,10 +180,10 @@ def per_level(n: int, clients: int) -> int:
 
 
 async def compare(
-    cfg, path: str, base: str, work: list, texts: list[str], levels: list[int], args, floor: str = ""
+    cfg, path: str, base: str, work: list, texts: list[str], levels: list[int], args, serve_up, floor: str = ""
 ) -> dict:
     """Per level: the bare engine, then the Serve endpoint (then the HTTP floor server, if ``floor``), on the same
-    requests (cycled to the level's count)."""
+    requests (cycled to the level's count). ``serve_up`` blocks until the Serve app (started meanwhile) is ready."""
     import aiohttp
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -191,6 +193,7 @@ async def compare(
 
     gen = Generator(cfg, path, None)
     await gen.start()  # the engine exactly as a Serve replica builds it
+    await asyncio.to_thread(serve_up)
     engine = gen.engine
     # What the server asks of the engine for a non-streaming request with no tools (Generator._sampling).
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
@@ -271,6 +274,7 @@ def main() -> int:
 
     init_ray(num_cpus=4)
     t0 = time.time()
+    threads = concurrent.futures.ThreadPoolExecutor(1)
     floor_proc = None
     floor = ""
     try:
@@ -280,12 +284,14 @@ def main() -> int:
             kv = str(cfg.rollout.engine.cpu_kvcache_gb)  # as build_app gives the replica
             floor_proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": kv})
         start_serve(cfg)
-        serve.run(build_app(cfg), name="bench", route_prefix="/")
+        # The replica's engine starts while this process builds the bare one (nothing is measured yet).
+        serving = threads.submit(serve.run, build_app(cfg), name="bench", route_prefix="/")
         if floor_proc is not None:
             asyncio.run(wait_ready(floor, floor_proc))
         base = f"http://127.0.0.1:{args.port}"
-        results = asyncio.run(compare(cfg, path, base, work, texts, levels, args, floor))
+        results = asyncio.run(compare(cfg, path, base, work, texts, levels, args, serving.result, floor))
     finally:
+        threads.shutdown()
         if floor_proc is not None:
             floor_proc.terminate()
             floor_proc.wait(60)

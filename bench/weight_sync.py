@@ -1,6 +1,7 @@
 """Seconds per weight push and peak memory of each process: the file route vs the collective route.
 
     .venv/bin/python bench/weight_sync.py [--models tiny,smollm2] [--generators 1,2] [--pushes 3]
+                                          [--routes file,collective]
 
 For each model (the CPU default ``configs/tiny_cpu.yaml``; SmolLM2-135M from ``configs/smollm2_cpu.yaml``, 135M
 parameters, 0.54 GB in fp32), each route (``rollout.weight_sync=file|collective``) and each generator count, it starts
@@ -8,8 +9,9 @@ the real actors as training does (one learner rank, N vLLM generators), pushes o
 process's peak-RSS mark (``/proc/<pid>/clear_refs``), pushes ``--pushes`` times, and reports the median seconds per
 push as the driver sees it (learner to every engine loaded) and each process's peak RSS during the pushes: learner
 rank 0, each generator actor and each generator's engine-core process. ``peak - base`` is what the pushes added on
-top of the process's resting RSS, the part a route is responsible for. Ratios are collective / file within one run.
-No tools, no rollouts: nothing else runs during the pushes.
+top of the process's resting RSS, the part a route is responsible for. Ratios are the second route / the first
+within one run (collective / file by default). No tools, no rollouts: nothing else runs during the pushes.
+``--routes collective`` measures one route (one set of actors per model and count instead of two; no ratios).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def measure(preset: Path, route: str, n_gen: int, pushes: int, extra: list[str])
     overrides = [f"rollout.weight_sync={route}", f"rollout.num_generators={n_gen}", "tool.enabled=false", *extra]
     cfg = with_absolute_paths(load_config([str(preset)], overrides))
     model_path = ensure_model(cfg)
-    _, generators, grader = spawn_rollout_actors(cfg, model_path)
+    _, generators, grader, placement = spawn_rollout_actors(cfg, model_path)
     learner = LearnerGroup(cfg, model_path)
     try:
         ray.get([g.start.remote() for g in generators])
@@ -85,7 +87,7 @@ def measure(preset: Path, route: str, n_gen: int, pushes: int, extra: list[str])
         return peaks
     finally:
         learner.shutdown()
-        stop_rollout_actors(None, generators, grader)
+        stop_rollout_actors(None, generators, grader, placement)
 
 
 def main() -> None:
@@ -93,28 +95,36 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--generators", default="1,2")
     ap.add_argument("--pushes", type=int, default=3)
+    ap.add_argument("--routes", default="file,collective", help="rollout.weight_sync routes to measure, in order")
     ap.add_argument("overrides", nargs="*", help="config overrides for both routes (rollout.weight_sync_bucket_mb=64)")
     args = ap.parse_args()
+
+    routes = args.routes.split(",")
+    if set(routes) - {"file", "collective"} or len(set(routes)) != len(routes):
+        ap.error(f"--routes takes file, collective or both, comma-separated (got {args.routes!r})")
+    both = len(routes) == 2
 
     from actors.cluster import init_ray
 
     init_ray(num_cpus=8)
     for model in args.models.split(","):
         for n_gen in [int(x) for x in args.generators.split(",")]:
-            routes = ("file", "collective")
             results = {r: measure(PRESETS[model], r, n_gen, args.pushes, args.overrides) for r in routes}
             print(f"\n== {model}, {n_gen} generator(s): median of {args.pushes} pushes ==")
-            print(f"{'':24}{'file':>24}{'collective':>24}{'ratio':>8}")
-            f, c = results["file"]["seconds"], results["collective"]["seconds"]
-            print(f"{'seconds per push':24}{f:>24.3f}{c:>24.3f}{c / f:>8.2f}")
-            for proc in [k for k in results["file"] if k != "seconds"]:
-                (fb, fp), (cb, cp) = results["file"][proc], results["collective"].get(proc, (0.0, 0.0))
-                cell = lambda base, peak: f"{peak:8.0f} MB (+{peak - base:6.0f})"  # noqa: E731
-                print(f"{'peak RSS ' + proc:24}{cell(fb, fp):>24}{cell(cb, cp):>24}{cp / fp:>8.2f}")
-            largest = {r: max(v[1] for k, v in results[r].items() if k != "seconds") for r in results}
+            print(f"{'':24}" + "".join(f"{r:>24}" for r in routes) + (f"{'ratio':>8}" if both else ""))
+            ratio = (lambda a, b: f"{b / a:>8.2f}") if both else (lambda a, b: "")  # noqa: E731 - second / first
+            secs = [results[r]["seconds"] for r in routes]
+            print(f"{'seconds per push':24}" + "".join(f"{s:>24.3f}" for s in secs) + ratio(secs[0], secs[-1]))
+            cell = lambda base, peak: f"{peak:8.0f} MB (+{peak - base:6.0f})"  # noqa: E731
+            for proc in [k for k in results[routes[0]] if k != "seconds"]:
+                pairs = [results[r].get(proc, (0.0, 0.0)) for r in routes]
+                cells = "".join(f"{cell(base, peak):>24}" for base, peak in pairs)
+                print(f"{'peak RSS ' + proc:24}{cells}" + ratio(pairs[0][1], pairs[-1][1]))
+            largest = [max(v[1] for k, v in results[r].items() if k != "seconds") for r in routes]
             print(
-                f"{'largest process':24}{largest['file']:>21.0f} MB{largest['collective']:>21.0f} MB"
-                f"{largest['collective'] / largest['file']:>8.2f}"
+                f"{'largest process':24}"
+                + "".join(f"{mb:>21.0f} MB" for mb in largest)
+                + ratio(largest[0], largest[-1])
             )
 
 

@@ -2,10 +2,12 @@
 
 bench/rollout.py crashed after five minutes of measuring (KeyError 'tool/exec_success' on its tools-off row) because
 nothing ran it after the metrics changed (#32). Each test here runs one script as a user would, in a process of its
-own (each starts its own local Ray cluster, as the scripts do), with the smallest arguments that still take every
-code path to the printed figures, and checks those figures are there and sane. bench/gpu_smoke.py has its own test
-(tests/unit/test_gpu_smoke.py). The sizes measure nothing: the figures of record come from the default arguments
-(docs/benchmarks.md).
+own (each starts its own local Ray cluster, as the scripts do), with the smallest arguments that still take the
+script's code path to its printed figures, and checks those figures are there and sane. Where a script compares
+variants that each start their own actors (training orders, weight-sync routes, learner groups), the smoke run
+measures one: a variant costs an engine or learner start (10-25 s here), while the comparison is a division.
+bench/gpu_smoke.py has its own test (tests/unit/test_gpu_smoke.py). The sizes measure nothing: the figures of record
+come from the default arguments (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def bench(script: str, *args: str, timeout: float = 240, python: str = sys.execu
 
 
 def number(pattern: str, text: str) -> float:
-    found = re.search(pattern, text)
+    found = re.search(pattern, text, re.M)
     assert found, f"{pattern!r} not in the output:\n{text[-3000:]}"
     return float(found.group(1))
 
@@ -70,15 +72,14 @@ def test_rollout_prints_every_run_and_the_three_ratios():
         assert number(re.escape(figure) + r"[^:]*: ([\d.]+)", out) > 0
 
 
-def test_learner_prints_the_plain_loop_and_both_groups():
+def test_learner_prints_the_plain_loop_and_the_fsdp_group():
     out = bench(
         "learner.py",
         *("--hidden", "64", "--layers", "1", "--seqs", "4", "--prompt-len", "8", "--resp-len", "32"),
-        *("--budget", "256", "--steps", "1"),
+        *("--budget", "256", "--steps", "1", "--workers", "2"),
     )
     assert number(r"plain PyTorch, 1 process, 2 threads: ([\d.]+) s/step", out) > 0
-    for workers in (1, 2):
-        assert number(rf"learner group, {workers} worker\(s\) x [\d.]+ CPU: ([\d.]+) s/step", out) > 0
+    assert number(r"learner group, 2 worker\(s\) x 1 CPU: ([\d.]+) s/step", out) > 0  # FSDP2 over gloo
 
 
 def test_logprobs_memory_prints_both_variants_and_their_ratio(tiny_model_dir):
@@ -121,19 +122,20 @@ def test_soak_trains_and_reports_its_steps():
     assert "MB / 100 steps" in out
 
 
-def test_train_prints_the_phases_of_each_variant():
-    out = bench("train.py", "--variants=on-policy,pipelined", *TINY_TRAINING)
-    header = re.search(r"^phase \(s/step\)\s+on-policy\s+pipelined$", out, re.M)
-    assert header, out
-    assert all(float(x) > 0 for x in re.search(r"^time/step median\s+(\S+)\s+(\S+)$", out, re.M).groups())
-    assert number(r"max_staleness=1 / max_staleness=0, step time: ([\d.]+)x", out) > 0
+def test_train_prints_the_phases_of_a_variant():
+    out = bench("train.py", "--variants=on-policy", *TINY_TRAINING)
+    assert re.search(r"^phase \(s/step\)\s+on-policy$", out, re.M), out
+    assert number(r"^time/step median\s+(\S+)$", out) > 0
+    assert number(r"^time/train\s+(\S+)$", out) > 0
+    assert number(r"^old log-probs recompute / learner step, on-policy: ([\d.]+)$", out) >= 0
 
 
-def test_weight_sync_prints_both_routes():
-    out = bench("weight_sync.py", "--models", "tiny", "--generators", "1", "--pushes", "1")
-    f, c, ratio = re.search(r"^seconds per push\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M).groups()
-    assert float(f) > 0 and float(c) > 0 and float(ratio) > 0
-    assert re.search(r"^peak RSS learner rank 0\s+\d+ MB", out, re.M), out
+def test_weight_sync_prints_the_collective_route():
+    out = bench("weight_sync.py", "--models", "tiny", "--generators", "1", "--pushes", "1", "--routes", "collective")
+    assert re.search(r"^\s+collective$", out, re.M), out
+    assert number(r"^seconds per push\s+([\d.]+)$", out) > 0
+    for proc in ("learner rank 0", "generator 0", "generator 0 engine"):
+        assert number(rf"^peak RSS {proc}\s+(\d+) MB \(\+\s*-?\d+\)$", out) > 0
 
 
 TRL_PYTHON = REPO / ".venv-trl" / "bin" / "python"
