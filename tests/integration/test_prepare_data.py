@@ -314,6 +314,7 @@ def shared_preset_output(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the shared preset's whole pipeline: 30 s of set-up, where the rest of this module takes seconds
 def test_shared_preset_output(shared_preset_output):
     """The preset's file: no null answer, none of the known copies, a data_source stock veRL's reward scores."""
     out = shared_preset_output
