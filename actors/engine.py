@@ -99,6 +99,10 @@ class Engine:
                 enable_prefix_caching=e.enable_prefix_caching,
                 block_size=e.block_size,
                 tensor_parallel_size=e.tensor_parallel_size,
+                # Inside the generators' placement group (jobs/run.py) vLLM would choose its Ray executor for
+                # tensor_parallel_size > 1 and start its shards as Ray actors in the group's GPU bundles, which the
+                # generator actors already hold: the shards run as processes on this actor's own GPUs instead.
+                distributed_executor_backend="mp" if e.tensor_parallel_size > 1 else None,
                 gpu_memory_utilization=e.gpu_memory_utilization,
                 enforce_eager=e.enforce_eager,
                 max_num_seqs=e.max_num_seqs,

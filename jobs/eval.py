@@ -256,13 +256,13 @@ def start_actors(cfg: Config, checkpoint: str, log_dir: str | None = None):
     check_resources(cfg, ray.cluster_resources(), learner=False)
     # A pool name of its own, so an evaluation can run beside a training job on the same cluster.
     name = f"torl_eval_sandbox_{os.getpid()}_{time.time_ns()}"
-    sandbox, generators, grader = spawn_rollout_actors(cfg, checkpoint, sandbox_name=name, log_dir=log_dir)
+    sandbox, generators, grader, placement = spawn_rollout_actors(cfg, checkpoint, sandbox_name=name, log_dir=log_dir)
     try:
         ray.get([g.start.remote() for g in generators])
     except BaseException:
-        stop_rollout_actors(sandbox, generators, grader)
+        stop_rollout_actors(sandbox, generators, grader, placement)
         raise
-    return sandbox, generators, grader
+    return sandbox, generators, grader, placement
 
 
 def log_wandb(cfg: Config, out: Path, summary: dict, records: list[EvalRecord]) -> None:
@@ -327,15 +327,15 @@ def main(argv: list[str]) -> dict:
         import ray
 
         started_ray = not ray.is_initialized()
-        sandbox = generators = grader = None
+        sandbox = generators = grader = placement = None
         try:
             t0 = time.perf_counter()
-            sandbox, generators, grader = start_actors(cfg, checkpoint, str(out / "logs"))
+            sandbox, generators, grader, placement = start_actors(cfg, checkpoint, str(out / "logs"))
             t1 = time.perf_counter()
             totals = stream(cfg, generators, grader, work, store)
             totals["startup_s"], totals["wall_s"] = t1 - t0, time.perf_counter() - t1
         finally:
-            stop_rollout_actors(sandbox, generators or [], grader)
+            stop_rollout_actors(sandbox, generators or [], grader, placement)
             if started_ray:
                 ray.shutdown()
 

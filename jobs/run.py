@@ -21,6 +21,7 @@ from torl.rollout.metrics import merge_batch_metrics
 
 if TYPE_CHECKING:  # annotations only: importing these starts nothing, but pulls in Ray and torch
     from ray.actor import ActorHandle
+    from ray.util.placement_group import PlacementGroup
 
     from actors.learner_group import LearnerGroup
     from actors.sandbox import SandboxPool
@@ -29,9 +30,10 @@ if TYPE_CHECKING:  # annotations only: importing these starts nothing, but pulls
 
 def spawn_rollout_actors(
     cfg: Config, model_path: str, sandbox_name: str = "torl_sandbox", log_dir: str | None = None
-) -> tuple[Any, list, Any]:
-    """The sandbox pool (if tools are on), the generator actors and the grader, as training and evaluation use them.
-    The engines' routine logs go to files in ``log_dir`` (the run's ``logs/``), not the terminal.
+) -> tuple[Any, list, Any, PlacementGroup]:
+    """The sandbox pool (if tools are on), the generator actors, the grader and the generators' placement group
+    (``generator_placement``), as training and evaluation use them. The engines' routine logs go to files in
+    ``log_dir`` (the run's ``logs/``), not the terminal.
 
     The engines start building right away (``start`` is idempotent: callers ``ray.get`` it when they need the
     engines, meanwhile doing other set-up). If anything fails, what was already started is stopped.
@@ -42,28 +44,52 @@ def spawn_rollout_actors(
     from actors.grader import GraderActor
     from actors.sandbox import SandboxPool
 
-    sandbox, generators, grader = None, [], None
+    sandbox, generators, grader, placement = None, [], None, None
     try:
         sandbox = SandboxPool.create(cfg.sandbox, name=sandbox_name) if cfg.tool.enabled else None
-        for _ in range(cfg.rollout.num_generators):
-            generators.append(spawn_generator(cfg, model_path, sandbox, log_dir))
+        placement = generator_placement(cfg)
+        for i in range(cfg.rollout.num_generators):
+            generators.append(spawn_generator(cfg, model_path, sandbox, log_dir, placement, i))
         # On the caller's node (the job's driver): grading is light, and a grader on another node would make that
         # node's loss end the run (the driver has no replacement for it). Hard affinity: a soft one let Ray place
         # some actors elsewhere although this node had room (2 of 4 in a test on two nodes).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         grader = GraderActor.options(scheduling_strategy=here).remote(cfg.reward)
     except BaseException:
-        stop_rollout_actors(sandbox, generators, grader)
+        stop_rollout_actors(sandbox, generators, grader, placement)
         raise
-    return sandbox, generators, grader
+    return sandbox, generators, grader, placement
 
 
-def spawn_generator(cfg: Config, model_path: str, sandbox: Any, log_dir: str | None) -> ActorHandle:
-    """One generator actor; its engine starts building at once (``start`` is idempotent)."""
+def generator_placement(cfg: Config) -> PlacementGroup:
+    """One bundle per generator (its ``rollout.num_cpus``, ``num_gpus`` and ``resources``) in one placement group,
+    packed: on one node while one has room, so a weight push from learner rank 0 reaches every engine on as few nodes
+    as the cluster allows (placed by Ray one at a time, the generators of a two-node cluster could straddle both). A
+    replacement takes the dead generator's bundle; a lost node's bundles move with Ray's rescheduling of the group.
+    Not awaited: the engines start as soon as it is placed."""
+    from ray.util.placement_group import placement_group
+
+    ro = cfg.rollout
+    bundle = {"CPU": ro.num_cpus, **({"GPU": ro.num_gpus} if ro.num_gpus else {}), **ro.resources}
+    return placement_group([dict(bundle) for _ in range(ro.num_generators)], strategy="PACK")
+
+
+def spawn_generator(
+    cfg: Config, model_path: str, sandbox: Any, log_dir: str | None, placement: PlacementGroup, index: int
+) -> ActorHandle:
+    """Generator ``index`` in its bundle of ``placement``; its engine starts building at once (``start`` is
+    idempotent)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from actors.generator import GeneratorActor
 
     ro = cfg.rollout
-    options = {"num_cpus": ro.num_cpus, "num_gpus": ro.num_gpus, "resources": dict(ro.resources)}
+    options = {
+        "num_cpus": ro.num_cpus,
+        "num_gpus": ro.num_gpus,
+        "resources": dict(ro.resources),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=index),
+    }
     generator = GeneratorActor.options(**options).remote(cfg, model_path, sandbox, log_dir)
     generator.start.remote()
     return generator
@@ -90,9 +116,11 @@ def dead_generator(exc: BaseException, index: int | None = None) -> int | None:
     return None
 
 
-def stop_rollout_actors(sandbox: Any, generators: list, grader: Any) -> None:
-    """Stop the engines cleanly (vLLM's engine process goes with them), then kill the actors and the sandbox pool."""
+def stop_rollout_actors(sandbox: Any, generators: list, grader: Any, placement: PlacementGroup | None) -> None:
+    """Stop the engines cleanly (vLLM's engine process goes with them), then kill the actors, release the generators'
+    placement group and stop the sandbox pool."""
     import ray
+    from ray.util.placement_group import remove_placement_group
 
     try:
         ray.get([g.shutdown.remote() for g in generators] + ([grader.shutdown.remote()] if grader else []), timeout=60)
@@ -101,6 +129,8 @@ def stop_rollout_actors(sandbox: Any, generators: list, grader: Any) -> None:
     for actor in [*generators, grader]:
         if actor is not None:
             ray.kill(actor)
+    if placement is not None:
+        remove_placement_group(placement)
     if sandbox is not None:
         sandbox.shutdown()
 
@@ -144,6 +174,7 @@ class Run:
     tracker: Tracker
     sandbox: SandboxPool | None = None  # None when tools are off
     generators: list[ActorHandle] = field(default_factory=list)  # GeneratorActor handles
+    placement: PlacementGroup | None = None  # the generators' bundles (generator_placement)
     learner: LearnerGroup | None = None
     grader: ActorHandle | None = None  # GraderActor handle
     storage: Storage | None = None  # trainer.storage_path; None: output_dir is the storage
@@ -222,7 +253,9 @@ class Run:
         print(f"[torl] generator {index} died ({type(cause).__name__}); replacing it ({n} of {limit} replacements)")
         ray.kill(self.generators[index], no_restart=True)
         log_dir = str(Path(self.cfg.trainer.output_dir) / "logs")
-        self.generators[index] = spawn_generator(self.cfg, self.model_path, self.sandbox, log_dir)
+        self.generators[index] = spawn_generator(
+            self.cfg, self.model_path, self.sandbox, log_dir, self.placement, index
+        )
         try:
             ray.get(self.generators[index].start.remote())
         except ray.exceptions.RayActorError as exc:
@@ -295,7 +328,7 @@ class Run:
     def close(self) -> None:
         if self.learner is not None:
             self.learner.shutdown()
-        stop_rollout_actors(self.sandbox, self.generators, self.grader)
+        stop_rollout_actors(self.sandbox, self.generators, self.grader, self.placement)
         self.tracker.finish()
         try:
             self.upload_run_files()

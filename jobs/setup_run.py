@@ -293,7 +293,7 @@ def prepare_run(argv: list[str], job: str = "train") -> Run:
     run = Run(cfg, model_path, sampler, val, tracker, total_steps=total, storage=storage, identity=identity)
     try:
         log_dir = str(Path(cfg.trainer.output_dir) / "logs")
-        run.sandbox, run.generators, run.grader = spawn_rollout_actors(cfg, model_path, log_dir=log_dir)
+        run.sandbox, run.generators, run.grader, run.placement = spawn_rollout_actors(cfg, model_path, log_dir=log_dir)
         run.learner = LearnerGroup(cfg, model_path)  # built while the engines start
         ray.get([g.start.remote() for g in run.generators])
         if cfg.rollout.weight_sync == "collective":

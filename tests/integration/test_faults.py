@@ -111,6 +111,18 @@ def _wandb_history(path: Path) -> list[dict]:
     return rows
 
 
+def _generator_groups() -> dict[str, str]:
+    """Every generator actor the cluster has had, dead ones too, by actor id: the placement group it was created in
+    (hex; empty or nil for none). From GCS's actor table, which keeps it: Ray's state API needs the dashboard, which
+    the test cluster does not start."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    table = state._connect_and_get_accessor().get_actor_table(None, None)
+    rows = [gcs_pb2.ActorTableData.FromString(b) for b in table]
+    return {r.actor_id.hex(): r.placement_group_id.hex() for r in rows if r.class_name == "Generator"}
+
+
 def _actor_processes(kind: str) -> list[psutil.Process]:
     """This test cluster's worker processes running actors of class ``kind`` (Ray titles them ``ray::<Class>...``).
     Only descendants of this process, which started the cluster: other Ray clusters on the machine are not ours."""
@@ -333,6 +345,7 @@ def test_a_generator_killed_mid_broadcast_is_replaced_once(ray_cluster, tiny_mod
 
     monkeypatch.setattr(LearnerGroup, "push_weights", kill_mid_broadcast)
     timeout_s = 120
+    earlier = _generator_groups()
     args = [*_args(tiny_model_dir, out, 2, 0), "trainer.val_every=0", "trainer.val_before_train=false"]
     args += ["trainer.save_every=0", "learner.num_workers=2", "data.batch_size=2", "rollout.n=2"]
     assert train_main([*args, f"rollout.weight_sync_timeout_s={timeout_s}"]) == 0
@@ -346,6 +359,15 @@ def test_a_generator_killed_mid_broadcast_is_replaced_once(ray_cluster, tiny_mod
     # Step 2 sampled by the replacement: every token on v1, the weights the learner held, and no others.
     assert rows[1]["rollout/policy_version"] == 1 and rows[1].get("staleness/share_lag_0") == 1, rows[1]
     assert rows[1]["learner/mismatch_max_abs_log_ratio"] < SAME_WEIGHTS_MAX_LOG_RATIO, rows[1]
+    # The generator and its replacement in the one bundle of the run's placement group for generators, packed, and
+    # the group released when the run ended (jobs/run.py generator_placement).
+    groups = {actor: group for actor, group in _generator_groups().items() if actor not in earlier}
+    assert len(groups) == 2 and len(set(groups.values())) == 1, groups
+    tables = ray.util.placement_group_table()
+    assert set(groups.values()) <= tables.keys(), groups
+    table = tables[next(iter(groups.values()))]
+    assert table["strategy"] == "PACK" and table["bundles"] == {0: {"CPU": 1.0}}, table
+    assert table["state"] == "REMOVED", table
 
 
 def test_the_run_stops_once_max_actor_restarts_are_spent(ray_cluster, tiny_model_dir, tmp_path):
