@@ -11,9 +11,10 @@ import os
 import pytest
 
 # A few seconds each on a 2-core CPU machine (docs/testing.md has the durations): no vLLM engine, learner group, Serve
-# app or training job of their own. test_benches.py is the exception (about 3.5 minutes, one vLLM start or more in
-# five of its eight scripts): the fast tier must include it so a benchmark cannot rot. test_install_resolves.py is
-# left out, as it asks the package indexes (seconds each, and nothing an edit of the code changes).
+# app or training job of their own. test_benches.py is the exception (about 2 minutes with its scripts run two at a
+# time, five of the nine starting vLLM): the fast tier must include it so a benchmark cannot rot.
+# test_install_resolves.py is left out, as it asks the package indexes (seconds each, and nothing an edit of the code
+# changes).
 FAST = {
     "test_benches.py",
     "test_convert.py",
@@ -22,6 +23,11 @@ FAST = {
     "test_prepare_data.py",
     "test_vllm_api.py",
 }
+
+# A stopping direct-ingress replica (serve.ingress=haproxy) keeps serving 30 s by default so that external load
+# balancers can deregister it; no test has one, and test_serve.py's HAProxy app took those 30 s to shut down. Set
+# before any Ray cluster of the session starts: its processes inherit this process's environment.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 @pytest.fixture(scope="session")
