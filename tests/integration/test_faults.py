@@ -46,7 +46,10 @@ STEPS = 4  # the on-policy fault runs and their uninterrupted reference
 
 # The figures of a step that depend only on what was sampled, graded and trained (not on timing or fault counters).
 EXACT = ("reward/", "acc/", "response/", "rollout/", "tool/", "learner/", "staleness/")
-NOT_EXACT = ("time", "per_s", "threads")
+# The engine-vs-learner log-prob gap (learner/mismatch_*) on the same weights is fp32 rounding, ~1e-6, that moves with
+# the engine's batch composition (the order trajectories reach it): two runs equal in every sampled token differed
+# there (5.7e-6 against 9.5e-7 at step 1, before any kill). Its bound is asserted per row (SAME_WEIGHTS_...).
+NOT_EXACT = ("time", "per_s", "threads", "mismatch")
 # The engine's sampled-token log-probs against the learner's on the same weights, largest |log ratio|: 9.5e-7 here
 # (fp32 on CPU); tokens sampled a version or more behind the learner were 0.38 to 4.3 off in the same runs.
 SAME_WEIGHTS_MAX_LOG_RATIO = 1e-3
