@@ -180,7 +180,8 @@ class RolloutQueue:
 
 
 def grade(run: Run, trajs: list[Trajectory], shape: bool = True) -> None:
-    """Rewards and verdicts; ``shape`` adds DAPO's overlong punishment and filtering (training batches only)."""
+    """Rewards and verdicts; ``shape`` adds DAPO's overlong punishment and filtering and the price of each tool call
+    (training batches only: a held-out score stays the share answered correctly)."""
     import ray
 
     verdicts = ray.get(run.grader.grade.remote([t.grade_item() for t in trajs]))
@@ -190,6 +191,7 @@ def grade(run: Run, trajs: list[Trajectory], shape: bool = True) -> None:
         if not shape:
             continue
         t.reward += overlong_penalty(len(t.response_ids), limit, rc.overlong_buffer, rc.overlong_penalty)
+        t.reward -= rc.tool_call_cost * len(t.tool_calls)
         if rc.mask_truncated and t.finish_reason == "length":
             t.loss_mask = [0] * len(t.loss_mask)
 
@@ -230,11 +232,19 @@ def staleness_metrics(trajs: list[Trajectory], version: int) -> dict[str, float]
 
 
 def validate(run: Run, step: int, levels: dict[str, str]) -> dict[str, float]:
+    """Held-out figures: greedy (``val/``, ToRL's validation) and, with ``trainer.val_samples``, sampled at the
+    rollout's temperature (``val_sampled/``, seeded by ``step``)."""
     times: dict[str, float] = {}
+    max_calls, k = run.cfg.tool.max_calls, run.cfg.trainer.val_samples
     with timed(times, "time/validate"):
         trajs, _ = run.collect(run.generate(run.val, greedy=True, n=1))
         grade(run, trajs, shape=False)
-    metrics = {**rollout_metrics(trajs, "val/", levels, run.cfg.tool.max_calls), **times}
+        metrics = rollout_metrics(trajs, "val/", levels, max_calls)
+        if k:
+            sampled, _ = run.collect(run.generate(run.val, greedy=False, n=k, step=step))
+            grade(run, sampled, shape=False)
+            metrics.update(rollout_metrics(sampled, "val_sampled/", levels, max_calls))
+    metrics.update(times)
     if run.cfg.trainer.log_samples_every:
         run.tracker.log_samples(step, trajs, limit=8)
     return metrics

@@ -106,10 +106,14 @@ def final_summary(
     lines = [f"[torl] done: {run.total_steps} steps in {wall_s / 60:.1f} min (wall, set-up included)"]
     if validations:
         (first, a), (last, b) = validations[0], validations[-1]
-        lines.append(f"  {f'held-out, greedy ({len(run.val)} problems)':<36} {f'step {first}':>9} {f'step {last}':>9}")
-        for key, label, fmt in analysis_figures(b, prefix="val/"):  # ToRL's analyses (torl.rollout.metrics)
-            if key in a and key in b:
-                lines.append(f"    {label:<34} {fmt.format(a[key]):>9} {fmt.format(b[key]):>9}")
+        k = run.cfg.trainer.val_samples
+        for prefix, title in (("val/", "greedy"), ("val_sampled/", f"sampled, {k} each")):
+            rows = [(key, label, fmt) for key, label, fmt in analysis_figures(b, prefix) if key in a and key in b]
+            if rows:  # ToRL's analyses (torl.rollout.metrics)
+                head = f"held-out, {title} ({len(run.val)} problems)"
+                lines.append(f"  {head:<36} {f'step {first}':>9} {f'step {last}':>9}")
+                for key, label, fmt in rows:
+                    lines.append(f"    {label:<34} {fmt.format(a[key]):>9} {fmt.format(b[key]):>9}")
     ckpt = latest_checkpoint(out)
     ckpt = _short(ckpt) if ckpt else None
     curves = out / "curves.png"

@@ -271,6 +271,13 @@ class RewardConfig:
     mask_truncated: bool = opt(
         False, "DAPO's overlong filtering: responses cut off at the length limit get no gradient (ToRL: off)"
     )
+    tool_call_cost: float = opt(
+        0.0,
+        "a price per executed tool call, subtracted from training rewards (validation and evaluation score"
+        " correctness alone). With it the best policy answers directly where it is reliably right and calls the"
+        " tool where only the tool is: configs/tiny_selective.yaml, docs/selective.md. A linear form of OTC's"
+        " tool-efficiency reward (arXiv 2504.14870); 0 = off (ToRL)",
+    )
 
 
 @dataclass(frozen=True)
@@ -489,6 +496,12 @@ class TrainerConfig:
     total_epochs: int = opt(300, "ToRL: 300 (effectively open-ended)")
     val_every: int = opt(4, "ToRL: test_freq=4")
     val_before_train: bool = opt(True, "ToRL: True")
+    val_samples: int = opt(
+        0,
+        "also sample each held-out problem this many times at the rollout's temperature and log the figures under"
+        " val_sampled/ (0 = greedy only, ToRL). Greedy shows the policy's most likely choice; the sampled figures"
+        " show its mix (a code ratio of 0.4 is 0 under greedy)",
+    )
     save_every: int = opt(20, "ToRL: save_freq=20")
     keep_last: int = opt(2, "checkpoints kept")
     output_dir: str = opt("runs/default", "checkpoints, metrics.jsonl, samples")

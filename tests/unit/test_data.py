@@ -197,6 +197,23 @@ def test_synthetic_spec_dispatches_to_tasks():
         load_problems("synthetic:test:many")
 
 
+def test_synthetic_spec_keeps_the_families_asked_for():
+    """``synthetic:<split>[:<n>]:families=a,b:easy=s`` draws only those families, ``s`` of them easy; the plain spec
+    is unchanged by the options (the CPU default's data stays what its runs measured) (#33)."""
+    some = load_problems("synthetic:test:40:families=comb,lin", seed=3)
+    assert len(some) == 40 and {p.source for p in some} == {"synthetic/comb", "synthetic/lin"}
+    assert load_problems("synthetic:train:families=sum", seed=0)[0].source == "synthetic/sum"
+    assert load_problems("synthetic:test:5", seed=3) == load_problems("synthetic:test:5", seed=3)
+    assert {p.source for p in load_problems("synthetic:test:60", seed=3)} > {"synthetic/comb", "synthetic/lin"}
+    half = load_problems("synthetic:test:200:easy=0.5:families=comb,lin,sum", seed=1)
+    assert 80 <= sum(p.level == "easy" for p in half) <= 120 and len({p.source for p in half}) == 3
+    assert sum(p.level == "easy" for p in load_problems("synthetic:test:200", seed=1)) <= 80
+    bad_specs = ("synthetic:test:families=comb,dice", "synthetic:test:families=", "synthetic:test:5:6")
+    for bad in (*bad_specs, "synthetic:test:easy=1.5", "synthetic:test:easy=x", "synthetic:test:easy=0.5:easy=0.2"):
+        with pytest.raises(DataError, match="bad synthetic spec"):
+            load_problems(bad)
+
+
 def test_configured_fields_with_dotted_paths(tmp_path):
     rows = [{"meta": {"uid": "a1"}, "body": {"text": "1+1?"}, "sol": [{"final": 2}]}]
     f = _write_jsonl(tmp_path / "custom.jsonl", rows)

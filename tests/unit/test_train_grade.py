@@ -10,7 +10,7 @@ import pytest
 
 from jobs import loop
 from torl.config import Config, RewardConfig, RolloutConfig
-from torl.rollout.types import Trajectory
+from torl.rollout.types import ToolCall, Trajectory
 
 LIMIT = 10  # rollout.max_response_tokens
 
@@ -59,3 +59,14 @@ def test_mask_truncated_takes_cut_off_responses_out_of_the_loss(batch):
 def test_validation_is_graded_unshaped(batch):
     loop.grade(_run(overlong_buffer=4, mask_truncated=True), batch, shape=False)
     assert [t.reward for t in batch] == [1.0, 1.0, 1.0] and [sum(t.loss_mask) for t in batch] == [5, 8, LIMIT]
+
+
+def test_each_tool_call_is_priced_in_training_rewards_only(batch):
+    """reward.tool_call_cost: a response with two executed calls loses twice the price, one with none keeps the
+    grader's reward; validation scores correctness alone (#33)."""
+    call = ToolCall(code="print(1)", observation="1", status="ok", exec_s=0.0, queue_s=0.0)
+    batch[1].tool_calls, batch[2].tool_calls = [call], [call, call]
+    loop.grade(_run(tool_call_cost=0.25), batch)
+    assert [t.reward for t in batch] == pytest.approx([1.0, 0.75, 0.5])
+    loop.grade(_run(tool_call_cost=0.25), batch, shape=False)
+    assert [t.reward for t in batch] == [1.0, 1.0, 1.0]

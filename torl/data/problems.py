@@ -358,16 +358,35 @@ def _clean_aime25(problems: list[Problem], path: Path) -> list[Problem]:
 
 
 def _load_synthetic(spec: str, seed: int) -> list[Problem]:
-    """``synthetic:<split>`` or ``synthetic:<split>:<n>`` from ``torl.data.tasks.make_split`` (imported lazily)."""
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or not parts[1]:
-        raise DataError(f"bad synthetic spec {spec!r}; use synthetic:<split> or synthetic:<split>:<n>")
-    try:
-        n = int(parts[2]) if len(parts) == 3 else None
-    except ValueError as exc:
-        raise DataError(f"bad synthetic spec {spec!r}: {parts[2]!r} is not a count") from exc
+    """``synthetic:<split>[:<n>][:families=<a>,<b>][:easy=<share>]`` from ``torl.data.tasks.make_split`` (imported
+    lazily).
+
+    ``families`` keeps only those task families and ``easy`` sets the share of easy items (default
+    ``tasks.EASY_FRAC``): the selective-tool-use preset trains on the families whose easy items the base model answers
+    reliably without code, half of them easy."""
+    usage = "use synthetic:<split>[:<n>][:families=<a>,<b>][:easy=<share>]"
+    split, *rest = spec.split(":")[1:] or [""]
+    if not split or len(rest) > 3:
+        raise DataError(f"bad synthetic spec {spec!r}; {usage}")
+    n, options = None, {}
+    for i, part in enumerate(rest):
+        key, sep, value = part.partition("=")
+        if sep and key in ("families", "easy") and key not in options:
+            options[key] = value
+        elif not sep and i == 0:
+            try:
+                n = int(part)
+            except ValueError as exc:
+                raise DataError(f"bad synthetic spec {spec!r}: {part!r} is not a count; {usage}") from exc
+        else:
+            raise DataError(f"bad synthetic spec {spec!r}: {part!r}; {usage}")
     try:
         from torl.data import tasks
     except ImportError as exc:
         raise DataError(f"{spec}: synthetic tasks need torl.data.tasks, which is not available ({exc})") from exc
-    return list(tasks.make_split(parts[1], n=n, seed=seed))
+    try:
+        families = tuple(f for f in options["families"].split(",") if f) if "families" in options else None
+        easy = float(options.get("easy", tasks.EASY_FRAC))
+        return list(tasks.make_split(split, n=n, seed=seed, families=families, easy_frac=easy))
+    except ValueError as exc:
+        raise DataError(f"bad synthetic spec {spec!r}: {exc}") from exc

@@ -35,6 +35,7 @@ SPLITS = ("train", "test")
 DEFAULT_SIZES = {"train": 4096, "test": 256}
 TEST_BUCKETS = 10  # one problem in TEST_BUCKETS (by parameter hash) belongs to the held-out split
 TEMPLATE = "tir_base_0309"
+EASY_FRAC = 0.3  # share of easy items in a split (the CPU default's data)
 
 
 @dataclass(frozen=True)
@@ -190,18 +191,31 @@ def split_of(key: str) -> str:
     return "test" if bucket == 0 else "train"
 
 
-def make_tasks(split: str, n: int | None, seed: int, easy_frac: float = 0.3, unique: bool = True) -> list[Task]:
+def make_tasks(
+    split: str,
+    n: int | None,
+    seed: int,
+    easy_frac: float = EASY_FRAC,
+    unique: bool = True,
+    families: tuple[str, ...] | None = None,
+) -> list[Task]:
     """``n`` tasks of ``split`` (families uniform, ``easy_frac`` easy), deterministic in ``seed``.
 
-    ``unique=False`` allows repeats (pretraining corpora); every task still belongs to ``split``.
+    ``unique=False`` allows repeats (pretraining corpora); every task still belongs to ``split``. ``families``
+    draws from those families only (None: all of ``FAMILIES``).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown synthetic split {split!r}; expected one of {SPLITS}")
     n = DEFAULT_SIZES[split] if n is None else n
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= easy_frac <= 1.0:
+        raise ValueError(f"easy_frac must be within [0, 1], got {easy_frac}")
+    unknown = sorted(set(families or ()) - set(FAMILIES))
+    if unknown or families == ():
+        raise ValueError(f"unknown task families {unknown or '(none given)'}; choose from {sorted(FAMILIES)}")
     rng = random.Random(f"torl-tasks/{split}/{seed}")
-    names = sorted(FAMILIES)
+    names = sorted(families or FAMILIES)
     tasks: list[Task] = []
     seen: set[str] = set()
     attempts = 0
@@ -217,9 +231,15 @@ def make_tasks(split: str, n: int | None, seed: int, easy_frac: float = 0.3, uni
     return tasks
 
 
-def make_split(split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+def make_split(
+    split: str,
+    n: int | None = None,
+    seed: int = 0,
+    families: tuple[str, ...] | None = None,
+    easy_frac: float = EASY_FRAC,
+) -> list[Problem]:
     """``n`` held-out (``test``) or training (``train``) problems; ``n=None`` gives the split's default size."""
-    return [t.problem() for t in make_tasks(split, n, seed)]
+    return [t.problem() for t in make_tasks(split, n, seed, easy_frac=easy_frac, families=families)]
 
 
 # --- traces ------------------------------------------------------------------------------------------------------
