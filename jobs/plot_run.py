@@ -3,7 +3,8 @@
     python jobs/plot_run.py runs/tiny_cpu [--out curves.png] [--compare runs/other ...]
 
 Panels: validation accuracy (greedy, held out), training reward and accuracy, code ratio and execution success,
-error recovery (accuracy after a failed first call, held-out and training; retries; effective code), response length,
+error recovery (accuracy after a failed first call, held-out and training; retries; effective code), the code ratio
+by difficulty level (training, and held-out sampled with ``trainer.val_samples``), response length,
 and step time by phase. ``--compare`` draws further runs into the same panels, dashed (e.g. a C=1 control beside
 C=2). Reads only metrics.jsonl, so it works with W&B off or offline.
 """
@@ -11,6 +12,7 @@ C=2). Reads only metrics.jsonl, so it works with W&B off or offline.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -34,6 +36,8 @@ PANELS = [
             "val/tool/effective_code_ratio",
         ],
     ),
+    # selective tool use (docs/selective.md): the code ratio per difficulty level, training and held-out sampled
+    ("code ratio by level", ["level/*/code_ratio", "val_sampled/level/*/code_ratio"]),
     ("response length (tokens)", ["response/length_mean"]),
     ("seconds per step", ["time/step", "time/wait_rollout", "time/train", "time/grade", "time/sync"]),
 ]
@@ -54,9 +58,10 @@ def load(run_dir: Path) -> list[dict]:
 def plot(rows: list[dict], out: Path, title: str, compare: dict[str, list[dict]] | None = None) -> None:
     """One panel per ``PANELS`` entry; the runs of ``compare`` (name -> rows) dashed, in the same colour per key."""
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
-    for ax, (name, keys) in zip(axes, PANELS, strict=True):
-        for i, key in enumerate(keys):
-            marker = "o" if key.startswith("val/") else None
+    runs = [rows, *(compare or {}).values()]
+    for ax, (name, patterns) in zip(axes, PANELS, strict=True):
+        for i, key in enumerate(_expand(patterns, runs)):
+            marker = "o" if key.startswith("val") else None
             for run, style in [(rows, "-"), *((r, "--") for r in (compare or {}).values())]:
                 pts = [(r["step"], r[key]) for r in run if key in r]
                 if pts:
@@ -70,6 +75,12 @@ def plot(rows: list[dict], out: Path, title: str, compare: dict[str, list[dict]]
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+
+
+def _expand(patterns: list[str], runs: list[list[dict]]) -> list[str]:
+    """The panel's keys: a pattern with ``*`` stands for every logged key it matches (one per difficulty level)."""
+    logged = sorted({k for run in runs for r in run for k in r})
+    return [k for p in patterns for k in ([p] if "*" not in p else fnmatch.filter(logged, p))]
 
 
 def _name_of(rows: list[dict], compare: dict[str, list[dict]] | None) -> str:

@@ -148,3 +148,4 @@ def test_recipe_fields_added_later_keep_the_shipped_fingerprint_until_set():
     realistic = load_recipe([str(repo / "configs" / "base_model.yaml")], ["bug_style=realistic"])
     assert realistic.fingerprint() != shipped
     assert load_recipe([], ["bug_style=realistic", "fix_frac=0.4"]).fingerprint() != realistic.fingerprint()
+    assert load_recipe([], ["easy_code_frac=0.2"]).fingerprint() not in (shipped, default.fingerprint())

@@ -146,3 +146,22 @@ def test_realistic_traces_fix_after_the_error_or_guess():
             assert response.endswith(f"\\boxed{{{t.answer}}}.")
     with pytest.raises(ValueError, match="fix_frac needs"):
         tasks.make_response(ts[0], rng, fix_frac=0.5)
+
+
+def test_easy_code_frac_sets_the_code_share_on_easy_items_only():
+    """easy_code_frac (the selective preset's base model): easy items write code at their own rate, hard items at
+    code_frac; left unset, the traces are exactly those of code_frac alone (the shipped models' corpora) (#33)."""
+    items = tasks.make_tasks("train", 2000, seed=4, unique=False)
+
+    def code_share(level: str, **kw) -> float:
+        rng = random.Random(7)
+        kinds = [(t.level, tasks.make_response(t, rng, code_frac=0.5, **kw)[1]) for t in items]
+        mine = [k for lv, k in kinds if lv == level]
+        return sum(k != "text" for k in mine) / len(mine)
+
+    assert abs(code_share("easy", easy_code_frac=0.1) - 0.1) < 0.05
+    assert abs(code_share("hard", easy_code_frac=0.1) - 0.5) < 0.05
+    plain, unset = random.Random(3), random.Random(3)
+    assert [tasks.make_response(t, plain)[0] for t in items[:300]] == [
+        tasks.make_response(t, unset, easy_code_frac=None)[0] for t in items[:300]
+    ]

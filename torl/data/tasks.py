@@ -6,13 +6,14 @@ level (multi-digit: only running code gives the exact answer). Answers are plain
 Splits are disjoint by construction: a problem's split is a hash of its canonical parameters, so ``test`` never
 shares a problem with ``train`` whatever the seeds and sizes.
 
-Traces (``make_trace``) follow ToRL's tir_base_0309 prompt and observation frame: about 40% write a ```python
-block and copy its real ```output into ``\\boxed{}``; the rest answer in text (right on easy items, usually a
-near miss on hard ones); a few code traces carry a bug whose real error line is shown, then a guess. Whether a
-trace uses code is drawn independently of the family and level, so the choice sits at the start of the response
-for RL to learn. ``bug_style="realistic"`` (the error-recovery preset) writes bugs people make instead (a typo'd
-name, a missing import, an off-by-one index, ``/`` where ``//`` was meant), and after the interpreter's error either
-a second block that fixes the bug (share ``fix_frac``) or a guess: RL with two tool calls can then learn to repair.
+Traces (``make_trace``) follow ToRL's tir_base_0309 prompt and observation frame: about 40% write a ```python block
+and copy its real ```output into ``\\boxed{}``; the rest answer in text (right on easy items, usually a near miss on
+hard ones); a few code traces carry a bug whose real error line is shown, then a guess. Whether a trace uses code is
+drawn independently of the family and level, so the choice sits at the start of the response for RL to learn
+(``easy_code_frac`` makes it depend on the level, for the selective-tool-use preset). ``bug_style="realistic"`` (the
+error-recovery preset) writes bugs people make instead (a typo'd name, a missing import, an off-by-one index, ``/``
+where ``//`` was meant), and after the interpreter's error either a second block that fixes the bug (share
+``fix_frac``) or a guess: RL with two tool calls can then learn to repair.
 Not here: tokenization and training (``torl.models.pretrain``), grading (``torl.rl.grading``).
 """
 
@@ -368,8 +369,12 @@ def make_response(
     hard_text_acc: float = 0.1,
     bug_style: str = "simple",
     fix_frac: float = 0.0,
+    easy_code_frac: float | None = None,
 ) -> tuple[str, str]:
     """A ToRL-format response for ``task`` and its kind ("code", "bug", "fix" or "text"); ends before the EOS token.
+
+    Code is written in ``code_frac`` of traces, drawn without looking at the task, or in ``easy_code_frac`` of those
+    for easy items when it is given.
 
     ``bug_style="simple"``: the CPU default's traces (a bug is a stray name, a dropped import or a syntax error, always
     followed by a guess; ``fix_frac`` must be 0). ``"realistic"``: ``realistic_bug``'s kinds, fixed in ``fix_frac``.
@@ -378,7 +383,9 @@ def make_response(
         raise ValueError(f"bug_style must be 'simple' or 'realistic', got {bug_style!r}")
     if bug_style == "simple" and fix_frac:
         raise ValueError("fix_frac needs bug_style='realistic' (simple bugs are always followed by a guess)")
-    if rng.random() < code_frac:  # drawn before looking at the task: the decision carries no task information
+    if easy_code_frac is not None and task.level == "easy":
+        code_frac = easy_code_frac  # the choice depends on the item's level (the selective preset's base model)
+    if rng.random() < code_frac:  # one draw either way: traces without easy_code_frac stay what they were
         opener = rng.choice(CODE_OPENERS)
         if bug_style == "realistic":
             return _realistic_code_response(task, rng, opener, bug_frac, fix_frac, hard_text_acc)
@@ -404,7 +411,7 @@ def make_response(
     return f"{rng.choice(TEXT_OPENERS)}\n{task.reasoning.format(ans=ans)}\nSo the answer is \\boxed{{{ans}}}.", "text"
 
 
-def make_trace(task: Task, rng: random.Random, **kw: float | str) -> tuple[str, str, str]:
+def make_trace(task: Task, rng: random.Random, **kw: float | str | None) -> tuple[str, str, str]:
     """(prompt, response, kind) for pretraining; the prompt is ToRL's tir_base_0309 text for the question."""
     response, kind = make_response(task, rng, **kw)
     return build_prompt(task.question, TEMPLATE), response, kind

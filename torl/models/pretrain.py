@@ -41,7 +41,7 @@ OUTPUT_OPEN = "```output\n"
 FIRST_LOSSES = 8
 OUTPUT_CLOSE = "\n```\n"
 # Recipe fields added after models/torl-tiny-base shipped, with the value that leaves its traces unchanged.
-LATER_FIELDS = {"bug_style": "simple", "fix_frac": 0.0}
+LATER_FIELDS = {"bug_style": "simple", "fix_frac": 0.0, "easy_code_frac": None}
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ class BaseModelRecipe:
     num_traces: int = opt(12000, "pretraining traces drawn from the train split (repeats allowed)")
     easy_frac: float = opt(0.3, "share of easy items (text-only answers can be right)")
     code_frac: float = opt(0.4, "share of traces that write code (ToRL's base model: ~40% at step 0)")
+    easy_code_frac: float | None = opt(
+        None,
+        "share of easy-item traces that write code; None = code_frac (the choice ignores the item). The selective"
+        " preset's model writes code on easy items less often than on hard ones, as a real base model's tool"
+        " propensity depends on the problem, which gives RL a feature to separate them by",
+    )
     bug_frac: float = opt(0.08, "share of code traces whose code fails (real error shown, then a guess or a fix)")
     hard_text_acc: float = opt(0.1, "how often a text-only answer to a hard item (or a guess after an error) is right")
     bug_style: Literal["simple", "realistic"] = opt(
@@ -131,7 +137,7 @@ def make_traces(recipe: BaseModelRecipe) -> list[tuple[str, str, str]]:
     task_list = tasks.make_tasks("train", recipe.num_traces, recipe.seed, easy_frac=recipe.easy_frac, unique=False)
     rng = random.Random(f"torl-traces/{recipe.seed}")
     kw = {"code_frac": recipe.code_frac, "bug_frac": recipe.bug_frac, "hard_text_acc": recipe.hard_text_acc}
-    kw.update(bug_style=recipe.bug_style, fix_frac=recipe.fix_frac)
+    kw.update(bug_style=recipe.bug_style, fix_frac=recipe.fix_frac, easy_code_frac=recipe.easy_code_frac)
     return [tasks.make_trace(t, rng, **kw) for t in task_list]
 
 

@@ -1,0 +1,69 @@
+"""Training teaches selective tool use: with a price per tool call, a short run of the selective preset must raise
+the code ratio on hard items and keep it from rising on easy ones.
+
+The preset's base model (configs/base_model_selective.yaml, shipped in models/torl-selective-base) writes code in
+about 40% of its sampled answers to hard items and 20% to easy ones, and answers easy items correctly without code.
+With ``reward.tool_call_cost`` a program answer earns less than a direct one, so the best policy calls the tool only
+where a direct answer is usually wrong. The assertion is on the training batches' code ratio per difficulty level
+(``level/{easy,hard}/code_ratio``, sampled as RL samples them), first five steps against the last five: it separates
+only when the price reaches the reward (without it the code ratio rises on easy items too: docs/selective.md), the
+sampled tokens are trained (masks) and better responses are made more likely (advantages). The held-out greedy
+accuracy must rise as well. Measured figures and the deliberate breaks that fail this test: docs/selective.md.
+"""
+
+import json
+import statistics
+from pathlib import Path
+
+from jobs.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[2]
+PRESET = REPO / "configs" / "tiny_selective.yaml"
+STEPS = 20
+MIN_HARD_GAIN = 0.15  # code ratio on hard items, training batches, steps 16-20 against 1-5
+MAX_EASY_GAIN = 0.10  # ... and on easy items (without the price: +0.27 in the same steps)
+MIN_ACC_GAIN = 0.3  # held-out greedy accuracy
+
+
+def test_shipped_selective_base_model_is_intact_and_current():
+    """The preset's model ships built and matches its recipe."""
+    from torl.models.pretrain import cached_fingerprint, load_recipe, verify_manifest
+
+    model = REPO / "models" / "torl-selective-base"
+    assert verify_manifest(model) == []
+    recipe = load_recipe([str(REPO / "configs" / "base_model_selective.yaml")])
+    assert cached_fingerprint(model) == recipe.fingerprint(), (
+        "configs/base_model_selective.yaml (or the trace synthesis) changed since models/torl-selective-base was "
+        "built: rebuild it with `python jobs/make_base_model.py configs/base_model_selective.yaml --force`"
+    )
+
+
+def test_a_short_run_learns_to_call_the_tool_where_it_pays(ray_cluster, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        str(PRESET),
+        f"trainer.output_dir={out}",
+        f"trainer.total_steps={STEPS}",
+        f"trainer.val_every={STEPS}",
+        "trainer.val_samples=1",
+        "trainer.save_every=0",
+        "trainer.log_samples_every=0",
+        "data.val_limit=48",
+        "wandb.mode=disabled",
+    ]
+    assert train_main(args) == 0
+    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+    def gain(level: str) -> float:
+        def mean(steps: range) -> float:
+            return statistics.mean(rows[s][f"level/{level}/code_ratio"] for s in steps)
+
+        return mean(range(STEPS - 4, STEPS + 1)) - mean(range(1, 6))
+
+    hard, easy = gain("hard"), gain("easy")
+    assert hard >= MIN_HARD_GAIN, (hard, easy)
+    assert easy <= MAX_EASY_GAIN, (hard, easy)
+    accuracy = [rows[s]["val/acc/mean"] for s in (0, STEPS)]
+    assert accuracy[1] - accuracy[0] >= MIN_ACC_GAIN, accuracy
+    # the sampled held-out pass ran and split by level (trainer.val_samples)
+    assert {"val_sampled/level/easy/code_ratio", "val_sampled/level/hard/code_ratio"} <= rows[STEPS].keys()
