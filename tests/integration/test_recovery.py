@@ -10,46 +10,19 @@ boxes), the sampled tokens are trained and the observation tokens are not (masks
 likely (advantages). Measured figures and the deliberate breaks that fail this test: docs/recovery.md.
 """
 
-import json
-from pathlib import Path
+from preset_runs import assert_shipped_model_is_current, run_preset
 
-from jobs.train import main as train_main
-
-REPO = Path(__file__).resolve().parents[2]
-PRESET = REPO / "configs" / "tiny_recovery.yaml"
 STEPS = 10
 MIN_RECOVERY_GAIN = 0.3  # points of P(correct | first call failed), held-out, greedy
 MIN_FIRST_FAILED = 16  # held-out responses whose first call failed, before and after: the figure's sample
 
 
 def test_shipped_recovery_base_model_is_intact_and_current():
-    """The preset's model ships built (a fresh clone does not wait ten minutes for it) and matches its recipe."""
-    from torl.models.pretrain import cached_fingerprint, load_recipe, verify_manifest
-
-    model = REPO / "models" / "torl-recovery-base"
-    assert verify_manifest(model) == []
-    assert (
-        cached_fingerprint(model) == load_recipe([str(REPO / "configs" / "base_model_recovery.yaml")]).fingerprint()
-    ), (
-        "configs/base_model_recovery.yaml (or the trace synthesis) changed since models/torl-recovery-base was built: "
-        "rebuild it with `python jobs/make_base_model.py configs/base_model_recovery.yaml --force` and commit it"
-    )
+    assert_shipped_model_is_current("torl-recovery-base", "configs/base_model_recovery.yaml")
 
 
 def test_a_short_run_learns_to_fix_code_from_the_interpreters_error(ray_cluster, tmp_path):
-    out = tmp_path / "run"
-    args = [
-        str(PRESET),
-        f"trainer.output_dir={out}",
-        f"trainer.total_steps={STEPS}",
-        f"trainer.val_every={STEPS}",
-        "trainer.save_every=0",
-        "trainer.log_samples_every=0",
-        "data.val_limit=48",
-        "wandb.mode=disabled",
-    ]
-    assert train_main(args) == 0
-    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    rows = run_preset("tiny_recovery.yaml", tmp_path / "run", STEPS, "data.val_limit=48")
     before, after = rows[0], rows[STEPS]
     assert before["val/tool/n_first_failed"] >= MIN_FIRST_FAILED, before["val/tool/n_first_failed"]
     assert after["val/tool/n_first_failed"] >= MIN_FIRST_FAILED, after["val/tool/n_first_failed"]

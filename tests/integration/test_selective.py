@@ -11,14 +11,10 @@ sampled tokens are trained (masks) and better responses are made more likely (ad
 accuracy must rise as well. Measured figures and the deliberate breaks that fail this test: docs/selective.md.
 """
 
-import json
 import statistics
-from pathlib import Path
 
-from jobs.train import main as train_main
+from preset_runs import assert_shipped_model_is_current, run_preset
 
-REPO = Path(__file__).resolve().parents[2]
-PRESET = REPO / "configs" / "tiny_selective.yaml"
 STEPS = 20
 MIN_HARD_GAIN = 0.15  # code ratio on hard items, training batches, steps 16-20 against 1-5
 MAX_EASY_GAIN = 0.10  # ... and on easy items (without the price: +0.27 in the same steps)
@@ -26,33 +22,11 @@ MIN_ACC_GAIN = 0.3  # held-out greedy accuracy
 
 
 def test_shipped_selective_base_model_is_intact_and_current():
-    """The preset's model ships built and matches its recipe."""
-    from torl.models.pretrain import cached_fingerprint, load_recipe, verify_manifest
-
-    model = REPO / "models" / "torl-selective-base"
-    assert verify_manifest(model) == []
-    recipe = load_recipe([str(REPO / "configs" / "base_model_selective.yaml")])
-    assert cached_fingerprint(model) == recipe.fingerprint(), (
-        "configs/base_model_selective.yaml (or the trace synthesis) changed since models/torl-selective-base was "
-        "built: rebuild it with `python jobs/make_base_model.py configs/base_model_selective.yaml --force`"
-    )
+    assert_shipped_model_is_current("torl-selective-base", "configs/base_model_selective.yaml")
 
 
 def test_a_short_run_learns_to_call_the_tool_where_it_pays(ray_cluster, tmp_path):
-    out = tmp_path / "run"
-    args = [
-        str(PRESET),
-        f"trainer.output_dir={out}",
-        f"trainer.total_steps={STEPS}",
-        f"trainer.val_every={STEPS}",
-        "trainer.val_samples=1",
-        "trainer.save_every=0",
-        "trainer.log_samples_every=0",
-        "data.val_limit=48",
-        "wandb.mode=disabled",
-    ]
-    assert train_main(args) == 0
-    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    rows = run_preset("tiny_selective.yaml", tmp_path / "run", STEPS, "trainer.val_samples=1", "data.val_limit=48")
 
     def gain(level: str) -> float:
         def mean(steps: range) -> float:
