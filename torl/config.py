@@ -690,6 +690,10 @@ class Config:
             raise ConfigError("trainer.max_staleness must be >= 0 (0 = on-policy, k = up to k steps ahead)")
         if self.algo.dynamic_sampling_max_draws < 1:
             raise ConfigError("algo.dynamic_sampling_max_draws must be >= 1 (the step's own batch counts)")
+        if self.trainer.val_samples < 0:
+            raise ConfigError("trainer.val_samples must be >= 0 (0 = greedy validation only)")
+        if self.reward.tool_call_cost < 0:
+            raise ConfigError("reward.tool_call_cost must be >= 0: it is a price per call, subtracted from the reward")
         if self.rollout.weight_sync_bucket_mb < 1 or self.rollout.weight_sync_timeout_s <= 0:
             raise ConfigError("rollout.weight_sync_bucket_mb must be >= 1 and rollout.weight_sync_timeout_s > 0")
         if self.tool.compat_retokenise and (

@@ -217,3 +217,17 @@ def test_evaluation_sampling_is_checked(overrides, named):
     e = load_config([], ["eval.n=32"]).eval
     assert (e.greedy, e.n, e.temperature, e.top_p, e.top_k) == (True, 32, 1.0, 0.7, -1)  # SimpleTIR's avg@32
     assert load_config([], ["eval.greedy=false", "eval.n=8"]).eval.n == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.val_samples=-1", r"trainer\.val_samples must be >= 0"),
+        ("reward.tool_call_cost=-0.5", r"reward\.tool_call_cost must be >= 0"),
+    ],
+)
+def test_selective_settings_are_checked(override, named):
+    """The selective preset's settings fail at load time naming the key, not deep in a run (#33)."""
+    with pytest.raises(ConfigError, match=named):
+        load_config([], [override])
+    assert load_config([], [override.replace("-", "")]) is not None
