@@ -237,13 +237,15 @@ def validate(run: Run, step: int, levels: dict[str, str]) -> dict[str, float]:
     times: dict[str, float] = {}
     max_calls, k = run.cfg.tool.max_calls, run.cfg.trainer.val_samples
     with timed(times, "time/validate"):
-        trajs, _ = run.collect(run.generate(run.val, greedy=True, n=1))
+        greedy = run.generate(run.val, greedy=True, n=1)
+        sampled = run.generate(run.val, greedy=False, n=k, step=step) if k else []  # in flight beside the greedy
+        trajs, _ = run.collect(greedy)
         grade(run, trajs, shape=False)
         metrics = rollout_metrics(trajs, "val/", levels, max_calls)
         if k:
-            sampled, _ = run.collect(run.generate(run.val, greedy=False, n=k, step=step))
-            grade(run, sampled, shape=False)
-            metrics.update(rollout_metrics(sampled, "val_sampled/", levels, max_calls))
+            samples, _ = run.collect(sampled)
+            grade(run, samples, shape=False)
+            metrics.update(rollout_metrics(samples, "val_sampled/", levels, max_calls))
     metrics.update(times)
     if run.cfg.trainer.log_samples_every:
         run.tracker.log_samples(step, trajs, limit=8)

@@ -62,7 +62,7 @@ def plot(rows: list[dict], out: Path, title: str, compare: dict[str, list[dict]]
     for ax, (name, patterns) in zip(axes, PANELS, strict=True):
         for i, key in enumerate(_expand(patterns, runs)):
             marker = "o" if key.startswith("val") else None
-            for run, style in [(rows, "-"), *((r, "--") for r in (compare or {}).values())]:
+            for run, style in zip(runs, ["-"] + ["--"] * (len(runs) - 1), strict=True):
                 pts = [(r["step"], r[key]) for r in run if key in r]
                 if pts:
                     label = key if style == "-" else f"{key} ({_name_of(run, compare)})"

@@ -51,7 +51,7 @@ class BaseModelRecipe:
     output_dir: str = opt("models/torl-tiny-base", "where the model goes (relative paths: the checkout)")
     seed: int = opt(1, "fixes traces, their order, the tokenizer and the initial weights")
     num_traces: int = opt(12000, "pretraining traces drawn from the train split (repeats allowed)")
-    easy_frac: float = opt(0.3, "share of easy items (text-only answers can be right)")
+    easy_frac: float = opt(tasks.EASY_FRAC, "share of easy items (text-only answers can be right)")
     code_frac: float = opt(0.4, "share of traces that write code (ToRL's base model: ~40% at step 0)")
     easy_code_frac: float | None = opt(
         None,
