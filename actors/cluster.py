@@ -20,8 +20,13 @@ LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes Ray's node IP 127.0.0.1 (docs/platform-notes.md §2)
     "VLLM_HOST_IP": "127.0.0.1",
 }
-# Every process of any cluster: model hubs offline (models are paths), quiet loaders.
+# Every process of any cluster: model hubs offline (models are paths), quiet loaders, and OpenMP threads that sleep
+# at a barrier instead of spinning. torch's libgomp spins by default: a learner rank with two intra-op threads on 2
+# cores, with anything else computing on the machine (another job, a second test worker), waits at every barrier for
+# a descheduled thread while its spinning one burns the core; the CPU learning run took 205 s instead of 61 s beside
+# a one-core busy loop (docs/platform-notes.md §16). Read when libgomp loads, i.e. at process start.
 LOCAL_ENV = {
+    "OMP_WAIT_POLICY": "PASSIVE",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",

@@ -6,6 +6,7 @@ import math
 import random
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -122,6 +123,15 @@ def test_fsdp_parity_with_plain_pytorch(group, tiny_model_dir):
     for k, v in ref_model.state_dict().items():
         torch.testing.assert_close(after[k], v, rtol=1e-5, atol=LR * 1e-2, msg=k)
     assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+
+
+def test_learner_ranks_sleep_at_openmp_barriers(group):
+    """Each rank's intra-op threads wait passively: with libgomp's default spinning, the CPU learning run took 205 s
+    instead of 61 s beside a one-core busy loop (docs/platform-notes.md §16). libgomp reads the policy when it loads,
+    so the rank's process must be started with it, not set it later."""
+    ranks = [p for p in psutil.Process().children(recursive=True) if " ".join(p.cmdline()).startswith("ray::Learner")]
+    assert len(ranks) >= 2, "the group's two ranks were not found among this session's processes"
+    assert {p.environ().get("OMP_WAIT_POLICY") for p in ranks} == {"PASSIVE"}
 
 
 def test_uneven_shards_run_empty_micro_batches(group, tiny_model_dir):
