@@ -204,7 +204,7 @@ def test_scratch_root_is_new_private_and_stale_roots_go(tmp_path):
     of dead zygotes are removed, but not a lookalike another user owns, nor a live zygote's."""
     planted = tmp_path / f"torl-sandbox-{os.getpid()}"
     planted.mkdir()
-    root = make_root(str(tmp_path))
+    root, lock = make_root(str(tmp_path))
     assert root != str(planted) and os.path.basename(root).startswith(f"torl-sandbox-{os.getpid()}-")
     assert oct(os.stat(root).st_mode & 0o777) == "0o711" and os.stat(root).st_uid == os.geteuid()
     dead = tmp_path / "torl-sandbox-999999999-abc"
@@ -213,8 +213,18 @@ def test_scratch_root_is_new_private_and_stale_roots_go(tmp_path):
     foreign = tmp_path / "torl-sandbox-999999998-abc"
     foreign.mkdir()
     os.chown(foreign, 12345, 12345)
+    # A live zygote in another PID namespace: its name's pid is no process here (or another one), but it holds its
+    # root's lock. Its root was deleted under its snippets when liveness was read from the pid.
+    elsewhere, elsewhere_lock = make_root(str(tmp_path))
+    renamed = tmp_path / "torl-sandbox-999999997-abc"
+    os.rename(elsewhere, renamed)
     remove_stale_roots(str(tmp_path))
     assert not dead.exists() and foreign.exists()
+    assert os.path.isdir(root) and renamed.is_dir()
+    os.close(elsewhere_lock)  # that zygote dies: its root is stale now
+    remove_stale_roots(str(tmp_path))
+    assert not renamed.exists() and os.path.isdir(root)
+    os.close(lock)
 
 
 def test_remove_tree_stops_when_a_step_up_is_not_the_way_down(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ name (a deep chain passes PATH_MAX), never following a symlink, and opening up d
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
@@ -19,12 +20,24 @@ ROOT_PREFIX = "torl-sandbox-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def make_root(parent: str) -> str:
+def make_root(parent: str) -> tuple[str, int]:
     """A new private scratch root under ``parent``: ``torl-sandbox-<pid>-<random>``, ours, 0711 (snippets with uids
-    of their own may pass through it to their own directories, and list nothing)."""
-    root = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-", dir=parent)  # O_EXCL, 0700
-    os.chmod(root, 0o711)
-    return os.path.realpath(root)
+    of their own may pass through it to their own directories, and list nothing), and the descriptor that holds an
+    exclusive ``flock`` on it for as long as the zygote lives (keep it open; the kernel drops the lock when the
+    zygote dies, however it dies).
+
+    The lock, not the pid in the name, is what says the root is in use: a zygote in another PID namespace (a
+    container sharing /tmp, a node of a test cluster) names its root with a pid that means another process, or
+    none, here, and a pid check deleted such a live root under its snippets ("setup failed: FileNotFoundError").
+    The root is locked under a name ``remove_stale_roots`` does not look at, then renamed (the lock follows the
+    inode), so no sweep can see it unlocked."""
+    new = tempfile.mkdtemp(prefix=f".{ROOT_PREFIX}new-{os.getpid()}-", dir=parent)  # O_EXCL, 0700
+    fd = os.open(new, _DIR_FLAGS)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else can hold it yet
+    os.chmod(new, 0o711)
+    root = os.path.join(parent, os.path.basename(new).removeprefix(".").replace(f"{ROOT_PREFIX}new-", ROOT_PREFIX, 1))
+    os.rename(new, root)
+    return os.path.realpath(root), fd
 
 
 def remove_tree(path: str) -> bool:
@@ -96,24 +109,30 @@ def _clear_entries(fd: int) -> str | None:
 def remove_stale_roots(parent: str) -> None:
     """Delete scratch roots of zygotes that were SIGKILLed (they could not clean up after themselves).
 
-    Only directories this user owns (never a lookalike another user planted) whose zygote is no longer alive."""
+    Only directories this user owns (never a lookalike another user planted) that no live zygote holds locked
+    (``make_root``); the lock is held while the tree is removed."""
     try:
         names = [n for n in os.listdir(parent) if n.startswith(ROOT_PREFIX)]
     except OSError:
         return
     for name in names:
         path = os.path.join(parent, name)
-        pid = name.removeprefix(ROOT_PREFIX).split("-", 1)[0]
         try:
             st = os.lstat(path)
         except OSError:
             continue
-        if not pid.isdigit() or st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode):  # lstat: no symlink
+        if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode):  # lstat: no symlink
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"torl.sandbox.zygote" in f.read():
-                    continue  # a live zygote owns it
-        except (OSError, ValueError):
-            pass
-        remove_tree(path)
+            fd = os.open(path, _DIR_FLAGS)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: a live zygote's, wherever its pid lives
+            os.close(fd)
+            continue
+        try:
+            remove_tree(path)
+        finally:
+            os.close(fd)

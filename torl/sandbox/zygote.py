@@ -532,7 +532,7 @@ def main(argv: list[str]) -> int:
     # Die with the worker that started us (set after set_up: entering a user namespace clears it).
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     scratch.remove_stale_roots(limits.scratch_root)
-    root = scratch.make_root(limits.scratch_root)
+    root, _root_lock = scratch.make_root(limits.scratch_root)  # held open for the zygote's life (its lock)
     os.chdir(root)
     os.environ["HOME"] = root  # caches a preloaded library writes go here, not to a shared directory
     _warm(limits.preload)
