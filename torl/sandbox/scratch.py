@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import stat
 import tempfile
 
 ROOT_PREFIX = "torl-sandbox-"
+_NEW_PREFIX = f".{ROOT_PREFIX}new-"  # a root while it is being locked: hidden from remove_stale_roots
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -31,11 +31,11 @@ def make_root(parent: str) -> tuple[str, int]:
     none, here, and a pid check deleted such a live root under its snippets ("setup failed: FileNotFoundError").
     The root is locked under a name ``remove_stale_roots`` does not look at, then renamed (the lock follows the
     inode), so no sweep can see it unlocked."""
-    new = tempfile.mkdtemp(prefix=f".{ROOT_PREFIX}new-{os.getpid()}-", dir=parent)  # O_EXCL, 0700
+    new = tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{os.getpid()}-", dir=parent)  # O_EXCL, 0700
     fd = os.open(new, _DIR_FLAGS)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else can hold it yet
     os.chmod(new, 0o711)
-    root = os.path.join(parent, os.path.basename(new).removeprefix(".").replace(f"{ROOT_PREFIX}new-", ROOT_PREFIX, 1))
+    root = os.path.join(parent, ROOT_PREFIX + os.path.basename(new).removeprefix(_NEW_PREFIX))
     os.rename(new, root)
     return os.path.realpath(root), fd
 
@@ -118,21 +118,22 @@ def remove_stale_roots(parent: str) -> None:
     for name in names:
         path = os.path.join(parent, name)
         try:
-            st = os.lstat(path)
+            fd = os.open(path, _DIR_FLAGS)  # O_NOFOLLOW | O_DIRECTORY: a symlink or a file is skipped here
         except OSError:
             continue
-        if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode):  # lstat: no symlink
-            continue
-        try:
-            fd = os.open(path, _DIR_FLAGS)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # BlockingIOError: a live zygote's, wherever its pid lives
+        if not (os.fstat(fd).st_uid == os.geteuid() and _try_lock(fd)):  # another user's lookalike, or a live root
             os.close(fd)
             continue
         try:
             remove_tree(path)
         finally:
             os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take ``fd``'s exclusive lock if free: False while a live zygote holds it, wherever its pid lives."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
