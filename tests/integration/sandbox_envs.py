@@ -10,8 +10,8 @@
 
 In 3-5 the zygote runs in a mount namespace where /root (mode 0700, home of the venv's base Python) is replaced by a
 tmpfs showing only the Python installation, as a container image or a cluster node would have Python readable.
-Run as a script, this module is the launcher: ``python sandbox_envs.py ENV -- ZYGOTE_ARGV...`` sets the environment
-up and execs ``setpriv`` with the zygote's command.
+Run as a script, this module is the launcher: ``python sandbox_envs.py ENV UID -- ZYGOTE_ARGV...`` sets the
+environment up and execs ``setpriv`` with the zygote's command (UID: the non-root user's, or "-" for root).
 """
 
 from __future__ import annotations
@@ -20,14 +20,19 @@ import errno
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torl.config import SandboxConfig
 from torl.sandbox.client import Zygote
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_UID = 64231  # the non-root user of environments 4 and 5 (no passwd entry needed)
+# The non-root user of environments 4 and 5 (no passwd entry needed), one per xdist worker: the tests tell their
+# processes by uid (strays, RLIMIT_NPROC's count), and the other worker's sandbox tests run at the same time.
+TEST_UID = 64231 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+# A non-root user no other test runs as, for a test that limits a user's processes (RLIMIT_NPROC counts every process
+# of the uid on the machine).
+ALONE_UID = 64230
 NS_FLAGS = 0x7E020080  # every CLONE_NEW* flag, as Docker's profile tests them
 
 
@@ -48,7 +53,7 @@ class Env:
         """``argv`` (the zygote's command) run in this environment."""
         if self.name == "root":
             return argv
-        return [sys.executable, __file__, self.name, "--", *argv]
+        return [sys.executable, __file__, self.name, "-" if self.uid is None else str(self.uid), "--", *argv]
 
 
 ENVS = {
@@ -106,9 +111,10 @@ def _seccomp(env: Env) -> None:
     filt.load()
 
 
-def launch(name: str, argv: list[str]) -> None:
-    """Set environment ``name`` up in this (root) process and exec ``argv`` in it through ``setpriv``."""
-    env = ENVS[name]
+def launch(name: str, uid: str, argv: list[str]) -> None:
+    """Set environment ``name`` up in this (root) process, as ``uid`` where it is a non-root one (``wrap`` passes the
+    Env's own, which a test may have replaced), and exec ``argv`` in it through ``setpriv``."""
+    env = replace(ENVS[name], uid=None if uid == "-" else int(uid))
     if env.readable_python:
         _expose_python()
     if env.docker_seccomp or env.deny_userns:
@@ -122,4 +128,4 @@ def launch(name: str, argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    launch(sys.argv[1], sys.argv[sys.argv.index("--") + 1 :])
+    launch(sys.argv[1], sys.argv[2], sys.argv[sys.argv.index("--") + 1 :])

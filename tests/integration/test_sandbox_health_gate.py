@@ -8,9 +8,10 @@ cannot fork (its user's process limit leaves no room for a snippet's child, so t
 import asyncio
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
-from sandbox_envs import ENVS, EnvZygote
+from sandbox_envs import ALONE_UID, ENVS, EnvZygote
 
 from torl.config import SandboxConfig
 from torl.rollout.types import ExecResult, ToolCall
@@ -69,7 +70,8 @@ class NoForkZygote(EnvZygote):
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("prlimit"), reason="needs root (setpriv) and prlimit")
 def test_probe_and_gate_catch_a_zygote_that_cannot_fork():
     async def go():
-        zygote = NoForkZygote(SandboxConfig(isolation="best", timeout_s=2.0, uid_base=263000), ENVS["non-root"])
+        alone = replace(ENVS["non-root"], uid=ALONE_UID)  # the process limit is per uid, machine-wide
+        zygote = NoForkZygote(SandboxConfig(isolation="best", timeout_s=2.0, uid_base=263000), alone)
         try:
             probes = [(p, await zygote.run(p.code)) for p in PROBES]
             steps = [[as_call(c, await zygote.run(c)) for c in MODEL_CODE] for _ in range(3)]
