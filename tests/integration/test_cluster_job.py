@@ -188,32 +188,10 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_job_runs_on_two_nodes_with_each_nodes_own_environment(cluster, tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    job = Job(cluster, _job_args(tiny_model_dir, out, 3))
-    rc = job.wait(timeout=300)
-    assert rc == 0, job.output[-5000:]
-    assert job_info(cluster, job.id)["status"] == "SUCCEEDED"
-    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
-    assert all(r["rollout/trajectories"] == 16 for r in _rows(out))
-
-    where = placement(cluster, job.id)
-    assert where["generator"] == [A_IP] and where["learner"] == [HEAD_IP], where
-    assert where["grader"] == [HEAD_IP], where  # beside the driver: it has no replacement
-    assert sorted(where["sandbox"]) == sorted([HEAD_IP, A_IP]), where
-
-    # The workers' environment, read from the processes: each node's own address, the driver's offline settings.
-    seen = {(node, role) for node, role, _ in job.workers.values()}
-    assert {("a", "generator"), ("a", "engine"), ("head", "learner"), ("a", "sandbox")} <= seen, seen
-    for node, role, env in job.workers.values():
-        if role in ("driver", "zygote"):  # not Ray workers: the entrypoint, and the sandbox's minimal environment
-            continue
-        assert env.get("VLLM_HOST_IP") == cluster.nodes[node].ip, (node, role, env)
-        assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in env, (node, role, env)  # no node set it here
-        assert env.get("HF_HUB_OFFLINE") == "1" and env.get("TORL_HOME") == str(REPO), (node, role, env)
-
-
-def test_losing_the_generators_node_mid_run(cluster, tiny_model_dir, tmp_path):
+def test_a_job_on_two_nodes_survives_losing_the_generators_node(cluster, tiny_model_dir, tmp_path):
+    """One job shows both: the actors where the roles put them, each node's own environment in its workers; and node
+    a lost mid-run (every process SIGKILLed), the generator replaced on node b, which joins, every step trained once
+    without a resume."""
     out = tmp_path / "run"
     steps = 4
     job = Job(cluster, _job_args(tiny_model_dir, out, steps))
@@ -252,6 +230,20 @@ def test_losing_the_generators_node_mid_run(cluster, tiny_model_dir, tmp_path):
     assert restarts in (1, 2) and output.count("generator 0 died") == restarts, output[-5000:]
     assert len(generators) == restarts + 1 and generators.count(B_IP) == 1 and A_IP in generators, generators
     assert set(generators) <= {A_IP, B_IP, "never placed"}, generators
+
+    # Where the roles put the rest: the learner (1 CPU) fits on the head only, the grader stays beside the driver (it
+    # has no replacement), the sandbox pool's two workers spread over both first nodes.
+    assert where["learner"] == [HEAD_IP] and where["grader"] == [HEAD_IP], where
+    seen = {(node, role) for node, role, _ in job.workers.values()}
+    assert {("a", "generator"), ("a", "engine"), ("b", "generator"), ("b", "engine"), ("head", "learner")} <= seen
+    assert {("head", "sandbox"), ("a", "sandbox")} <= seen, seen
+    # The workers' environment, read from the processes: each node's own address, the driver's offline settings.
+    for node, role, env in job.workers.values():
+        if role in ("driver", "zygote"):  # not Ray workers: the entrypoint, and the sandbox's minimal environment
+            continue
+        assert env.get("VLLM_HOST_IP") == cluster.nodes[node].ip, (node, role, env)
+        assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in env, (node, role, env)  # no node set it here
+        assert env.get("HF_HUB_OFFLINE") == "1" and env.get("TORL_HOME") == str(REPO), (node, role, env)
 
 
 def test_ray_job_stop_ends_the_job_and_leaves_nothing(cluster, tiny_model_dir, tmp_path):
