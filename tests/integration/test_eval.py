@@ -37,15 +37,23 @@ def lines(path: Path) -> list[dict]:
 
 
 def test_eval_writes_results_and_resumes(ray_cluster, argv):
+    """One evaluation, greedy and sampled (eval.n adds sampled responses to the greedy one, SimpleTIR's avg@k, k kept
+    tiny here): both decodings stored, the table has avg@2 and pass@k beside acc, results.json records the sampling
+    settings; then a rerun and a smaller slice come from the file without generating."""
     out, args = argv
+    args = [*args, "eval.n=2", "eval.temperature=0.9", "eval.top_p=0.8"]
     first = eval_job.main([*args, "eval.limit=3"])
-    assert first["run"]["generated_problems"] == 6
+    assert first["run"]["generated_problems"] == 12  # 6 problems x (greedy pass + sampled pass)
 
     records = lines(out / "trajectories.jsonl")
-    assert len(records) == 6
+    assert len(records) == 6 + 12
     assert all(RECORD_KEYS <= r.keys() for r in records)
-    keys = {(r["benchmark"], r["problem_id"]) for r in records}
-    assert len(keys) == 6 and sum(b == "aime24" for b, _ in keys) == 3
+    by_decoding = {d: [r for r in records if r["decoding"] == d] for d in ("greedy", "sampled")}
+    greedy, sampled = by_decoding["greedy"], by_decoding["sampled"]
+    keys = {(r["benchmark"], r["problem_id"]) for r in greedy}
+    assert len(greedy) == 6 and len(keys) == 6 and sum(b == "aime24" for b, _ in keys) == 3
+    assert len(sampled) == 12 and {(r["benchmark"], r["problem_id"]) for r in sampled} == keys
+    assert {r["sample"] for r in sampled} == {0, 1}
     assert all(r["prompt"].endswith("Assistant:\n") and r["gold"] for r in records)
     assert all(len(r["response_ids"]) <= 48 and isinstance(r["correct"], bool) for r in records)
 
@@ -55,10 +63,17 @@ def test_eval_writes_results_and_resumes(ray_cluster, argv):
     assert all(r.startswith("synthetic:test[synthetic/") for r in set(rows) - {"aime24", "synthetic:test"})  # families
     assert rows["aime24"]["problems"] == 3 and rows["synthetic:test"]["problems"] == 3
     assert 0.0 <= rows["aime24"]["acc"] <= 1.0 and "response/length_mean" in rows["aime24"]
+    for name in ("aime24", "synthetic:test"):
+        assert {"acc", "avg@2", "pass@1", "pass@2"} <= rows[name].keys()
+        mine = [r["correct"] for r in sampled if r["benchmark"] == name]
+        assert rows[name]["avg@2"] == pytest.approx(sum(mine) / len(mine)), name
     assert results["average"]["over"] == ["aime24"]  # the synthetic split is not one of ToRL's five
     assert results["average_all"]["over"] == ["aime24", "synthetic:test"]
     assert "aime24" in (out / "results.txt").read_text()
+    assert "sampled: n = 2 per problem, temperature 0.9, top_p 0.8" in (out / "results.txt").read_text()
     assert json.loads((out / "run.json").read_text())["greedy"] is True
+    setup = results["setup"]
+    assert [setup[k] for k in ("greedy", "n", "temperature", "top_p", "top_k")] == [True, 2, 0.9, 0.8, -1]
     health = results["sandbox_health"]  # the same health as training's gate, over the evaluation's calls
     assert health["probe"] == "passed" and health["level"] == "ok" and health["sandbox_failures"] == 0
 
@@ -76,23 +91,3 @@ def test_eval_writes_results_and_resumes(ray_cluster, argv):
     # Resuming into the same directory with another setup would mix two evaluations in one table.
     with pytest.raises(eval_job.ConfigError, match="different evaluation setup"):
         eval_job.main([*args, "eval.limit=3", "tool.max_calls=2"])
-
-
-def test_eval_samples_beside_greedy(ray_cluster, argv, tmp_path):
-    """eval.n adds sampled responses to the greedy one (SimpleTIR's avg@k, k kept tiny here): both decodings are
-    stored, the table has avg@2 and pass@k beside acc, and results.json records the sampling settings."""
-    _, args = argv
-    out = tmp_path / "sampled"
-    sampled = ["eval.n=2", "eval.temperature=0.9", "eval.top_p=0.8", "eval.limit=2", "--out", str(out)]
-    summary = eval_job.main([*args, "--benchmarks", "synthetic:test", *sampled])
-    assert summary["run"]["generated_problems"] == 4  # 2 problems x (greedy pass + sampled pass)
-    records = lines(out / "trajectories.jsonl")
-    by_decoding = {d: [r for r in records if r["decoding"] == d] for d in ("greedy", "sampled")}
-    assert len(by_decoding["greedy"]) == 2 and {r["sample"] for r in by_decoding["sampled"]} == {0, 1}
-    assert len(by_decoding["sampled"]) == 4
-    row = summary["benchmarks"]["synthetic:test"]
-    assert {"acc", "avg@2", "pass@1", "pass@2"} <= row.keys()
-    assert row["avg@2"] == pytest.approx(sum(r["correct"] for r in by_decoding["sampled"]) / 4)
-    setup = json.loads((out / "results.json").read_text())["setup"]
-    assert [setup[k] for k in ("greedy", "n", "temperature", "top_p", "top_k")] == [True, 2, 0.9, 0.8, -1]
-    assert "sampled: n = 2 per problem, temperature 0.9, top_p 0.8" in (out / "results.txt").read_text()
