@@ -143,38 +143,45 @@ def test_push_while_trajectories_are_in_flight(ray_cluster, setup):
         engine.generate = rejecting
 
     group, generators, tok, model_dir = setup
-    before = _learner_model(group, model_dir)
-    _train_once(group, tok)
-    after = _learner_model(group, model_dir)
     gen = generators[0]
     ray_cluster.get(gen.__ray_call__.remote(reject_calls_while_paused))
-    pending = gen.generate.remote(
-        [GenRequest("mid", 0, tok.encode(PROMPT, add_special_tokens=False), answer="", n=64)], False, tools=False
-    )
-    deadline = time.monotonic() + 60
-    while ray_cluster.get(gen.in_flight.remote()) == 0:
-        assert time.monotonic() < deadline, "generation never started"
-        time.sleep(0.01)
-    group.push_weights(2)
-    trajs, m = ray_cluster.get(pending)
-    for t in trajs:
-        t.check()
-        assert t.versions == sorted(t.versions) and set(t.versions) <= {1, 2}
-        for model, v in ((before, 1), (after, 2)):
-            hf = _hf_logprobs(model, t.prompt_ids, t.response_ids)
-            diffs = [abs(a - b) for a, b, ver in zip(hf, t.logprobs, t.versions, strict=True) if ver == v]
-            assert not diffs or max(diffs) < 1e-3  # batched CPU kernels drift ~3e-4 (see test_generator)
-    assert m["rollout/preempted"] > 0, "the push landed after generation ended: nothing was preempted"
-    assert any(set(t.versions) == {1, 2} for t in trajs)
-    assert [ray_cluster.get(g.version.remote()) for g in generators] == [2, 2]
+    # The push must land while the 64 trajectories decode; on a loaded machine (the suite's other worker) the learner
+    # can reach the pause after the last token. Such an attempt proves nothing, so it is checked and made again, on
+    # weights trained once more and the next version.
+    for version in (2, 3, 4):
+        before = _learner_model(group, model_dir)
+        _train_once(group, tok)
+        after = _learner_model(group, model_dir)
+        pending = gen.generate.remote(
+            [GenRequest("mid", 0, tok.encode(PROMPT, add_special_tokens=False), answer="", n=64)], False, tools=False
+        )
+        deadline = time.monotonic() + 60
+        while ray_cluster.get(gen.in_flight.remote()) == 0:
+            assert time.monotonic() < deadline, "generation never started"
+            time.sleep(0.01)
+        group.push_weights(version)
+        trajs, m = ray_cluster.get(pending)
+        for t in trajs:
+            t.check()
+            assert t.versions == sorted(t.versions) and set(t.versions) <= {version - 1, version}
+            for model, v in ((before, version - 1), (after, version)):
+                hf = _hf_logprobs(model, t.prompt_ids, t.response_ids)
+                diffs = [abs(a - b) for a, b, ver in zip(hf, t.logprobs, t.versions, strict=True) if ver == v]
+                assert not diffs or max(diffs) < 1e-3  # batched CPU kernels drift ~3e-4 (see test_generator)
+        if m["rollout/preempted"] > 0:
+            break
+    assert m["rollout/preempted"] > 0, "each push landed after generation ended: nothing was preempted"
+    assert any(set(t.versions) == {version - 1, version} for t in trajs)
+    assert [ray_cluster.get(g.version.remote()) for g in generators] == [version, version]
 
 
 def test_a_dead_generator_fails_the_push_with_its_name(ray_cluster, setup):
     group, generators, tok, _ = setup
+    version = ray_cluster.get(generators[0].version.remote()) + 1
     ray_cluster.kill(generators[1])
     t0 = time.monotonic()
     with pytest.raises(Exception, match=r"generator 1 died"):
-        group.push_weights(3)
+        group.push_weights(version)
     assert time.monotonic() - t0 < 60
     # The learner is not stuck in a collective: it still answers.
     assert len(group.logprobs([(tok.encode(PROMPT, add_special_tokens=False), [5, 6])])[0]) == 2
