@@ -13,6 +13,7 @@ accuracy must rise as well. Measured figures and the deliberate breaks that fail
 
 import statistics
 
+import pytest
 from preset_runs import assert_shipped_model_is_current, run_preset
 
 STEPS = 20
@@ -26,6 +27,9 @@ def test_shipped_selective_base_model_is_intact_and_current():
     assert_shipped_model_is_current("torl-selective-base", "configs/base_model_selective.yaml")
 
 
+# The suite's longest test: 72 s alone and 190 s beside the other xdist worker on a fast evening of this 2-core
+# machine kind, 262 s and then 368 s (over the suite's 360 s) on slower ones (#32). Twice the slowest seen.
+@pytest.mark.timeout(740)
 def test_a_short_run_learns_to_call_the_tool_where_it_pays(ray_cluster, tmp_path):
     rows = run_preset("tiny_selective.yaml", tmp_path / "run", STEPS, "trainer.val_samples=1", "data.val_limit=48")
 
