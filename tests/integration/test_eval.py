@@ -69,8 +69,8 @@ def test_eval_writes_results_and_resumes(ray_cluster, argv):
         assert rows[name]["avg@2"] == pytest.approx(sum(mine) / len(mine)), name
     assert results["average"]["over"] == ["aime24"]  # the synthetic split is not one of ToRL's five
     assert results["average_all"]["over"] == ["aime24", "synthetic:test"]
-    assert "aime24" in (out / "results.txt").read_text()
-    assert "sampled: n = 2 per problem, temperature 0.9, top_p 0.8" in (out / "results.txt").read_text()
+    table = (out / "results.txt").read_text()
+    assert "aime24" in table and "sampled: n = 2 per problem, temperature 0.9, top_p 0.8" in table
     assert json.loads((out / "run.json").read_text())["greedy"] is True
     setup = results["setup"]
     assert [setup[k] for k in ("greedy", "n", "temperature", "top_p", "top_k")] == [True, 2, 0.9, 0.8, -1]

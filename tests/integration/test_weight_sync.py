@@ -148,8 +148,9 @@ def test_push_while_trajectories_are_in_flight(ray_cluster, setup):
     # The push must land while the 64 trajectories decode; on a loaded machine (the suite's other worker) the learner
     # can reach the pause after the last token. Such an attempt proves nothing, so it is checked and made again, on
     # weights trained once more and the next version.
+    after = _learner_model(group, model_dir)
     for version in (2, 3, 4):
-        before = _learner_model(group, model_dir)
+        before = after  # the weights the generators hold: the last push's
         _train_once(group, tok)
         after = _learner_model(group, model_dir)
         pending = gen.generate.remote(
