@@ -188,6 +188,9 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+# 207 s with its cluster's start beside the other xdist worker on the slowest day seen of this 2-core machine kind
+# (docs/testing.md), past half the suite's 360 s bound. Twice the slowest seen.
+@pytest.mark.timeout(420)
 def test_a_job_on_two_nodes_survives_losing_the_generators_node(cluster, tiny_model_dir, tmp_path):
     """One job shows both: the actors where the roles put them, each node's own environment in its workers; and node
     a lost mid-run (every process SIGKILLed), the generator replaced on node b, which joins, every step trained once

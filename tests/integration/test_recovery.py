@@ -10,6 +10,7 @@ boxes), the sampled tokens are trained and the observation tokens are not (masks
 likely (advantages). Measured figures and the deliberate breaks that fail this test: docs/recovery.md.
 """
 
+import pytest
 from preset_runs import assert_shipped_model_is_current, run_preset
 
 STEPS = 10
@@ -21,6 +22,9 @@ def test_shipped_recovery_base_model_is_intact_and_current():
     assert_shipped_model_is_current("torl-recovery-base", "configs/base_model_recovery.yaml")
 
 
+# 59 s alone on a fast day of this 2-core machine kind, 215 s beside the other xdist worker on the slowest day seen
+# (docs/testing.md), past half the suite's 360 s bound. Twice the slowest seen.
+@pytest.mark.timeout(430)
 def test_a_short_run_learns_to_fix_code_from_the_interpreters_error(ray_cluster, tmp_path):
     rows = run_preset("tiny_recovery.yaml", tmp_path / "run", STEPS, "data.val_limit=48")
     before, after = rows[0], rows[STEPS]

@@ -28,8 +28,9 @@ def test_shipped_selective_base_model_is_intact_and_current():
 
 
 # The suite's longest test: 72 s alone and 190 s beside the other xdist worker on a fast evening of this 2-core
-# machine kind, 262 s and then 368 s (over the suite's 360 s) on slower ones (#32). Twice the slowest seen.
-@pytest.mark.timeout(740)
+# machine kind, 262 s and then 368 s (over the suite's 360 s) on slower ones, 445 s and 475 s on the slowest day seen
+# (194 s alone; docs/testing.md "Where the CPU goes"). Twice the slowest seen.
+@pytest.mark.timeout(950)
 def test_a_short_run_learns_to_call_the_tool_where_it_pays(ray_cluster, tmp_path):
     rows = run_preset("tiny_selective.yaml", tmp_path / "run", STEPS, "trainer.val_samples=1", "data.val_limit=48")
 
