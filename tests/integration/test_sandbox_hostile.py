@@ -166,9 +166,10 @@ def test_memory_bomb_single_allocation(pool):
 
 def test_memory_bomb_growth(pool):
     """Growth meets the address-space limit (RLIMIT_AS) as a MemoryError. The chunks are bytes(10**8): mapped, not
-    touched, so the limit is reached in microseconds. Touched chunks (b' ' * 10**8) took 0.3 CPU-s of page faults to
-    reach 512 MB, which a loaded machine stretched past the 1.5 s timeout (2 of 2 environments in one suite run
-    beside the other worker); without the limit, untouched growth runs into the timeout and fails here."""
+    touched, so the limit is reached in microseconds. Touched chunks (b' ' * 10**8) took 0.3 s of page faults to
+    reach 512 MB on an idle machine, which a loaded one stretched past the 1.5 s timeout (the root and non-root
+    environments, in one suite run beside the other worker); without the limit, untouched growth runs into the
+    timeout and fails here."""
     res = run(pool, "chunks = []\nwhile True:\n    chunks.append(bytes(10**8))")
     assert res.status in ("error", "killed") and ("MemoryError" in res.stderr or res.status == "killed")
 
